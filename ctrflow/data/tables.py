@@ -101,7 +101,7 @@ def behaviour_table(interactions: pd.DataFrame, max_len: int) -> pd.DataFrame:
         times = np.unique(u_ts)
         n_before = np.searchsorted(u_ts, times, side="left")
         k_before = np.searchsorted(pos_ts, times, side="left")
-        for t, n, k in zip(times, n_before, k_before):
+        for k in k_before:
             out_seq.append(pos_items[max(0, k - max_len) : k].tolist())
         out_user.append(np.full(len(times), users[s]))
         out_ts.append(times)
