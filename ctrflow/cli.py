@@ -1,8 +1,288 @@
-"""The `ctrflow` command (filled in as the steps land)."""
+"""The `ctrflow` command: one sub-command per pipeline step, plus pipeline, serve, models and monitor.
+
+Every step reads params.yaml (`--params`, overrides with `--set key.sub=value`) and calls `ctrflow.steps`;
+dvc.yaml and the KFP components call the same functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
+from ctrflow.config import load_params, parse_overrides
 
-@click.group()
+for _var, _value in (("GX_ANALYTICS_ENABLED", "false"), ("FEAST_USAGE", "False"), ("BENTOML_DO_NOT_TRACK", "true"), ("HF_HUB_OFFLINE", "1")):
+    os.environ.setdefault(_var, _value)
+
+
+def _params(ctx: click.Context) -> dict[str, Any]:
+    return ctx.obj["params"]
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--params", "params_file", type=click.Path(dir_okay=False), default=None, help="params.yaml to use (default: ./params.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a param, e.g. --set train.epochs=3 (repeatable).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.pass_context
+def cli(ctx: click.Context, params_file: str | None, overrides: tuple[str, ...], verbose: bool) -> None:
+    """ctrflow: validate → features → train → register → serve → monitor CTR models."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ctx.ensure_object(dict)
+    ctx.obj["params"] = load_params(params_file, parse_overrides(overrides))
+
+
+# ---- steps ----------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where the validated canonical dataset is written.")
+@click.option("--report", "report_dir", required=True, type=click.Path(file_okay=False), help="Where the GX results (JSON + HTML) go.")
+@click.pass_context
+def validate(ctx: click.Context, out_dir: str, report_dir: str) -> None:
+    """Load the configured source (data.source) and validate it with Great Expectations."""
+    from ctrflow.steps import validate_step
+
+    _echo_json(validate_step(_params(ctx), out_dir, report_dir))
+
+
+@cli.command()
+@click.option("--dataset", "dataset_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--repo", "repo_dir", required=True, type=click.Path(file_okay=False), help="Feast repo (copied from feature_repo/ if new).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Training set folder (frame.parquet + spec.json).")
+@click.pass_context
+def features(ctx: click.Context, dataset_dir: str, repo_dir: str, out_dir: str) -> None:
+    """Feast: write feature tables, apply, build the point-in-time training set, materialise online."""
+    from ctrflow.steps import features_step
+
+    _echo_json(features_step(_params(ctx), dataset_dir, repo_dir, out_dir))
+
+
+@cli.command()
+@click.option("--training-set", "training_set", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model artifact folder.")
+@click.option("--model", "model_name", default=None, help="Model name (default: train.model in params.yaml).")
+@click.option("--metrics", "metrics_file", default=None, type=click.Path(dir_okay=False), help="Also write the metrics JSON here (for DVC).")
+@click.pass_context
+def train(ctx: click.Context, training_set: str, out_dir: str, model_name: str | None, metrics_file: str | None) -> None:
+    """Train a model with early stopping on validation AUC; evaluate on valid and test."""
+    from ctrflow.steps import train_step
+
+    result = train_step(_params(ctx), training_set, out_dir, model_name)
+    if metrics_file:
+        Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_file).write_text(json.dumps(result["metrics"], indent=2, default=str))
+    _echo_json({k: v for k, v in result.items() if k != "metrics"})
+
+
+@cli.command()
+@click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--dataset", "dataset_dir", default=None, type=click.Path(exists=True, file_okay=False), help="For the data fingerprint.")
+@click.option("--deploy/--no-deploy", default=False, help="Promote to production when the gate passes.")
+@click.option("--repo", "repo_dir", default=None, type=click.Path(file_okay=False), help="Feast repo the deployment serves from.")
+@click.option("--deployment", "deployment_file", default=None, type=click.Path(dir_okay=False), help="Where to write deployment.json.")
+@click.pass_context
+def register(ctx: click.Context, model_dir: str, dataset_dir: str | None, deploy: bool, repo_dir: str | None, deployment_file: str | None) -> None:
+    """Register a trained model (candidate) and run the promotion gate from params.yaml."""
+    from ctrflow.steps import deploy_step, register_step
+
+    params = _params(ctx)
+    result = register_step(params, model_dir, dataset_dir)
+    if deploy and result["gate_passed"]:
+        if not (repo_dir and deployment_file):
+            raise click.UsageError("--deploy needs --repo and --deployment")
+        result["deployment"] = deploy_step(params, result["tag"], repo_dir, deployment_file)
+    _echo_json(result)
+
+
+# ---- models ---------------------------------------------------------------------------------------------
+@cli.group()
+@click.pass_context
+def models(ctx: click.Context) -> None:
+    """List registered models, promote or roll back (a person overriding the gate)."""
+    from ctrflow.steps import use_bentoml_home
+
+    use_bentoml_home(_params(ctx))
+
+
+def _model_name(ctx: click.Context, name: str | None) -> str:
+    return name or _params(ctx).get("registry", {}).get("model_name", "ctrflow-ranker")
+
+
+@models.command("list")
+@click.option("--name", default=None, help="Model name (default: registry.model_name).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def models_list(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    from ctrflow import registry
+
+    rows = registry.list_models(_model_name(ctx, name))
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo("no models registered")
+        return
+    click.echo(f"{'tag':44} {'stage':11} {'family':10} {'valid_auc':>9} {'test_auc':>9}  created")
+    for r in rows:
+        m = r.get("metrics", {}) or {}
+        click.echo(
+            f"{r['tag']:44} {r['stage']:11} {str(r.get('family', '')):10} {_fmt(m.get('valid_auc')):>9} {_fmt(m.get('test_auc')):>9}  {r.get('created', '')}"
+        )
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, int | float) else "-"
+
+
+@models.command("promote")
+@click.argument("tag")
+@click.option("--reason", required=True, help="Why a person overrides the gate (kept in the stage history).")
+@click.pass_context
+def models_promote(ctx: click.Context, tag: str, reason: str) -> None:
+    from ctrflow import registry
+
+    registry.promote(tag, reason=reason, force=True)
+    click.echo(f"{tag} is now production")
+
+
+@models.command("rollback")
+@click.option("--name", default=None)
+@click.option("--reason", required=True)
+@click.pass_context
+def models_rollback(ctx: click.Context, name: str | None, reason: str) -> None:
+    from ctrflow import registry
+
+    tag = registry.rollback(_model_name(ctx, name), reason=reason)
+    click.echo(f"rolled back: {tag} is production again")
+
+
+# ---- serve ----------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--deployment", "deployment_file", default="runs/latest/deployment.json", type=click.Path(exists=True, dir_okay=False))
+@click.option("--port", default=None, type=int)
+@click.option("--request-log", default=None, type=click.Path(file_okay=False), help="Default: request_log/ beside deployment.json.")
+@click.pass_context
+def serve(ctx: click.Context, deployment_file: str, port: int | None, request_log: str | None) -> None:
+    """Serve the deployed model with `bentoml serve` in the foreground (Ctrl-C stops it)."""
+    import subprocess
+
+    from ctrflow.server import SERVICE, service_env
+
+    params = _params(ctx)
+    deployment = json.loads(Path(deployment_file).read_text())
+    log_dir = request_log or str(Path(deployment_file).parent / "request_log")
+    s = params.get("serving", {})
+    env = service_env(deployment, log_dir, s.get("threads", 1))
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", s.get("host", "127.0.0.1"), "--port", str(port or s.get("port", 3000))]
+    sys.exit(subprocess.call(cmd, env=env))
+
+
+# ---- monitor --------------------------------------------------------------------------------------------
+@cli.group()
+def monitor() -> None:
+    """Monitoring: data and prediction drift (Evidently)."""
+
+
+@monitor.command("drift")
+@click.option("--training-set", required=True, type=click.Path(exists=True, file_okay=False), help="Reference: the training set folder.")
+@click.option("--current", required=True, type=click.Path(exists=True), help="The request log folder, or a Parquet slice.")
+@click.option("--model-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Scores the reference for prediction drift.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.pass_context
+def monitor_drift(ctx: click.Context, training_set: str, current: str, model_dir: str | None, out_dir: str) -> None:
+    """Exit code 1 when drift crosses the thresholds in params.yaml (drift section)."""
+    from ctrflow.steps import drift_step
+
+    result = drift_step(_params(ctx), training_set, current, out_dir, model_dir=model_dir)
+    click.echo(result.summary())
+    click.echo(f"HTML: {result.html_path}\nJSON: {result.json_path}")
+    sys.exit(1 if result.breached else 0)
+
+
+# ---- pipeline -------------------------------------------------------------------------------------------
+@cli.group()
+def pipeline() -> None:
+    """The KFP pipelines: run locally, compile to IR YAML, submit to a Kubeflow cluster."""
+
+
+@pipeline.command("run")
+@click.option("--workdir", default="runs/latest", type=click.Path(file_okay=False), show_default=True)
+@click.option("--model", "model_name", default="", help="Model to train (default: train.model).")
+@click.pass_context
+def pipeline_run(ctx: click.Context, workdir: str, model_name: str) -> None:
+    """Run the training pipeline with the KFP local runner (SubprocessRunner, this venv)."""
+    from ctrflow.steps import use_bentoml_home
+    from pipelines.runner import run_training_local
+
+    params = _params(ctx)
+    use_bentoml_home(params)
+    _echo_json(run_training_local(params, workdir, model_name))
+
+
+@pipeline.command("compile")
+@click.option("--name", type=click.Choice(["training", "monitoring"]), default="training", show_default=True)
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Default: runs/<name>_pipeline.yaml")
+def pipeline_compile(name: str, out_path: str | None) -> None:
+    """Write the pipeline's IR YAML (what Kubeflow Pipelines runs)."""
+    from pipelines.runner import compile_pipeline
+
+    click.echo(compile_pipeline(name, out_path or f"runs/{name}_pipeline.yaml"))
+
+
+@pipeline.command("submit")
+@click.option("--host", required=True, help="Kubeflow Pipelines API endpoint.")
+@click.option("--feature-repo", required=True, help="Feast repo path inside the cluster's image or volume.")
+@click.option("--pipeline-root", default=None, help="Object-store root, e.g. s3://bucket/ctrflow.")
+@click.option("--cron", default=None, help="Six-field cron (seconds first) for a recurring run.")
+@click.pass_context
+def pipeline_submit(ctx: click.Context, host: str, feature_repo: str, pipeline_root: str | None, cron: str | None) -> None:
+    """Submit the training pipeline to a Kubeflow cluster (once, or on a schedule with --cron)."""
+    from pipelines.runner import submit
+
+    _echo_json(submit(host, _params(ctx), feature_repo, pipeline_root=pipeline_root, cron=cron))
+
+
+# ---- everything -----------------------------------------------------------------------------------------
+@cli.command("run-all")
+@click.option("--workdir", default="runs/latest", type=click.Path(file_okay=False), show_default=True)
+@click.option("--requests", "n_requests", default=200, show_default=True, help="Rank requests sent to the deployed service.")
+@click.pass_context
+def run_all(ctx: click.Context, workdir: str, n_requests: int) -> None:
+    """`make run`: the training pipeline, requests to the deployed service, the drift report; prints every path."""
+    from ctrflow.demo import run_everything
+
+    summary = run_everything(_params(ctx), Path(workdir), n_requests=n_requests)
+    click.echo("\n" + summary)
+
+
 def main() -> None:
-    """ctrflow: validate, features, train, register, serve, monitor."""
+    """Entry point: known failures print a readable message and exit 2, never a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - the CLI boundary
+        if os.environ.get("CTRFLOW_DEBUG"):
+            raise
+        click.echo(f"error: {e}", err=True)
+        click.echo("(set CTRFLOW_DEBUG=1 for the full traceback)", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

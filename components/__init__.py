@@ -1,0 +1,21 @@
+"""KFP v2 lightweight components: one per step, each a thin wrapper over `ctrflow.steps`.
+
+Imports live inside the function bodies (KFP serialises the functions). The base image is configurable with
+$CTRFLOW_BASE_IMAGE at compile time; it must have ctrflow installed (see the Dockerfile). Locally the KFP
+SubprocessRunner runs them in this interpreter, so the image is not used.
+"""
+
+from __future__ import annotations
+
+import os
+
+BASE_IMAGE = os.environ.get("CTRFLOW_BASE_IMAGE", "ctrflow/python3.11:0.1.0")
+
+from components.deploy import deploy_model  # noqa: E402
+from components.drift import check_drift  # noqa: E402
+from components.features import build_features  # noqa: E402
+from components.register import register_model  # noqa: E402
+from components.train import train_model  # noqa: E402
+from components.validate import validate_data  # noqa: E402
+
+__all__ = ["BASE_IMAGE", "build_features", "check_drift", "deploy_model", "register_model", "train_model", "validate_data"]

@@ -1,0 +1,90 @@
+"""`make run`: the whole product once, on the embedded default, with every result's location printed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("ctrflow")
+
+
+def demo_requests(training_set_dir: str | Path, n_requests: int, candidates: int = 100, seed: int = 0) -> list[dict[str, Any]]:
+    """Rank requests shaped like production traffic: test-period users, their test items among random others.
+
+    The last request uses an unknown user and an unknown item to show the fallback path.
+    """
+    from ctrflow.steps import load_training_set
+
+    frame, _ = load_training_set(training_set_dir)
+    rng = np.random.default_rng(seed)
+    test = frame[frame["split"] == "test"]
+    all_items = frame["item_id"].unique()
+    requests = []
+    for (user_id, scenario), rows in list(test.groupby(["user_id", "scenario"], sort=False))[: max(n_requests - 1, 1)]:
+        own = rows["item_id"].unique()[:candidates]
+        others = rng.choice(all_items, size=max(candidates - len(own), 0), replace=False)
+        items = list(dict.fromkeys([*own.tolist(), *others.tolist()]))[:candidates]
+        requests.append({"user_id": int(user_id), "scenario": str(scenario), "item_ids": [int(i) for i in items]})
+    unknown_user = int(frame["user_id"].max()) + 1000
+    unknown_item = int(frame["item_id"].max()) + 1000
+    requests.append({"user_id": unknown_user, "scenario": requests[0]["scenario"], "item_ids": [unknown_item, *requests[0]["item_ids"][:9]]})
+    return requests
+
+
+def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200) -> str:
+    from ctrflow import registry
+    from ctrflow.server import rank, start_server
+    from ctrflow.steps import drift_step, use_bentoml_home
+    from pipelines.runner import compile_pipeline, run_training_local
+
+    workdir = workdir.resolve()
+    home = use_bentoml_home(params)
+    t0 = time.monotonic()
+    run = run_training_local(params, workdir)
+    lines = [f"pipeline (KFP local runner) finished in {time.monotonic() - t0:.0f}s; run record: {workdir / 'run.json'}"]
+    lines.append(f"GX validation report:   {run.get('validation_report', '?')}")
+    lines.append(f"Feast repo:             {run['feature_repo']}")
+    lines.append(f"registered model:       {run['model_tag']} (gate {'passed' if run['gate_passed'] else 'failed'})")
+    ir = compile_pipeline("training", workdir / "training_pipeline.yaml")
+    lines.append(f"pipeline IR YAML:       {ir}")
+
+    if run.get("deployment"):
+        deployment = json.loads(Path(run["deployment"]).read_text())
+    else:
+        tag = registry.production_model(params.get("registry", {}).get("model_name", "ctrflow-ranker"))
+        if tag is None:
+            lines.append("no production model: the gate failed and nothing was deployed before; skipping serve and drift")
+            return "\n".join(lines)
+        deployment = {"model_tag": str(tag), "feature_repo": run["feature_repo"], "bentoml_home": home}
+        lines.append(f"gate failed: serving the current production model {tag}")
+    (workdir / "deployment.json").write_text(json.dumps(deployment, indent=2))
+
+    request_log = workdir / "request_log"
+    s = params.get("serving", {})
+    requests = demo_requests(run["training_set"], n_requests)
+    with start_server(deployment, request_log, host=s.get("host", "127.0.0.1"), port=s.get("port"), threads=s.get("threads", 1)) as server:
+        latencies = []
+        first = None
+        for req in requests:
+            t = time.perf_counter()
+            answer = rank(server.url, **req)
+            latencies.append((time.perf_counter() - t) * 1000)
+            first = first or answer
+        url = server.url
+    top = ", ".join(f"{i['item_id']}:{i['score']:.3f}" for i in first["items"][:5])
+    lines.append(f"service that answered:  {url}/rank ({len(requests)} requests, p50 {np.median(latencies):.1f} ms; model {first['model']})")
+    lines.append(f"  e.g. user {requests[0]['user_id']} ({requests[0]['scenario']}): top 5 {top}")
+    lines.append(f"request log:            {request_log}")
+
+    drift = drift_step(params, run["training_set"], request_log, workdir / "reports" / "drift", model_dir=run["model_dir"])
+    lines.append(f"drift report (HTML):    {drift.html_path}")
+    lines.append(f"drift report (JSON):    {drift.json_path}")
+    lines.append(f"drift verdict:          {'BREACHED: ' + '; '.join(drift.reasons) if drift.breached else 'within thresholds'}")
+    summary = "\n".join(lines)
+    (workdir / "summary.txt").write_text(summary + "\n")
+    return summary

@@ -1,0 +1,223 @@
+"""Each pipeline step once: the CLI, the KFP components and dvc.yaml all call these functions.
+
+Every step takes the params dict (params.yaml) and explicit input/output paths, and returns a small JSON-able
+dict of what it did, so orchestration layers stay thin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+log = logging.getLogger("ctrflow")
+
+TRAINING_FRAME = "frame.parquet"
+SPEC_FILE = "spec.json"
+
+
+def use_bentoml_home(params: dict[str, Any]) -> str:
+    """Point BentoML at the configured model store before bentoml is imported anywhere in this process."""
+    home = os.environ.get("BENTOML_HOME") or str(Path(params.get("registry", {}).get("bentoml_home", "runs/bentoml")).resolve())
+    os.environ["BENTOML_HOME"] = home
+    Path(home).mkdir(parents=True, exist_ok=True)
+    return home
+
+
+# ---- validate -------------------------------------------------------------------------------------------
+def validate_step(params: dict[str, Any], dataset_out: str | Path, report_dir: str | Path) -> dict[str, Any]:
+    """Load the configured source, validate it (raises DataValidationError), save the canonical tables."""
+    from ctrflow.data import load_source
+    from ctrflow.data.validation import validate_dataset
+
+    data = params["data"]
+    synthetic = (data.get("synthetic") or {}) if data["source"] == "synthetic" else {}
+    dataset = load_source(data["source"], path=data.get("path"), max_len=data.get("max_len", 50), **synthetic)
+    v = params.get("validation", {})
+    report = validate_dataset(
+        dataset,
+        report_dir,
+        min_rows=v.get("min_rows", 1),
+        max_rows=v.get("max_rows"),
+        min_timestamp=v.get("min_timestamp", "1990-01-01"),
+    )
+    dataset.save(dataset_out)
+    log.info("validated %s: %d interactions; report %s", dataset.name, len(dataset.interactions), report.html_path)
+    return {
+        "dataset": dataset.name,
+        "rows": len(dataset.interactions),
+        "report_html": str(report.html_path),
+        "report_json": str(report.json_path),
+    }
+
+
+# ---- features -------------------------------------------------------------------------------------------
+def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str | Path, training_set_dir: str | Path) -> dict[str, Any]:
+    """Feature tables → Feast apply → point-in-time training set (with its split) → materialise online."""
+    from ctrflow import features
+    from ctrflow.data.splits import make_split
+    from ctrflow.data.tables import Dataset
+
+    dataset = Dataset.load(dataset_dir)
+    repo_dir = Path(repo_dir).resolve()
+    if not (repo_dir / "feature_store.yaml").exists():
+        features.copy_repo(repo_dir)
+    data_dir = repo_dir / "data"
+    features.write_feature_tables(dataset, data_dir)
+    store = features.apply_repo(repo_dir, data_dir)
+
+    entity_df = dataset.interactions.copy()
+    entity_df["split"] = make_split(entity_df, params["data"].get("split", "temporal"), seed=params["data"].get("seed", 0)).to_numpy()
+    service = params.get("features", {}).get("service", "ctr_ranking")
+    frame = features.historical_frame(store, entity_df, service=service)
+    out = Path(training_set_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(out / TRAINING_FRAME, index=False)
+    dataset.spec.save(out / SPEC_FILE)
+    features.materialize(store)
+    counts = frame["split"].value_counts().to_dict()
+    log.info("training set %s: %s; Feast repo %s", out, counts, repo_dir)
+    return {"feature_repo": str(repo_dir), "training_set": str(out), "rows": len(frame), "splits": counts}
+
+
+def load_training_set(training_set_dir: str | Path) -> tuple[pd.DataFrame, Any]:
+    from ctrflow.data.spec import FeatureSpec
+
+    d = Path(training_set_dir)
+    return pd.read_parquet(d / TRAINING_FRAME), FeatureSpec.load(d / SPEC_FILE)
+
+
+# ---- train ----------------------------------------------------------------------------------------------
+def model_params(params: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """The model's own section of params.yaml, plus the shared embedding size."""
+    out = {"embedding_dim": params["train"].get("embedding_dim", 16)}
+    out.update(params.get("models", {}).get(model_name, {}) or {})
+    return out
+
+
+def train_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: str | Path, model_name: str | None = None) -> dict[str, Any]:
+    """Fit the encoder on the train split, train with early stopping on valid, evaluate valid and test."""
+    from ctrflow.data.encoding import FeatureEncoder
+    from ctrflow.models import build_model
+    from ctrflow.models.base import to_tensors
+    from ctrflow.training.artifact import save_model_artifact
+    from ctrflow.training.metrics import evaluate
+    from ctrflow.training.trainer import TrainConfig, Trainer
+
+    frame, spec = load_training_set(training_set_dir)
+    tp = params["train"]
+    name = model_name or tp["model"]
+    parts = {s: frame[frame["split"] == s] for s in ("train", "valid", "test")}
+    for s, part in parts.items():
+        if part.empty:
+            raise ValueError(f"training set {training_set_dir}: the '{s}' split has 0 rows")
+    encoder = FeatureEncoder(spec).fit(parts["train"])
+    tensors = {s: to_tensors(encoder.transform(p)) for s, p in parts.items()}
+    mparams = model_params(params, name)
+    model = build_model(name, encoder, mparams)
+    model_dir = Path(model_dir)
+    cfg = TrainConfig(
+        epochs=tp.get("epochs", 20),
+        batch_size=tp.get("batch_size", 1024),
+        lr=tp.get("lr", 1e-3),
+        weight_decay=tp.get("weight_decay", 0.0),
+        patience=tp.get("patience", 2),
+        seed=tp.get("seed", 0),
+        threads=tp.get("threads", 2),
+        checkpoint_dir=str(model_dir / "checkpoints"),
+        progress=tp.get("progress", True),
+    )
+    result = Trainer(model, cfg).fit(tensors["train"], tensors["valid"])
+    metrics = {s: evaluate(model, tensors[s], encoder) for s in ("valid", "test")}
+    metrics["best_epoch"] = result.best_epoch
+    metrics["epochs"] = len(result.history)
+    metrics["train_rows"] = len(parts["train"])
+    save_model_artifact(model_dir, model, encoder, metrics, {"model": name, **mparams, "train": tp}, extra={"history": result.history})
+    log.info("%s: valid AUC %.4f, test AUC %.4f (model in %s)", name, metrics["valid"]["auc"], metrics["test"]["auc"], model_dir)
+    return {"model": name, "model_dir": str(model_dir), "valid_auc": metrics["valid"]["auc"], "test_auc": metrics["test"]["auc"], "metrics": metrics}
+
+
+# ---- register + gate ------------------------------------------------------------------------------------
+def register_step(params: dict[str, Any], model_dir: str | Path, dataset_dir: str | Path | None = None) -> dict[str, Any]:
+    """Register the trained model as a candidate and decide, by the gate in params.yaml, if it may go live."""
+    use_bentoml_home(params)
+    from ctrflow import registry
+    from ctrflow.data.spec import FeatureSpec
+
+    model_dir = Path(model_dir)
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    mparams = json.loads((model_dir / "params.json").read_text())
+    enc = json.loads((model_dir / "encoder.json").read_text())
+    fingerprint_inputs = sorted(Path(dataset_dir).glob("*.parquet")) if dataset_dir else [model_dir / "encoder.json"]
+    tag = registry.register_model(
+        model_dir,
+        name=params.get("registry", {}).get("model_name", "ctrflow-ranker"),
+        metrics=metrics,
+        params=mparams,
+        feature_spec=FeatureSpec.from_dict(enc["spec"]).to_dict(),
+        data_fingerprint=registry.data_fingerprint(fingerprint_inputs),
+        code_version=registry.code_version(),
+        labels={"model_family": str(mparams.get("model", "")), "dataset": str(enc["spec"].get("extra", {}).get("dataset", ""))},
+    )
+    g = params.get("gate", {})
+    decision = registry.gate(tag, min_valid_auc=g.get("min_valid_auc", 0.0), tolerance=g.get("tolerance", 0.0))
+    log.info("registered %s; gate %s: %s", tag, "passed" if decision.passed else "failed", "; ".join(decision.reasons))
+    return {"tag": str(tag), "gate_passed": bool(decision.passed), "reasons": list(decision.reasons)}
+
+
+def deploy_step(params: dict[str, Any], tag: str, repo_dir: str | Path, deployment_file: str | Path) -> dict[str, Any]:
+    """Promote the model to production and record what the service must load (model tag, feature repo)."""
+    home = use_bentoml_home(params)
+    from ctrflow import registry
+
+    registry.promote(tag, reason="promotion gate passed in the training pipeline")
+    deployment = {
+        "model_tag": str(tag),
+        "feature_repo": str(Path(repo_dir).resolve()),
+        "bentoml_home": home,
+        "host": params.get("serving", {}).get("host", "127.0.0.1"),
+        "port": params.get("serving", {}).get("port", 3000),
+    }
+    Path(deployment_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(deployment_file).write_text(json.dumps(deployment, indent=2))
+    return deployment
+
+
+# ---- drift ----------------------------------------------------------------------------------------------
+def drift_step(
+    params: dict[str, Any],
+    training_set_dir: str | Path,
+    current: str | Path,
+    out_dir: str | Path,
+    model_dir: str | Path | None = None,
+    reference_rows: int = 20_000,
+) -> Any:
+    """Evidently drift: the training data (scored by the model) as reference, the request log or a slice as current."""
+    from ctrflow.monitoring import drift_report, read_request_log
+    from ctrflow.training.artifact import Scorer, load_model_artifact
+
+    frame, spec = load_training_set(training_set_dir)
+    reference = frame[frame["split"] == "train"].tail(reference_rows).reset_index(drop=True)
+    current_path = Path(current)
+    current_df = read_request_log(current_path) if current_path.is_dir() else pd.read_parquet(current_path)
+    if model_dir is not None:
+        loaded = load_model_artifact(model_dir)
+        scorer = Scorer(loaded.model, loaded.encoder)
+        reference["prediction"] = scorer.score(reference)
+        if "prediction" not in current_df.columns:
+            current_df["prediction"] = scorer.score(current_df)
+    d = params.get("drift", {})
+    return drift_report(
+        reference,
+        current_df,
+        spec,
+        out_dir,
+        prediction_column="prediction" if "prediction" in reference.columns else None,
+        stattest_threshold=d.get("stattest_threshold", 0.05),
+        max_drifted_share=d.get("max_drifted_share", 0.5),
+        fail_on_prediction_drift=d.get("fail_on_prediction_drift", True),
+    )

@@ -1,0 +1,1 @@
+"""KFP pipelines: training (validate → features → train → register → gated deploy) and monitoring (drift)."""

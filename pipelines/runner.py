@@ -1,0 +1,133 @@
+"""Compile, run locally (KFP SubprocessRunner), submit and schedule the pipelines.
+
+Local and cluster runs execute the same compiled components; what changes is configuration: the pipeline root
+(a local folder or an object store), the KFP host and the base image ($CTRFLOW_BASE_IMAGE).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler, local
+
+PIPELINES = ("training", "monitoring")
+
+
+def pipeline_func(name: str) -> Any:
+    if name == "training":
+        from pipelines.training import training_pipeline
+
+        return training_pipeline
+    if name == "monitoring":
+        from pipelines.monitoring import monitoring_pipeline
+
+        return monitoring_pipeline
+    raise ValueError(f"unknown pipeline '{name}': choose one of {PIPELINES}")
+
+
+def compile_pipeline(name: str, package_path: str | Path) -> Path:
+    """Write the KFP IR YAML (what a Kubeflow cluster runs)."""
+    package_path = Path(package_path)
+    package_path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline_func(name), str(package_path))
+    return package_path
+
+
+def run_training_local(params: dict[str, Any], workdir: str | Path, model_name: str = "") -> dict[str, Any]:
+    """Run the training pipeline with the KFP local SubprocessRunner in this interpreter.
+
+    Returns the artifact paths and gate outcome, and writes them to `workdir/run.json`.
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = workdir / "kfp"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    try:
+        task = pipeline_func("training")(params=params, feature_repo=str(workdir / "feature_repo"), model_name=model_name)
+    finally:
+        _cleanup_ephemeral_dirs()
+    outputs = task.outputs
+    run = {
+        "workdir": str(workdir),
+        "pipeline_root": str(root),
+        "training_set": outputs["training_set"].path,
+        "model_dir": outputs["model"].path,
+        "model_tag": outputs["tag"],
+        "gate_passed": bool(outputs["gate_passed"]),
+        "feature_repo": str(workdir / "feature_repo"),
+    }
+    candidates = sorted(root.glob("*/deploy-model/deployment"), key=lambda p: p.stat().st_mtime)
+    if run["gate_passed"] and candidates:
+        run["deployment"] = str(candidates[-1])
+    reports = sorted(root.glob("*/validate-data/validation_report"), key=lambda p: p.stat().st_mtime)
+    if reports:
+        run["validation_report"] = str(reports[-1])
+    (workdir / "run.json").write_text(json.dumps(run, indent=2))
+    return run
+
+
+def run_monitoring_local(params: dict[str, Any], workdir: str | Path, training_set: str, model_dir: str, current: str, fail_on_breach: bool = True) -> Any:
+    workdir = Path(workdir).resolve()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"), raise_on_error=True)
+    try:
+        return pipeline_func("monitoring")(
+            params=params, training_set_uri=training_set, model_uri=model_dir, current=current, fail_on_breach=fail_on_breach
+        )
+    finally:
+        _cleanup_ephemeral_dirs()
+
+
+def _cleanup_ephemeral_dirs() -> None:
+    """The local runner leaves a temp dir with ephemeral_component.py per task (PITFALLS)."""
+    import tempfile
+
+    for d in Path(tempfile.gettempdir()).glob("tmp*"):
+        if d.is_dir() and (d / "ephemeral_component.py").exists():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def submit(
+    host: str,
+    params: dict[str, Any],
+    feature_repo: str,
+    *,
+    experiment: str = "ctrflow",
+    pipeline_root: str | None = None,
+    cron: str | None = None,
+    job_name: str = "ctrflow-training",
+    client: Any = None,
+) -> dict[str, Any]:
+    """Submit the training pipeline to a Kubeflow Pipelines API server, once or on a schedule.
+
+    `cron` has KFP's six fields, seconds first (e.g. "0 0 2 * * *" = daily at 02:00).
+    """
+    import tempfile
+
+    import kfp
+
+    client = client or kfp.Client(host=host)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline("training", Path(tmp) / "training.yaml")
+        arguments = {"params": params, "feature_repo": feature_repo}
+        exp = client.create_experiment(name=experiment)
+        exp_id = getattr(exp, "experiment_id", None) or getattr(exp, "id", None)
+        if cron:
+            fields = cron.split()
+            if len(fields) != 6:
+                raise ValueError(f"cron '{cron}' must have 6 fields (seconds first), got {len(fields)}")
+            run = client.create_recurring_run(
+                experiment_id=exp_id,
+                job_name=job_name,
+                cron_expression=cron,
+                pipeline_package_path=str(package),
+                params=arguments,
+                pipeline_root=pipeline_root,
+            )
+            return {"recurring_run_id": getattr(run, "recurring_run_id", None) or getattr(run, "id", None)}
+        result = client.create_run_from_pipeline_package(
+            str(package), arguments=arguments, run_name=job_name, experiment_name=experiment, pipeline_root=pipeline_root
+        )
+        return {"run_id": getattr(result, "run_id", None)}

@@ -1,0 +1,188 @@
+"""Data tests: sources produce canonical tables, behaviour sequences never leak, splits and encoder behave."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from ctrflow.data import load_source
+from ctrflow.data.encoding import FeatureEncoder
+from ctrflow.data.frames import point_in_time_frame
+from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
+from ctrflow.data.splits import make_split, random_split, temporal_split
+from ctrflow.data.synthetic import SyntheticConfig, generate_synthetic, write_synthetic
+from ctrflow.data.tables import TS_DTYPE, behaviour_at, behaviour_table
+from ctrflow.data.user_data import SchemaError, load_user_data
+
+
+@pytest.fixture(scope="module")
+def movielens():
+    if importlib.util.find_spec("recbole") is None:
+        pytest.skip("the recbole wheel (MovieLens-100K) is not installed")
+    return load_source("movielens")
+
+
+def test_movielens_is_canonical(movielens):
+    inter = movielens.interactions
+    assert list(inter.columns) == ["user_id", "item_id", "scenario", "label", "event_timestamp"]
+    assert len(inter) == 100_000
+    assert str(inter.event_timestamp.dtype) == TS_DTYPE
+    assert set(inter.scenario) == {"<25", "25-34", ">=35"}
+    assert set(inter.label.unique()) == {0, 1}
+    # label = rating > 3: ML-100K has 55,375 ratings of 4 or 5
+    assert inter.label.sum() == 55_375
+    assert {"age_bucket", "gender", "occupation", "zip_prefix"} <= set(movielens.users.columns)
+    assert {"genres", "release_year"} <= set(movielens.items.columns)
+    assert movielens.items.genres.map(len).min() >= 1
+
+
+def test_movielens_scenario_follows_age(movielens):
+    users = movielens.users.set_index("user_id")
+    joined = movielens.interactions.join(users, on="user_id")
+    young = joined[joined.age_bucket.isin(["<18", "18-24"])]
+    assert (young.scenario == "<25").all()
+    assert (joined[joined.age_bucket == "25-34"].scenario == "25-34").all()
+
+
+def test_behaviour_sequence_is_strictly_before_the_event(movielens):
+    frame = point_in_time_frame(movielens)
+    rng = np.random.default_rng(0)
+    for idx in rng.choice(len(frame), 200, replace=False):
+        row = frame.iloc[idx]
+        expected = behaviour_at(movielens.interactions, row.user_id, row.event_timestamp, 50)
+        assert row.hist_item_ids == expected
+
+
+def test_behaviour_excludes_same_instant_events():
+    ts = pd.to_datetime(["2026-01-01", "2026-01-01", "2026-01-02"], utc=True).astype(TS_DTYPE)
+    inter = pd.DataFrame({"user_id": [1, 1, 1], "item_id": [10, 11, 12], "scenario": "a", "label": [1, 1, 1], "event_timestamp": ts})
+    beh = behaviour_table(inter, max_len=5)
+    assert beh.hist_item_ids.tolist() == [[], [10, 11]]
+    assert beh.user_n_events.tolist() == [0, 2]
+
+
+def test_behaviour_keeps_the_most_recent_max_len():
+    ts = pd.date_range("2026-01-01", periods=8, freq="h", tz="UTC").astype(TS_DTYPE)
+    inter = pd.DataFrame({"user_id": 1, "item_id": range(8), "scenario": "a", "label": 1, "event_timestamp": ts})
+    beh = behaviour_table(inter, max_len=3)
+    assert beh.hist_item_ids.iloc[-1] == [4, 5, 6]
+    assert beh.user_n_pos.iloc[-1] == 7
+
+
+def test_temporal_split_orders_time_and_never_straddles(movielens):
+    split = temporal_split(movielens.interactions)
+    ts = movielens.interactions.event_timestamp
+    assert ts[split == "train"].max() < ts[split == "valid"].min()
+    assert ts[split == "valid"].max() < ts[split == "test"].min()
+    shares = split.value_counts(normalize=True)
+    assert shares["test"] == pytest.approx(0.1, abs=0.01) and shares["valid"] == pytest.approx(0.1, abs=0.01)
+
+
+def test_random_split_is_seeded_8_1_1(tiny_dataset):
+    a = random_split(tiny_dataset.interactions, seed=3)
+    b = random_split(tiny_dataset.interactions, seed=3)
+    c = random_split(tiny_dataset.interactions, seed=4)
+    assert a.equals(b) and not a.equals(c)
+    assert a.value_counts(normalize=True)["train"] == pytest.approx(0.8, abs=0.01)
+    with pytest.raises(ValueError, match="temporal' or 'random"):
+        make_split(tiny_dataset.interactions, "weekly")
+
+
+def test_synthetic_is_seeded_and_multi_scenario():
+    cfg = SyntheticConfig(n_users=300, n_items=200, n_interactions=20_000, seed=1)
+    a, b = generate_synthetic(cfg), generate_synthetic(cfg)
+    pd.testing.assert_frame_equal(a.interactions, b.interactions)
+    sizes = a.interactions.scenario.value_counts(normalize=True)
+    assert sizes.max() / sizes.min() > 10  # scenarios of very different sizes
+    assert a.items.text_emb.iloc[0].shape == (cfg.text_dim,)
+    assert a.interactions.event_timestamp.is_monotonic_increasing
+    # clicks follow the known model: the true click probability separates clicks from non-clicks
+    from ctrflow.data.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(cfg)
+    inter = a.interactions
+    scen = inter.scenario.map({s: i for i, s in enumerate(cfg.scenarios)}).to_numpy()
+    p = world.click_probability(inter.user_id.to_numpy() - 1, inter.item_id.to_numpy() - 1, scen)
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(inter.label, p) > 0.65
+
+
+def test_synthetic_streams_to_parquet_in_chunks(tmp_path):
+    cfg = SyntheticConfig(n_users=1000, n_items=500, n_interactions=250_000, chunk_rows=60_000, seed=2)
+    write_synthetic(cfg, tmp_path)
+    meta = pq.ParquetFile(tmp_path / "interactions.parquet").metadata
+    assert meta.num_row_groups >= 5  # written chunk by chunk, never all at once
+    assert abs(meta.num_rows - 250_000) < 100  # rare (user, item, ts) repeats dropped
+    assert FeatureSpec.load(tmp_path / "spec.json").scenarios == cfg.scenarios
+
+
+def test_user_parquet_source_round_trip(tmp_path, tiny_dataset):
+    tiny_dataset.interactions.to_parquet(tmp_path / "interactions.parquet")
+    tiny_dataset.users.to_parquet(tmp_path / "users.parquet")
+    tiny_dataset.items.to_parquet(tmp_path / "items.parquet")
+    schema = {
+        "name": "my-shop",
+        "scenarios": tiny_dataset.spec.scenarios,
+        "behaviour_max_len": 20,
+        "fields": [
+            {"name": "gender", "kind": "categorical", "entity": "user"},
+            {"name": "price", "kind": "numeric", "entity": "item", "buckets": 5},
+            {"name": "text_emb", "kind": "embedding", "entity": "item", "dim": 32},
+        ],
+    }
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
+    ds = load_user_data(tmp_path)
+    assert ds.name == "my-shop"
+    assert ds.spec["price"].buckets == 5 and ds.spec["hist_item_ids"].max_len == 20
+    frame = point_in_time_frame(ds)
+    arrays = FeatureEncoder(ds.spec).fit(frame).transform(frame)
+    assert arrays["text_emb"].shape == (len(frame), 32)
+
+
+def test_user_parquet_source_bad_schema(tmp_path):
+    with pytest.raises(SchemaError, match="schema.yaml is missing"):
+        load_user_data(tmp_path)
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump({"scenarios": ["a"], "fields": [{"name": "x", "kind": "numeric", "entity": "item"}]}))
+    with pytest.raises(SchemaError, match=r"fields\[0\].*buckets > 1"):
+        load_user_data(tmp_path)
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump({"fields": []}))
+    with pytest.raises(SchemaError, match="'scenarios' is missing"):
+        load_user_data(tmp_path)
+
+
+def test_spec_round_trip_and_errors(tmp_path, tiny_dataset):
+    path = tiny_dataset.spec.save(tmp_path / "spec.json")
+    assert FeatureSpec.load(path) == tiny_dataset.spec
+    with pytest.raises(ValueError, match="duplicate field names"):
+        FeatureSpec([FieldSpec("a", "categorical", "user"), FieldSpec("a", "categorical", "item")], scenarios=["s"])
+    with pytest.raises(ValueError, match="needs dim > 0"):
+        FieldSpec("e", FieldKind.EMBEDDING, Entity.ITEM)
+
+
+def test_encoder_unknown_ids_fall_back_to_zero_and_round_trip(tmp_path, tiny_frame, tiny_dataset):
+    train = tiny_frame.iloc[:4000]
+    enc = FeatureEncoder(tiny_dataset.spec).fit(train)
+    unseen = tiny_frame.copy()
+    unseen.loc[:9, "user_id"] = 10**9
+    unseen.loc[:9, "category"] = "never-seen"
+    unseen.loc[:9, "price"] = np.nan
+    arrays = enc.transform(unseen)
+    assert (arrays["user_id"][:10] == 0).all() and (arrays["category"][:10] == 0).all() and (arrays["price"][:10] == 0).all()
+    assert arrays["user_id"][10:].min() >= 0 and arrays["price"][10:].min() >= 1
+    assert arrays["price"].max() < enc.vocab_size("price")
+    # sequences keep the most recent items at the front of the padded row, in order
+    row = int(np.argmax(tiny_frame.hist_item_ids.map(len).to_numpy()))
+    hist = tiny_frame.hist_item_ids.iloc[row][-tiny_dataset.spec["hist_item_ids"].max_len :]
+    vocab = enc.vocabs["item_id"]
+    expected = [vocab.index(i) + 1 if i in vocab else 0 for i in hist]
+    assert arrays["hist_item_ids"][row][: len(expected)].tolist() == expected
+    loaded = FeatureEncoder.load(enc.save(tmp_path / "enc.json"))
+    again = loaded.transform(unseen)
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(value, again[key])
