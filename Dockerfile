@@ -11,7 +11,9 @@ COPY serving serving
 COPY monitoring monitoring
 COPY benchmarks benchmarks
 COPY feature_repo feature_repo
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+# torch==2.13.0 exactly; point pip at a CPU-only wheel index (ARG TORCH_INDEX) to keep CUDA out of the image
+ARG TORCH_INDEX=""
+RUN pip install --no-cache-dir ${TORCH_INDEX:+--index-url $TORCH_INDEX} torch==2.13.0 \
  && pip install --no-cache-dir . \
  && pip install --no-cache-dir --no-deps recbole==1.2.1
 ENV GX_ANALYTICS_ENABLED=false FEAST_USAGE=False BENTOML_DO_NOT_TRACK=true CTRFLOW_PARAMS=/opt/ctrflow/params.yaml
