@@ -108,16 +108,15 @@ def submit(
 
     import kfp
 
+    if cron is not None and len(cron.split()) != 6:
+        raise ValueError(f"cron '{cron}' must have 6 fields (seconds first), got {len(cron.split())}")
     client = client or kfp.Client(host=host)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline("training", Path(tmp) / "training.yaml")
         arguments = {"params": params, "feature_repo": feature_repo}
         exp = client.create_experiment(name=experiment)
         exp_id = getattr(exp, "experiment_id", None) or getattr(exp, "id", None)
-        if cron:
-            fields = cron.split()
-            if len(fields) != 6:
-                raise ValueError(f"cron '{cron}' must have 6 fields (seconds first), got {len(fields)}")
+        if cron is not None:
             run = client.create_recurring_run(
                 experiment_id=exp_id,
                 job_name=job_name,
@@ -128,6 +127,6 @@ def submit(
             )
             return {"recurring_run_id": getattr(run, "recurring_run_id", None) or getattr(run, "id", None)}
         result = client.create_run_from_pipeline_package(
-            str(package), arguments=arguments, run_name=job_name, experiment_name=experiment, pipeline_root=pipeline_root
+            str(package), arguments=arguments, run_name=job_name, experiment_id=exp_id, pipeline_root=pipeline_root
         )
         return {"run_id": getattr(result, "run_id", None)}
