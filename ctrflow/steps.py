@@ -106,7 +106,7 @@ def train_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: 
     from ctrflow.models.base import to_tensors
     from ctrflow.training.artifact import save_model_artifact
     from ctrflow.training.metrics import evaluate
-    from ctrflow.training.trainer import TrainConfig, Trainer
+    from ctrflow.training.trainer import TrainConfig, Trainer, seed_everything
 
     frame, spec = load_training_set(training_set_dir)
     tp = params["train"]
@@ -118,21 +118,12 @@ def train_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: 
     encoder = FeatureEncoder(spec).fit(parts["train"])
     tensors = {s: to_tensors(encoder.transform(p)) for s, p in parts.items()}
     mparams = model_params(params, name)
+    seed_everything(tp.get("seed", 0))
     model = build_model(name, encoder, mparams)
     model_dir = Path(model_dir)
-    cfg = TrainConfig(
-        epochs=tp.get("epochs", 20),
-        batch_size=tp.get("batch_size", 1024),
-        lr=tp.get("lr", 1e-3),
-        weight_decay=tp.get("weight_decay", 0.0),
-        patience=tp.get("patience", 2),
-        seed=tp.get("seed", 0),
-        threads=tp.get("threads", 2),
-        checkpoint_dir=str(model_dir / "checkpoints"),
-        progress=tp.get("progress", True),
-    )
+    cfg = TrainConfig.from_params(tp, checkpoint_dir=str(model_dir / "checkpoints"))
     result = Trainer(model, cfg).fit(tensors["train"], tensors["valid"])
-    metrics = {s: evaluate(model, tensors[s], encoder) for s in ("valid", "test")}
+    metrics = {s: evaluate(model, tensors[s], encoder, user_ids=parts[s]["user_id"].to_numpy()) for s in ("valid", "test")}
     metrics["best_epoch"] = result.best_epoch
     metrics["epochs"] = len(result.history)
     metrics["train_rows"] = len(parts["train"])
