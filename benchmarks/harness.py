@@ -1,0 +1,207 @@
+"""Shared machinery of the quality benchmark: data preparation, one training run, records, result files.
+
+A suite (benchmarks/suites/<name>.py) lists experiments; each experiment is a function
+`run(ctx: BenchContext, seed: int) -> dict` returning the metric fields of one record. The harness adds the
+identifying fields, merges the records into benchmarks/results/quality.json (replacing records with the same
+key) and re-renders quality.md as mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ctrflow.data.encoding import FeatureEncoder
+from ctrflow.data.frames import point_in_time_frame
+from ctrflow.data.splits import make_split
+from ctrflow.data.tables import Dataset
+from ctrflow.models.base import CTRModel, to_tensors
+from ctrflow.training.metrics import auc, gauc, logloss, predict, scenario_auc
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KEY = ("model", "variant", "dataset", "protocol", "split", "seed")
+COLD_ITEM_THRESHOLD = 5
+
+
+@dataclass
+class Experiment:
+    model: str
+    variant: str
+    run: Callable[[BenchContext, int], dict[str, Any]]
+    protocol: str = "standard"
+    extra: dict[str, Any] = field(default_factory=dict)  # fixed record fields, e.g. {"sparse_scenario": "<25"}
+
+
+@dataclass
+class BenchContext:
+    """One dataset under one split: frames, a train-fitted encoder and tensors, built once and shared by runs."""
+
+    dataset: Dataset
+    split: str
+    epochs: int = 20
+    patience: int = 2
+    batch_size: int = 1024
+    threads: int = 1
+    split_seed: int = 0
+
+    @cached_property
+    def frame(self) -> pd.DataFrame:
+        frame = point_in_time_frame(self.dataset)
+        frame["split"] = make_split(frame, self.split, seed=self.split_seed).to_numpy()
+        return frame
+
+    def part(self, name: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == name].reset_index(drop=True)
+
+    @cached_property
+    def encoder(self) -> FeatureEncoder:
+        return FeatureEncoder(self.dataset.spec).fit(self.part("train"))
+
+    @cached_property
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {s: to_tensors(self.encoder.transform(self.part(s))) for s in ("train", "valid", "test")}
+
+    @cached_property
+    def cold_item_mask(self) -> np.ndarray:
+        """Test rows whose item has fewer than 5 training interactions."""
+        counts = self.part("train")["item_id"].value_counts()
+        return self.part("test")["item_id"].map(counts).fillna(0).to_numpy() < COLD_ITEM_THRESHOLD
+
+    def train_config(self, seed: int, **overrides: Any) -> Any:
+        from ctrflow.training.trainer import TrainConfig
+
+        values = {"epochs": self.epochs, "patience": self.patience, "batch_size": self.batch_size, "seed": seed, "threads": self.threads, "progress": False}
+        values.update(overrides)
+        return TrainConfig(**values)
+
+    def fit(self, model: CTRModel, seed: int, train: dict[str, torch.Tensor] | None = None, **config: Any) -> Any:
+        from ctrflow.training.trainer import Trainer
+
+        return Trainer(model, self.train_config(seed, **config)).fit(train or self.tensors["train"], self.tensors["valid"])
+
+    def evaluate_test(self, model: CTRModel) -> dict[str, Any]:
+        """The record's metric fields on the test split (cold-item AUC included)."""
+        test = self.part("test")
+        y = test["label"].to_numpy()
+        p = predict(model, self.tensors["test"])
+        out = {
+            "auc": auc(y, p),
+            "logloss": logloss(y, p),
+            "gauc": gauc(y, p, test["user_id"].to_numpy()),
+            "scenario_auc": scenario_auc(y, p, test["scenario"].to_numpy()),
+        }
+        cold = self.cold_item_mask
+        if cold.sum() > 0:
+            out["cold_item_auc"] = auc(y[cold], p[cold])
+            out["cold_item_rows"] = int(cold.sum())
+        return out
+
+
+def train_and_evaluate(ctx: BenchContext, build: Callable[[], CTRModel], seed: int, train: dict[str, torch.Tensor] | None = None, **config: Any) -> dict[str, Any]:
+    """Seed, build, fit with early stopping on valid AUC, evaluate on test: the common experiment body."""
+    from ctrflow.training.trainer import seed_everything
+
+    seed_everything(seed)
+    model = build()
+    t0 = time.perf_counter()
+    result = ctx.fit(model, seed, train=train, **config)
+    record = ctx.evaluate_test(model)
+    rows = next(iter((train or ctx.tensors["train"]).values())).shape[0]
+    record.update({"train_rows": int(rows), "epochs": result.epochs, "train_seconds": round(time.perf_counter() - t0, 1)})
+    return record
+
+
+# ---- results ------------------------------------------------------------------------------------------
+def _clean(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items() if _clean(v) is not None}
+    if isinstance(x, float | np.floating):
+        return None if math.isnan(x) else round(float(x), 5)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def merge_records(new: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """Replace records with the same key, keep the rest: suites can be re-run one at a time."""
+    old = json.loads(path.read_text()) if path.exists() else []
+    keys = {tuple(r.get(k) for k in KEY) for r in new}
+    merged = [r for r in old if tuple(r.get(k) for k in KEY) not in keys] + new
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=1))
+    return merged
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def render_markdown(records: list[dict[str, Any]]) -> str:
+    """One table per (dataset, split, protocol): mean ± std over seeds of AUC, gAUC, logloss, per-scenario, cold-item AUC."""
+    if not records:
+        return "# Quality\n\nNo results yet.\n"
+    df = pd.DataFrame(records)
+    lines = ["# Quality benchmark", "", "Test-split metrics, mean ± sample std over seeds. Written by `python -m benchmarks.quality`.", ""]
+    group_cols = ["dataset", "split", "protocol"]
+    for (dataset, split, protocol), block in df.groupby(group_cols, sort=True):
+        extra = ""
+        if "sparse_scenario" in block and block["sparse_scenario"].notna().any():
+            extra = f", sparse scenario {block['sparse_scenario'].dropna().iloc[0]}"
+        if "label_fraction" in block and block["label_fraction"].notna().any() and protocol == "label-scarce":
+            extra += f", label fraction {block['label_fraction'].dropna().iloc[0]}"
+        lines += [f"## {dataset}, {split} split, {protocol} protocol{extra}", ""]
+        scenarios = sorted({s for d in block["scenario_auc"].dropna() for s in d})
+        header = ["model", "variant", "seeds", "AUC", "gAUC", "logloss", *[f"AUC {s}" for s in scenarios]]
+        has_cold = "cold_item_auc" in block and block["cold_item_auc"].notna().any()
+        if has_cold:
+            header.append("cold-item AUC")
+        header += ["epochs", "train s"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for (model, variant), rows in block.groupby(["model", "variant"], sort=False):
+            cells = [model, variant, str(len(rows)), _mean_std(rows["auc"].tolist()), _mean_std(rows["gauc"].tolist()), _mean_std(rows["logloss"].tolist())]
+            for s in scenarios:
+                cells.append(_mean_std([d.get(s) if isinstance(d, dict) else None for d in rows["scenario_auc"]]))
+            if has_cold:
+                cells.append(_mean_std(rows["cold_item_auc"].tolist()))
+            cells.append(f"{rows['epochs'].mean():.1f}" if "epochs" in rows else "–")
+            cells.append(f"{rows['train_seconds'].mean():.0f}" if "train_seconds" in rows else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_experiments(
+    experiments: list[Experiment], ctx: BenchContext, seeds: list[int], out_dir: Path = RESULTS, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Run every experiment for every seed; merge into quality.json and re-render quality.md after each record."""
+    from tqdm import tqdm
+
+    records = []
+    todo = [(e, s) for e in experiments for s in seeds]
+    bar = tqdm(todo, disable=not progress, desc=f"{ctx.dataset.name}/{ctx.split}")
+    for exp, seed in bar:
+        bar.set_postfix_str(f"{exp.model}/{exp.variant} seed {seed}")
+        metrics = exp.run(ctx, seed)
+        record = {"model": exp.model, "variant": exp.variant, "dataset": ctx.dataset.name, "protocol": exp.protocol, "split": ctx.split, "seed": seed}
+        record.update(exp.extra)
+        record.update(metrics)
+        record = _clean(record)
+        records.append(record)
+        merged = merge_records([record], out_dir / "quality.json")
+        (out_dir / "quality.md").write_text(render_markdown(merged))
+    return records

@@ -1,0 +1,63 @@
+"""Quality benchmark: every model and ablation, on ML-100K (and synthetic), both splits, several seeds.
+
+    python -m benchmarks.quality --suite baselines --splits temporal random --seeds 0 1 2
+
+Writes benchmarks/results/quality.json (one record per model, variant, dataset, protocol, split, seed; see
+shared/design/BENCHMARKS.md) and quality.md (mean ± std tables). Records of other suites are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import RESULTS, BenchContext, run_experiments
+from benchmarks.suites import SUITES
+
+
+def load_dataset(name: str):
+    from ctrflow.data import load_source
+
+    if name == "ml-100k":
+        return load_source("movielens")
+    if name == "synthetic":
+        return load_source("synthetic", n_users=5000, n_items=2000, n_interactions=200_000)
+    raise ValueError(f"unknown dataset '{name}': ml-100k or synthetic")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", nargs="+", default=["baselines"], choices=[*SUITES, "all"])
+    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "synthetic"])
+    p.add_argument("--splits", nargs="+", default=["temporal", "random"], choices=["temporal", "random"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=20, help="Upper bound; early stopping on validation AUC decides.")
+    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", nargs="*", default=None, help="Run only experiments whose 'model/variant' contains one of these.")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    suites = SUITES if "all" in args.suite else args.suite
+    dataset = load_dataset(args.dataset)
+    for split in args.splits:
+        ctx = BenchContext(dataset, split, epochs=args.epochs, patience=args.patience, threads=args.threads)
+        experiments = []
+        for suite in suites:
+            module = importlib.import_module(f"benchmarks.suites.{suite}")
+            experiments += module.experiments(args)
+        if args.only:
+            experiments = [e for e in experiments if any(o in f"{e.model}/{e.variant}" for o in args.only)]
+        run_experiments(experiments, ctx, args.seeds, args.out)
+    print(f"results: {args.out / 'quality.json'} and {args.out / 'quality.md'}")
+
+
+if __name__ == "__main__":
+    main()

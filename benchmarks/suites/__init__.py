@@ -1,0 +1,3 @@
+"""Quality-benchmark suites: each module defines `experiments(args) -> list[Experiment]`."""
+
+SUITES = ("baselines", "dgenctr", "gsvr", "dmae")

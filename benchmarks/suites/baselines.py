@@ -1,0 +1,24 @@
+"""The baseline models in the shared framework (more are added as their files land in ctrflow/models/)."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+from benchmarks.harness import BenchContext, Experiment, train_and_evaluate
+from ctrflow.config import load_params
+from ctrflow.models import build_model, known_models
+
+BASELINES = ("lr", "deepfm", "dcnv2", "din")
+
+
+def model_experiment(name: str, variant: str = "full", **overrides: object) -> Experiment:
+    def run(ctx: BenchContext, seed: int) -> dict:
+        params = {"embedding_dim": 16, **(load_params().get("models", {}).get(name) or {}), **overrides}
+        return train_and_evaluate(ctx, lambda: build_model(name, ctx.encoder, params), seed)
+
+    return Experiment(model=name, variant=variant, run=run)
+
+
+def experiments(args: Namespace) -> list[Experiment]:
+    available = set(known_models())
+    return [model_experiment(name) for name in BASELINES if name in available]
