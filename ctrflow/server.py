@@ -26,14 +26,20 @@ def free_port() -> int:
 
 
 def service_env(deployment: dict[str, Any], request_log: str | Path, threads: int = 1) -> dict[str, str]:
-    """The environment the service reads its configuration from (see serving/service.py)."""
+    """The environment the service reads its configuration from (see serving/service.py).
+
+    A deployment without `model_tag` serves the registry's production model of `model_name`.
+    """
     env = dict(os.environ)
+    env.pop("CTRFLOW_MODEL_TAG", None)
+    tag = deployment.get("model_tag")
+    if tag:
+        env["CTRFLOW_MODEL_TAG"] = str(tag)
     env.update(
         {
-            "BENTOML_HOME": deployment["bentoml_home"],
-            "CTRFLOW_FEATURE_REPO": deployment["feature_repo"],
-            "CTRFLOW_MODEL_TAG": deployment["model_tag"],
-            "CTRFLOW_MODEL_NAME": deployment["model_tag"].split(":")[0],
+            "BENTOML_HOME": str(deployment["bentoml_home"]),
+            "CTRFLOW_FEATURE_REPO": str(deployment["feature_repo"]),
+            "CTRFLOW_MODEL_NAME": deployment.get("model_name") or str(tag).split(":")[0],
             "CTRFLOW_REQUEST_LOG": str(Path(request_log).resolve()),
             "OMP_NUM_THREADS": str(threads),
             "BENTOML_DO_NOT_TRACK": "true",
@@ -77,6 +83,7 @@ def start_server(
     threads: int = 1,
     log_path: str | Path | None = None,
     ready_timeout: float = 120.0,
+    extra_env: dict[str, str] | None = None,
 ) -> RunningServer:
     """`bentoml serve` in a subprocess; returns once /readyz answers 200 (or raises with the server's log)."""
     if not isinstance(deployment, dict):
@@ -87,6 +94,7 @@ def start_server(
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port), "--working-dir", str(REPO_ROOT)]
     env = service_env(deployment, request_log, threads)
     env["CTRFLOW_SERVING_WORKERS"] = str(workers)
+    env.update(extra_env or {})
     log_file = open(log_path, "w")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     server = RunningServer(proc, f"http://{host}:{port}", log_path)

@@ -1,0 +1,1 @@
+"""The BentoML ranking service (`serving.service:RankingService`) and its bentofile."""

@@ -1,0 +1,180 @@
+"""The ranking service: a user, a scenario and candidate items in; the candidates ordered by click probability out.
+
+    bentoml serve serving.service:RankingService --port 3000      (configuration: the environment, below)
+
+It reads each request's features from the Feast online store (`ctrflow.features.online_frame`, the same columns as
+the training frame) and scores them through the one model interface (`ctrflow.training.artifact.Scorer`), so any
+model family the registry holds serves without a change here. Users and items the model never saw are scored with
+the encoder's "unknown" index 0 and flagged in the answer's `fallback`, never refused. Every request is appended to
+the request log (`ctrflow.request_log`) with the features as served and the scores.
+
+Environment (read when a worker constructs the service, never at import: `bentoml serve/build` import this module):
+    CTRFLOW_FEATURE_REPO         the applied Feast repository (feature_store.yaml + registry + online store)  [required]
+    CTRFLOW_MODEL_NAME           registry name (default ctrflow-ranker)
+    CTRFLOW_MODEL_TAG            a model tag to serve; default: the name's production model in the registry
+    CTRFLOW_FEATURE_SERVICE      the Feast feature service (default ctr_ranking)
+    CTRFLOW_REQUEST_LOG          directory of the request log (unset: no request log, with a warning)
+    CTRFLOW_REQUEST_LOG_FLUSH_ROWS / _FLUSH_SECONDS   flush thresholds (default 2000 rows / 5 s)
+    CTRFLOW_TORCH_THREADS        torch intra-op threads per worker (default 1: more gave p99 spikes, PITFALLS.md)
+    CTRFLOW_SERVING_WORKERS      worker processes (default 1); BENTOML_HOME: the model store
+"""
+
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from typing import Annotated, Any
+
+import bentoml
+from bentoml.exceptions import InvalidArgument
+from pydantic import Field
+
+log = logging.getLogger("ctrflow.serving")
+
+MAX_CANDIDATES = 1000
+DEFAULT_MODEL_NAME = "ctrflow-ranker"
+
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63, description="an int64 id")]
+ItemIds = Annotated[
+    list[Int64],
+    Field(min_length=1, max_length=MAX_CANDIDATES, description=f"candidate item ids (1 to {MAX_CANDIDATES}, no repeats)"),
+]
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw.strip() else default
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be an integer, got '{raw}'") from exc
+
+
+@bentoml.service(
+    name="ctrflow-ranking",
+    workers=_env_int("CTRFLOW_SERVING_WORKERS", 1),
+    threads=1,  # one request at a time per worker: torch runs single-threaded, scale with workers
+    traffic={"timeout": 30},
+)
+class RankingService:
+    """One worker: the model, its encoder, the Feast store and a request logger, loaded once at construction."""
+
+    def __init__(self) -> None:
+        import torch
+
+        torch.set_num_threads(_env_int("CTRFLOW_TORCH_THREADS", 1))
+        from feast import FeatureStore
+
+        from ctrflow import registry
+        from ctrflow.request_log import RequestLogger, schema_for_spec
+        from ctrflow.training.artifact import Scorer, load_model_artifact
+
+        started = time.perf_counter()
+        repo = os.environ.get("CTRFLOW_FEATURE_REPO", "")
+        if not repo:
+            raise RuntimeError("CTRFLOW_FEATURE_REPO is not set: point it at the applied Feast repository")
+        if not os.path.exists(os.path.join(repo, "feature_store.yaml")):
+            raise RuntimeError(f"CTRFLOW_FEATURE_REPO={repo}: no feature_store.yaml there (not a Feast repository)")
+        name = os.environ.get("CTRFLOW_MODEL_NAME") or DEFAULT_MODEL_NAME
+        tag = os.environ.get("CTRFLOW_MODEL_TAG") or registry.production_model(name)
+        if not tag:
+            raise RuntimeError(
+                f"no model to serve: '{name}' has no production model in {registry.bentoml_home()} "
+                "(promote one, or set CTRFLOW_MODEL_TAG)"
+            )
+        self.tag = registry.resolve_tag(tag)
+        loaded = load_model_artifact(registry.model_path(self.tag))
+        self.scorer = Scorer(loaded.model, loaded.encoder)
+        self.family = loaded.name
+        spec = loaded.encoder.spec
+        self.spec = spec
+        self.scenarios = list(spec.scenarios)
+        self.known_users = self._vocab(loaded.encoder, spec.user_key)
+        self.known_items = self._vocab(loaded.encoder, spec.item_key)
+        self.feature_service = os.environ.get("CTRFLOW_FEATURE_SERVICE") or "ctr_ranking"
+        self.store = FeatureStore(repo_path=repo)
+
+        log_dir = os.environ.get("CTRFLOW_REQUEST_LOG", "")
+        self.request_log = None
+        if log_dir:
+            self.request_log = RequestLogger(
+                log_dir,
+                column_types=schema_for_spec(spec, loaded.encoder.vocabs),
+                flush_rows=_env_int("CTRFLOW_REQUEST_LOG_FLUSH_ROWS", 2000),
+                flush_seconds=float(os.environ.get("CTRFLOW_REQUEST_LOG_FLUSH_SECONDS") or 5.0),
+            )
+        else:
+            log.warning("CTRFLOW_REQUEST_LOG is not set: requests are not logged (drift monitoring needs them)")
+
+        # warm-up: one read and one score prove the feature service holds every column the model needs
+        warm = self._features(0, [0], self.scenarios[0])
+        self.scorer.score(warm)
+        log.info(
+            "serving %s (%s) with features from %s, service '%s'; request log %s; ready in %.1fs",
+            self.tag, self.family, repo, self.feature_service, log_dir or "off", time.perf_counter() - started,
+        )
+
+    @staticmethod
+    def _vocab(encoder: Any, column: str) -> set | None:
+        """The ids the model was trained on for a key column (None when the model has no such field)."""
+        for f in encoder.spec.fields:
+            if f.column == column and f.name in encoder.vocabs:
+                return set(encoder.vocabs[f.name])
+        return None
+
+    def _features(self, user_id: int, item_ids: list[int], scenario: str) -> Any:
+        from ctrflow.features import online_frame
+
+        return online_frame(self.store, user_id, item_ids, scenario, service=self.feature_service)
+
+    @bentoml.api
+    def rank(self, user_id: Int64, scenario: str, item_ids: ItemIds) -> dict[str, Any]:
+        """Order the candidate items for one user in one scenario by predicted click probability (highest first)."""
+        started = time.perf_counter()
+        if scenario not in self.scenarios:
+            raise InvalidArgument(f"scenario: '{scenario}' is not one of the model's scenarios {self.scenarios}")
+        repeated = sorted(i for i, n in Counter(item_ids).items() if n > 1)
+        if repeated:
+            raise InvalidArgument(f"item_ids: ids must not repeat; {len(repeated)} do: {repeated[:10]}")
+
+        frame = self._features(user_id, item_ids, scenario)
+        scores = self.scorer.score(frame)
+        unknown_user = self.known_users is not None and user_id not in self.known_users
+        unknown_items = [] if self.known_items is None else [i for i in item_ids if i not in self.known_items]
+        order = sorted(range(len(item_ids)), key=lambda k: -float(scores[k]))  # stable: ties keep request order
+        request_id = uuid.uuid4().hex
+        latency_ms = (time.perf_counter() - started) * 1000
+        if self.request_log is not None:
+            rank_of = [0] * len(item_ids)
+            for position, k in enumerate(order, start=1):
+                rank_of[k] = position
+            unknown = set(unknown_items)
+            self.request_log.log_request(
+                request_id=request_id,
+                user_id=user_id,
+                scenario=scenario,
+                model=self.tag,
+                features=frame,
+                predictions=scores,
+                item_ids=item_ids,
+                extra={
+                    "rank": rank_of,
+                    "fallback_user": unknown_user,
+                    "fallback_item": [i in unknown for i in item_ids],
+                    "latency_ms": latency_ms,
+                },
+            )
+        return {
+            "request_id": request_id,
+            "model": self.tag,
+            "user_id": user_id,
+            "scenario": scenario,
+            "items": [{"item_id": item_ids[k], "score": float(scores[k])} for k in order],
+            "fallback": {"user": unknown_user, "items": unknown_items},
+        }
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        """Flush the request log before the worker exits."""
+        if self.request_log is not None:
+            self.request_log.close()

@@ -1,0 +1,249 @@
+"""The ranking service end to end: features in Feast, a trained model promoted in a real BentoML store, a real
+`bentoml serve` process on localhost, HTTP calls, and the request log it writes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ctrflow.server import start_server
+
+MODEL_NAME = "ctrflow-ranker"
+READY_TIMEOUT_S = 90.0
+
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, tiny_dataset, tiny_frame):
+    """Feature repo applied and materialized, a tiny DCNv2 trained, registered and promoted in a temp store."""
+    from ctrflow import features, registry
+    from ctrflow.data.encoding import FeatureEncoder
+    from ctrflow.data.splits import make_split
+    from ctrflow.models import build_model
+    from ctrflow.models.base import to_tensors
+    from ctrflow.training.artifact import save_model_artifact
+    from ctrflow.training.metrics import evaluate
+    from ctrflow.training.trainer import TrainConfig, Trainer
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("serving")
+    saved_home = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(root / "bentoml")
+    try:
+        repo = features.copy_repo(root / "repo")
+        features.write_feature_tables(tiny_dataset, repo / "data")
+        store = features.apply_repo(repo, repo / "data")
+        features.materialize(store)
+
+        frame = tiny_frame.copy()
+        frame["split"] = make_split(tiny_dataset.interactions, "temporal", seed=0).to_numpy()
+        parts = {s: frame[frame["split"] == s] for s in ("train", "valid", "test")}
+        encoder = FeatureEncoder(tiny_dataset.spec).fit(parts["train"])
+        tensors = {s: to_tensors(encoder.transform(p)) for s, p in parts.items()}
+        params = {"embedding_dim": 8, "cross_layers": 1, "mlp": [32], "dropout": 0.0}
+        model = build_model("dcnv2", encoder, params)
+        Trainer(model, TrainConfig(epochs=1, batch_size=512, threads=1, progress=False)).fit(tensors["train"], tensors["valid"])
+        metrics = {s: evaluate(model, tensors[s], encoder) for s in ("valid", "test")}
+        artifact = save_model_artifact(root / "model", model, encoder, metrics, {"model": "dcnv2", **params})
+
+        tag = registry.register_model(
+            artifact,
+            MODEL_NAME,
+            metrics=metrics,
+            params={"model": "dcnv2", **params},
+            feature_spec=tiny_dataset.spec,
+            data_fingerprint=registry.data_fingerprint(tiny_frame),
+            code_version=registry.code_version(),
+        )
+        registry.promote(tag, reason="serving test", force=True)
+        yield {"root": root, "repo": repo, "store": store, "tag": tag, "frame": frame, "bentoml_home": root / "bentoml"}
+    finally:
+        if saved_home is None:
+            os.environ.pop("BENTOML_HOME", None)
+        else:
+            os.environ["BENTOML_HOME"] = saved_home
+
+
+@pytest.fixture(scope="module")
+def server(deployment):
+    """A real `bentoml serve` subprocess (default model = the registry's production one); always terminated."""
+    log_dir = deployment["root"] / "request_log"
+    served = {"bentoml_home": deployment["bentoml_home"], "feature_repo": deployment["repo"], "model_name": MODEL_NAME}
+    try:
+        running = start_server(
+            served,
+            log_dir,
+            log_path=deployment["root"] / "server.log",
+            ready_timeout=READY_TIMEOUT_S,
+            extra_env={"CTRFLOW_REQUEST_LOG_FLUSH_SECONDS": "0.5"},
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        pytest.fail(str(exc))
+    with running:
+        yield {"url": running.url, "proc": running.process, "log_dir": log_dir, "server_log": running.log_path}
+
+
+def _rank(url: str, **body) -> httpx.Response:
+    return httpx.post(url + "/rank", json=body, timeout=30)
+
+
+def _known(deployment) -> tuple[int, str, list[int]]:
+    train = deployment["frame"][deployment["frame"]["split"] == "train"]
+    user = int(train["user_id"].iloc[0])
+    items = [int(i) for i in pd.unique(train["item_id"])[:100]]
+    return user, str(train["scenario"].iloc[0]), items
+
+
+@pytest.mark.serving
+def test_health_probes(server):
+    assert httpx.get(server["url"] + "/livez", timeout=5).status_code == 200
+    assert httpx.get(server["url"] + "/readyz", timeout=5).status_code == 200
+
+
+@pytest.mark.serving
+def test_rank_sorted_and_equal_to_in_process_scorer(server, deployment):
+    from ctrflow import features, registry
+    from ctrflow.training.artifact import Scorer, load_model_artifact
+
+    user, scenario, items = _known(deployment)
+    httpx.post(server["url"] + "/rank", json={"user_id": user, "scenario": scenario, "item_ids": items[:5]}, timeout=30)
+    timings = []
+    for _ in range(5):
+        t = time.perf_counter()
+        r = _rank(server["url"], user_id=user, scenario=scenario, item_ids=items)
+        timings.append((time.perf_counter() - t) * 1000)
+        assert r.status_code == 200, r.text
+    print(f"\nrank latency, 100 candidates: median {np.median(timings):.1f} ms, min {min(timings):.1f} ms over 5 calls")
+    body = r.json()
+    assert body["model"] == deployment["tag"]
+    assert body["user_id"] == user and body["scenario"] == scenario
+    scores = [i["score"] for i in body["items"]]
+    assert sorted(i["item_id"] for i in body["items"]) == sorted(items)
+    assert scores == sorted(scores, reverse=True)
+    assert all(0.0 < s < 1.0 for s in scores)
+    assert body["fallback"] == {"user": False, "items": []}
+
+    loaded = load_model_artifact(registry.model_path(deployment["tag"]))  # BENTOML_HOME: the fixture's store
+    expected = Scorer(loaded.model, loaded.encoder).score(features.online_frame(deployment["store"], user, items, scenario))
+    served = {i["item_id"]: i["score"] for i in body["items"]}
+    np.testing.assert_allclose([served[i] for i in items], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.serving
+def test_unknown_user_and_items_fall_back(server, deployment):
+    user, scenario, items = _known(deployment)
+    unknown_user = int(deployment["frame"]["user_id"].max()) + 10_000
+    unknown_item = int(deployment["frame"]["item_id"].max()) + 10_000
+    r = _rank(server["url"], user_id=unknown_user, scenario=scenario, item_ids=[unknown_item, *items[:3]])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["fallback"] == {"user": True, "items": [unknown_item]}
+    assert len(body["items"]) == 4 and all(0.0 < i["score"] < 1.0 for i in body["items"])
+
+
+@pytest.mark.serving
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"scenario": "home", "item_ids": [1]}, "user_id"),
+        ({"user_id": "abc", "scenario": "home", "item_ids": [1]}, "user_id"),
+        ({"user_id": 1, "scenario": "nowhere", "item_ids": [1]}, "scenario"),
+        ({"user_id": 1, "scenario": "home", "item_ids": []}, "item_ids"),
+        ({"user_id": 1, "scenario": "home", "item_ids": ["x"]}, "item_ids"),
+        ({"user_id": 1, "scenario": "home", "item_ids": [1, 1]}, "item_ids"),
+        ({"user_id": 1, "scenario": "home", "item_ids": list(range(1001))}, "item_ids"),
+        ({"user_id": 2**64, "scenario": "home", "item_ids": [1]}, "user_id"),
+        ({"user_id": 1, "scenario": 3, "item_ids": [1]}, "scenario"),
+    ],
+    ids=[
+        "missing-user", "wrong-type-user", "unknown-scenario", "empty-items", "wrong-type-item", "repeated-item",
+        "too-many", "user-beyond-int64", "wrong-type-scenario",
+    ],
+)
+def test_malformed_requests_get_4xx_naming_the_field(server, body, field):
+    r = httpx.post(server["url"] + "/rank", json=body, timeout=30)
+    assert 400 <= r.status_code < 500, r.text
+    assert field in r.text
+
+
+@pytest.mark.serving
+def test_request_log_holds_every_candidate(server, deployment):
+    from ctrflow.request_log import read_request_log
+
+    user, scenario, items = _known(deployment)
+    r = _rank(server["url"], user_id=user, scenario=scenario, item_ids=items[:7])
+    assert r.status_code == 200
+    request_id = r.json()["request_id"]
+    deadline = time.monotonic() + 20
+    rows = pd.DataFrame()
+    while time.monotonic() < deadline:  # flushed every 0.5 s by the service's background thread
+        log = read_request_log(server["log_dir"])
+        rows = log[log["request_id"] == request_id] if len(log) else log
+        if len(rows) == 7:
+            break
+        time.sleep(0.3)
+    assert len(rows) == 7
+    assert set(rows["item_id"]) == set(items[:7])
+    assert (rows["user_id"] == user).all() and (rows["scenario"] == scenario).all()
+    assert (rows["model"] == deployment["tag"]).all()
+    served = {i["item_id"]: i["score"] for i in r.json()["items"]}
+    np.testing.assert_allclose(rows["prediction"].to_numpy(), [served[i] for i in rows["item_id"]], rtol=1e-6)
+    for f in deployment["store"].get_feature_service("ctr_ranking").feature_view_projections:
+        for feat in f.features:
+            assert feat.name in rows.columns, f"feature '{feat.name}' is not logged"
+    hist = rows["hist_item_ids"].iloc[0]
+    assert hasattr(hist, "__len__")  # a Parquet list, not a string
+
+    # shutdown flushes too: a request answered just before SIGTERM is on disk once the server is gone
+    last = _rank(server["url"], user_id=user, scenario=scenario, item_ids=items[:3]).json()["request_id"]
+    server["proc"].terminate()
+    server["proc"].wait(timeout=30)
+    log = read_request_log(server["log_dir"])
+    assert (log["request_id"] == last).sum() == 3
+    assert log["request_id"].nunique() >= 9  # 6 timed, 1 fallback, 2 here
+
+
+# ---- the request log on its own (no server) ----------------------------------------------------------------
+def test_request_log_parts_share_one_schema_and_close_flushes(tmp_path, tiny_dataset, tiny_frame):
+    import pyarrow.parquet as pq
+
+    from ctrflow.data.encoding import FeatureEncoder
+    from ctrflow.request_log import RequestLogger, read_request_log, schema_for_spec
+
+    encoder = FeatureEncoder(tiny_dataset.spec).fit(tiny_frame)
+    known = tiny_frame.head(3).drop(columns="label").reset_index(drop=True)
+    unknown = known.copy()  # an unknown user: every user feature missing, as online_frame serves it
+    for f in tiny_dataset.spec.of_entity("user"):
+        if f.column != "user_id":
+            unknown[f.column] = [None] * len(unknown)
+    logger = RequestLogger(tmp_path, column_types=schema_for_spec(encoder.spec, encoder.vocabs), flush_seconds=60)
+    for rid, frame in (("a", known), ("b", unknown)):
+        logger.log_request(
+            request_id=rid, user_id=int(frame["user_id"].iloc[0]), scenario="home", model="m:1",
+            features=frame, predictions=np.linspace(0.1, 0.3, len(frame)), extra={"rank": [1, 2, 3]},
+        )
+        assert logger.flush() is not None  # one part per request here
+    parts = sorted(tmp_path.glob("part-*.parquet"))
+    assert len(parts) == 2
+    assert pq.read_schema(parts[0]).remove_metadata() == pq.read_schema(parts[1]).remove_metadata()
+
+    logger.log_request(request_id="c", user_id=1, scenario="home", model="m:1", features=known, predictions=np.zeros(3))
+    logger.close()  # flushes what is buffered, like the service's shutdown hook
+    with pytest.raises(RuntimeError, match="closed"):
+        logger.log_request(request_id="d", user_id=1, scenario="home", model="m:1", features=known, predictions=np.zeros(3))
+
+    log = read_request_log(tmp_path)
+    assert list(log["request_id"]) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    assert len(pd.read_parquet(tmp_path)) == 9  # one table for any Parquet reader (the drift check reads it so)
+    assert list(log["hist_item_ids"].iloc[0]) == list(known["hist_item_ids"].iloc[0])
+    assert log["prediction"].dtype == np.float32
+    with pytest.raises(ValueError, match="predictions"):
+        RequestLogger(tmp_path / "x").log_request(
+            request_id="e", user_id=1, scenario="home", model="m:1", features=known, predictions=np.zeros(2)
+        )
