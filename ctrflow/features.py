@@ -1,0 +1,504 @@
+"""The Feast feature store: write the feature tables, apply the repo, join offline, materialize, read online.
+
+The repository (`feature_repo/`) is static Python that builds its feature views from the dataset's FeatureSpec
+(`spec.json` written here), so the same repo serves ML-100K, synthetic and user data. Every run works on its own
+copy of the repo (`copy_repo`), so tests and pipeline runs never clobber each other's registry or online store.
+
+Time semantics (no leakage):
+- user/item profiles are static: every row is stamped PROFILE_TIMESTAMP (1970-01-01 UTC), before every interaction,
+  so a point-in-time join at any event time sees them;
+- user_behaviour has one row per (user, event time t) holding only events strictly before t
+  (`ctrflow.data.tables.behaviour_table`), so a join at t never sees the event itself or any event at the same
+  instant; plus one closing row per user stamped 1 µs after the user's last event (all their events), which is what
+  materialization puts online for serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+import weakref
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
+from ctrflow.data.tables import BEHAVIOUR_COUNT_FIELDS, HIST_FIELD, TS_DTYPE, Dataset, behaviour_table
+
+if TYPE_CHECKING:  # feast takes seconds to import: only the functions that need it import it
+    from feast import FeatureService, FeatureStore
+
+log = logging.getLogger(__name__)
+
+PROFILE_TIMESTAMP = pd.Timestamp("1970-01-01", tz="UTC")
+DATA_ENV = "CTRFLOW_FEATURE_DATA"
+TEMPLATE_REPO = Path(__file__).resolve().parent.parent / "feature_repo"
+TABLES = ("user_profile", "item_profile", "user_behaviour")
+VIEWS = ("user_behaviour", "user_profile", "item_profile")  # the column order of point_in_time_frame
+SERVICES = ("ctr_ranking", "multi_scenario", "multimodal")
+TIMESTAMP = "event_timestamp"
+_ROW = "__ctrflow_row"
+_REPO_LOCK = threading.Lock()  # apply_repo swaps an env var and sys.modules entries while it imports the repo
+
+
+class FeatureTableError(ValueError):
+    """The dataset cannot be turned into feature tables (a field, the rule it breaks and how many rows)."""
+
+
+# ---- the schema, from the spec -------------------------------------------------------------------------------
+def view_fields(spec: FeatureSpec) -> dict[str, list[FieldSpec]]:
+    """Which spec fields each feature view holds: user fields, item fields and the behaviour fields."""
+    for name in (HIST_FIELD, *BEHAVIOUR_COUNT_FIELDS):
+        if name not in spec.names:
+            raise FeatureTableError(f"feature spec: field '{name}' is missing (ctrflow.data.tables.standard_fields adds it)")
+    behaviour = {HIST_FIELD, *BEHAVIOUR_COUNT_FIELDS}
+    keys = {spec.user_key, spec.item_key, spec.scenario_field}
+    profile = [f for f in spec.fields if f.name not in behaviour and f.column not in keys]
+    return {
+        "user_behaviour": [spec[HIST_FIELD], *(spec[c] for c in BEHAVIOUR_COUNT_FIELDS)],
+        "user_profile": [f for f in profile if f.entity is Entity.USER],
+        "item_profile": [f for f in profile if f.entity is Entity.ITEM],
+    }
+
+
+def _default_type(f: FieldSpec) -> str:
+    if f.name == HIST_FIELD:
+        return "Array(Int64)"
+    if f.name in BEHAVIOUR_COUNT_FIELDS:
+        return "Int64"
+    return {
+        FieldKind.CATEGORICAL: "String",
+        FieldKind.NUMERIC: "Float64",
+        FieldKind.SEQUENCE: "Array(String)",
+        FieldKind.EMBEDDING: "Array(Float32)",
+    }[f.kind]
+
+
+def view_schema(spec: FeatureSpec) -> dict[str, list[tuple[str, str]]]:
+    """(column, Feast type name) per view, in the order write_feature_tables recorded (else the spec's order).
+
+    Types are those write_feature_tables recorded from the data, else the kind's default.
+    """
+    recorded: dict[str, str] = spec.extra.get("feast_types", {})
+    position = {c: i for i, c in enumerate(recorded)}
+    schema = {}
+    for view, fields in view_fields(spec).items():
+        ordered = sorted(fields, key=lambda f: position.get(f.column, len(position)))  # stable: unrecorded keep order
+        schema[view] = [(f.column, recorded.get(f.column, _default_type(f))) for f in ordered]
+    return schema
+
+
+def _type_of(f: FieldSpec, col: pd.Series) -> str:
+    """The Feast type that keeps the column's values as they are (ints stay ints, as in point_in_time_frame)."""
+    if f.kind is FieldKind.EMBEDDING:
+        return "Array(Float32)"
+    if f.kind is FieldKind.SEQUENCE:
+        for cell in col:
+            if cell is not None and not (np.isscalar(cell) and pd.isna(cell)) and len(cell):
+                first = np.asarray(cell)
+                return "Array(Int64)" if np.issubdtype(first.dtype, np.integer) else "Array(String)"
+        return "Array(String)"
+    is_int = pd.api.types.is_integer_dtype(col) and not pd.api.types.is_bool_dtype(col)
+    if f.kind is FieldKind.NUMERIC:
+        if not (is_int or pd.api.types.is_numeric_dtype(col)):
+            raise FeatureTableError(f"field '{f.name}': a numeric field needs a numeric column, got dtype {col.dtype}")
+        return "Int64" if is_int else "Float64"
+    return "Int64" if is_int else "String"
+
+
+_ARROW = {
+    "String": pa.string(),
+    "Int64": pa.int64(),
+    "Float64": pa.float64(),
+    "Array(String)": pa.list_(pa.string()),
+    "Array(Int64)": pa.list_(pa.int64()),
+    "Array(Float32)": pa.list_(pa.float32()),
+    "Array(Float64)": pa.list_(pa.float64()),
+}
+
+
+def _cast_cell_column(col: pd.Series, type_name: str) -> list | pd.Series:
+    """Values arrow can take with the declared type (strings for String categoricals, lists for arrays)."""
+    def missing(v: object) -> bool:
+        return v is None or (np.isscalar(v) and pd.isna(v))
+
+    if type_name == "String":
+        return [None if missing(v) else str(v) for v in col]
+    if type_name.startswith("Array("):
+        return [None if missing(v) else list(np.asarray(v).tolist()) for v in col]
+    if type_name == "Int64":
+        return col.astype("Int64")
+    return pd.to_numeric(col, errors="coerce").astype("float64")
+
+
+def _write_table(frame: pd.DataFrame, key: str, columns: list[tuple[str, str]], path: Path) -> Path:
+    fields = [pa.field(key, pa.int64(), nullable=False), *(pa.field(c, _ARROW[t]) for c, t in columns)]
+    fields.append(pa.field(TIMESTAMP, pa.timestamp("us", tz="UTC"), nullable=False))
+    arrays = [pa.array(frame[key].to_numpy(dtype=np.int64), pa.int64())]
+    for c, t in columns:
+        arrays.append(pa.array(_cast_cell_column(frame[c], t), type=_ARROW[t], from_pandas=True))
+    arrays.append(pa.array(frame[TIMESTAMP].astype(TS_DTYPE), pa.timestamp("us", tz="UTC")))
+    pq.write_table(pa.Table.from_arrays(arrays, schema=pa.schema(fields)), path)
+    return path
+
+
+def _check_profile(table: pd.DataFrame, key: str, fields: list[FieldSpec], what: str) -> None:
+    if key not in table.columns:
+        raise FeatureTableError(f"{what} table: key column '{key}' is missing (columns: {list(table.columns)})")
+    missing = [f"{f.name} (column '{f.column}')" for f in fields if f.column not in table.columns]
+    if missing:
+        raise FeatureTableError(f"{what} table: spec fields {missing} have no column (columns: {list(table.columns)})")
+    if table[key].isna().any():
+        raise FeatureTableError(f"{what} table: '{key}' must not be null ({int(table[key].isna().sum())} rows)")
+    dupes = int(table[key].duplicated().sum())
+    if dupes:
+        raise FeatureTableError(f"{what} table: '{key}' must be unique, {dupes} rows repeat a key")
+    for f in fields:
+        if f.kind is FieldKind.EMBEDDING:
+            bad = sum(1 for v in table[f.column] if v is not None and not (np.isscalar(v) and pd.isna(v)) and len(v) != f.dim)
+            if bad:
+                raise FeatureTableError(f"field '{f.name}': vectors must have length dim={f.dim}, {bad} rows do not")
+
+
+def _ordered(fields: list[FieldSpec], table: pd.DataFrame) -> list[FieldSpec]:
+    """Spec fields in the order of the table's columns (point_in_time_frame keeps the tables' column order)."""
+    position = {c: i for i, c in enumerate(table.columns)}
+    return sorted(fields, key=lambda f: position[f.column])
+
+
+def feature_behaviour_table(interactions: pd.DataFrame, max_len: int) -> pd.DataFrame:
+    """behaviour_table plus one closing row per user, stamped 1 µs after their last event, holding all of them.
+
+    A row stamped t holds events strictly before t, so the closing row holds every event of the user: it is the
+    state served online after materialization, and no training event is ever joined to it (it is later than all).
+    """
+    inter = interactions[["user_id", "item_id", "label", TIMESTAMP]]
+    last = inter.groupby("user_id", sort=False)[TIMESTAMP].max()
+    closing = pd.DataFrame(
+        {"user_id": last.index.to_numpy(np.int64), "item_id": np.int64(-1), "label": np.int64(0), TIMESTAMP: last.to_numpy()}
+    )
+    closing[TIMESTAMP] = (closing[TIMESTAMP] + pd.Timedelta(microseconds=1)).astype(TS_DTYPE)
+    return behaviour_table(pd.concat([inter, closing], ignore_index=True), max_len)
+
+
+def write_feature_tables(dataset: Dataset, data_dir: str | Path) -> dict[str, Path]:
+    """Write user_profile, item_profile, user_behaviour (Parquet) and spec.json: what the Feast repo reads."""
+    started = time.perf_counter()
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    spec = FeatureSpec.from_dict(dataset.spec.to_dict())  # a copy: the recorded types must not touch the dataset
+    views = view_fields(spec)
+    inter = dataset.interactions
+    for col in ("user_id", "item_id", "label", TIMESTAMP):
+        if col not in inter.columns:
+            raise FeatureTableError(f"interactions: column '{col}' is missing (columns: {list(inter.columns)})")
+    ts = inter[TIMESTAMP]
+    if str(ts.dtype) != TS_DTYPE:
+        raise FeatureTableError(f"interactions: '{TIMESTAMP}' must be {TS_DTYPE}, got {ts.dtype} ({len(ts)} rows)")
+    early = int((ts <= PROFILE_TIMESTAMP).sum())
+    if early:
+        raise FeatureTableError(
+            f"interactions: '{TIMESTAMP}' must be after {PROFILE_TIMESTAMP} (the profiles' stamp), {early} rows are not"
+        )
+    _check_profile(dataset.users, spec.user_key, views["user_profile"], "users")
+    _check_profile(dataset.items, spec.item_key, views["item_profile"], "items")
+    user_fields = _ordered(views["user_profile"], dataset.users)
+    item_fields = _ordered(views["item_profile"], dataset.items)
+
+    types = {f.column: _type_of(f, dataset.users[f.column]) for f in user_fields}
+    types.update({f.column: _type_of(f, dataset.items[f.column]) for f in item_fields})
+    types.update({HIST_FIELD: "Array(Int64)", **{c: "Int64" for c in BEHAVIOUR_COUNT_FIELDS}})
+    spec.extra["feast_types"] = types  # in the tables' column order, which the views (and frames) keep
+    spec.extra["profile_timestamp"] = PROFILE_TIMESTAMP.isoformat()
+    spec.extra.setdefault("dataset", dataset.name)
+
+    paths: dict[str, Path] = {}
+    users = dataset.users.assign(**{TIMESTAMP: PROFILE_TIMESTAMP}).astype({TIMESTAMP: TS_DTYPE})
+    paths["user_profile"] = _write_table(
+        users, spec.user_key, [(f.column, types[f.column]) for f in user_fields], data_dir / "user_profile.parquet"
+    )
+    items = dataset.items.assign(**{TIMESTAMP: PROFILE_TIMESTAMP}).astype({TIMESTAMP: TS_DTYPE})
+    paths["item_profile"] = _write_table(
+        items, spec.item_key, [(f.column, types[f.column]) for f in item_fields], data_dir / "item_profile.parquet"
+    )
+    behaviour = feature_behaviour_table(inter, spec[HIST_FIELD].max_len)
+    paths["user_behaviour"] = _write_table(
+        behaviour, "user_id", [(HIST_FIELD, "Array(Int64)"), *((c, "Int64") for c in BEHAVIOUR_COUNT_FIELDS)],
+        data_dir / "user_behaviour.parquet",
+    )
+    paths["spec"] = spec.save(data_dir / "spec.json")
+    log.info(
+        "feature tables: %d users, %d items, %d behaviour rows -> %s (%.1fs)",
+        len(users), len(items), len(behaviour), data_dir, time.perf_counter() - started,
+    )
+    return paths
+
+
+def load_feature_spec(data_dir: str | Path) -> FeatureSpec:
+    """The spec the feature tables in `data_dir` were written with (read by feature_repo/features.py)."""
+    path = Path(data_dir) / "spec.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: write the feature tables first (ctrflow.features.write_feature_tables) and point "
+            f"{DATA_ENV} at their folder"
+        )
+    return FeatureSpec.load(path)
+
+
+# ---- the repository ------------------------------------------------------------------------------------------
+def copy_repo(dest: Path, template: Path | None = None) -> Path:
+    """Copy the template repo (definitions and config only: no data, registry or online store) to `dest`."""
+    template = Path(template) if template else TEMPLATE_REPO
+    dest = Path(dest)
+    if not (template / "feature_store.yaml").exists():
+        raise FileNotFoundError(f"{template}: no feature_store.yaml, not a Feast repository")
+    shutil.copytree(
+        template, dest, dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("data", ".feast", "__pycache__", "*.db", "*.parquet", ".ipynb_checkpoints"),
+    )
+    return dest
+
+
+def _repo_objects(repo_dir: Path, data_dir: Path) -> list:
+    """Import the repo's definition files (honouring .feastignore) with `data_dir` as the feature-data folder.
+
+    Feast's own parse_repo imports by module name relative to the working directory and caches the modules, so
+    two repo copies in one process would share stale objects: here each file is imported fresh and dropped again.
+    """
+    from feast import Entity as FeastEntity
+    from feast import FeatureService, FeatureView
+    from feast.data_source import DataSource
+    from feast.repo_operations import get_repo_files
+
+    files = get_repo_files(repo_dir)
+    names = [".".join(p.relative_to(repo_dir).with_suffix("").parts) for p in files]
+    objects: list = []
+    with _REPO_LOCK:
+        saved_env = os.environ.get(DATA_ENV)
+        saved_modules = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+        os.environ[DATA_ENV] = str(data_dir)
+        sys.path.insert(0, str(repo_dir))
+        try:
+            for name in names:
+                module = importlib.import_module(name)
+                for attr in vars(module).values():
+                    if isinstance(attr, FeastEntity | FeatureView | FeatureService | DataSource) and not any(
+                        attr is o for o in objects
+                    ):
+                        objects.append(attr)
+        finally:
+            sys.path.remove(str(repo_dir))
+            for n in names:
+                sys.modules.pop(n, None)
+            sys.modules.update(saved_modules)
+            if saved_env is None:
+                os.environ.pop(DATA_ENV, None)
+            else:
+                os.environ[DATA_ENV] = saved_env
+    return objects
+
+
+def apply_repo(repo_dir: str | Path, data_dir: str | Path) -> FeatureStore:
+    """`feast apply` in-process: register the views built from data_dir/spec.json, create the online tables."""
+    from feast import Entity as FeastEntity
+    from feast import FeatureService, FeatureStore, FeatureView, Project
+    from feast.data_source import DataSource
+    from feast.feature_view import DUMMY_ENTITY
+    from feast.repo_contents import RepoContents
+    from feast.repo_operations import apply_total_with_repo_instance
+
+    started = time.perf_counter()
+    repo_dir = Path(repo_dir).resolve()
+    data_dir = Path(data_dir).resolve()
+    for table in TABLES:
+        if not (data_dir / f"{table}.parquet").exists():
+            raise FileNotFoundError(f"{data_dir}/{table}.parquet is missing: run write_feature_tables first")
+    objects = _repo_objects(repo_dir, data_dir)
+    store = FeatureStore(repo_path=str(repo_dir))
+
+    contents = RepoContents(
+        projects=[Project(name=store.config.project)],
+        data_sources=[o for o in objects if isinstance(o, DataSource)],
+        entities=[o for o in objects if isinstance(o, FeastEntity)] + [DUMMY_ENTITY],
+        feature_views=[o for o in objects if isinstance(o, FeatureView)],
+        feature_services=[o for o in objects if isinstance(o, FeatureService)],
+        on_demand_feature_views=[],
+        stream_feature_views=[],
+        label_views=[],
+        permissions=[],
+    )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        apply_total_with_repo_instance(store, store.config.project, store.registry, contents, skip_source_validation=False)
+    for line in out.getvalue().splitlines():
+        if line.strip():
+            log.debug("feast apply: %s", line)
+    store.refresh_registry()
+    log.info(
+        "feast apply: %d views, %d services in %s (data %s, %.1fs)",
+        len(contents.feature_views), len(contents.feature_services), repo_dir, data_dir, time.perf_counter() - started,
+    )
+    return store
+
+
+# ---- reading features ----------------------------------------------------------------------------------------
+_SERVICE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SERVICE_CACHE_S = 30.0  # a re-applied registry is seen by online_frame within this many seconds
+
+
+def _service(store: FeatureStore, service: str) -> tuple[FeatureService, list[tuple[str, str, str]]]:
+    """The feature service and its (view, feature, Feast type name) in point_in_time_frame's column order.
+
+    Cached per store for a few seconds: decoding the service from the registry costs more than the online read.
+    """
+    from feast.errors import FeatureServiceNotFoundException
+
+    cached = _SERVICE_CACHE.setdefault(store, {}).get(service)
+    if cached and time.monotonic() - cached[0] < _SERVICE_CACHE_S:
+        return cached[1], cached[2]
+    try:
+        fs = store.get_feature_service(service, allow_cache=True)  # the registry file is re-read only when it changes
+    except FeatureServiceNotFoundException as exc:
+        raise KeyError(f"feature service '{service}' is not registered in {store.repo_path} (services: {SERVICES})") from exc
+    cols = []
+    for view in VIEWS:
+        for proj in fs.feature_view_projections:
+            if proj.name == view:
+                cols.extend((view, f.name, str(f.dtype)) for f in proj.features)
+    _SERVICE_CACHE[store][service] = (time.monotonic(), fs, cols)
+    return fs, cols
+
+
+def _cells(values: list) -> np.ndarray:
+    """A 1-d object array of list/vector cells (numpy would turn equal-length lists into a 2-d array)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values if len(values) else []
+    return out
+
+
+def _normalise(name: str, type_name: str, values: list) -> np.ndarray:
+    """Feast's values (Python objects, None when missing) as point_in_time_frame holds them.
+
+    hist_item_ids: lists ([] when none); counts: int64 (0 when none); embeddings: float32 vectors; other arrays:
+    lists; Int64: int64, or float64 with NaN when one is missing (as pandas merges do); strings: object with NaN.
+    """
+    if name == HIST_FIELD:
+        return _cells([[] if v is None else list(v) for v in values])
+    if name in BEHAVIOUR_COUNT_FIELDS:
+        return pd.Series(values, dtype="float64").fillna(0).to_numpy(dtype=np.int64)
+    if type_name == "Array(Float32)":
+        return _cells([None if v is None else np.asarray(v, dtype=np.float32) for v in values])
+    if type_name.startswith("Array("):
+        return _cells([None if v is None else list(v) for v in values])
+    if type_name == "Int64":
+        numbers = pd.Series(values, dtype="float64") if any(v is None for v in values) else None
+        return numbers.to_numpy() if numbers is not None else np.asarray(values, dtype=np.int64).reshape(-1)
+    if type_name.startswith("Float"):
+        return pd.Series(values, dtype="float64").to_numpy()
+    out = np.empty(len(values), dtype=object)
+    out[:] = [np.nan if v is None else v for v in values]
+    return out
+
+
+def historical_frame(store: FeatureStore, entity_df: pd.DataFrame, service: str = "ctr_ranking") -> pd.DataFrame:
+    """Point-in-time join through Feast: one row per entity row, in its order, with its columns and index kept.
+
+    Equals `ctrflow.data.frames.point_in_time_frame` on the same rows: hist_item_ids as lists ([] when none),
+    user_n_events/user_n_pos int64 (0 when none), profile fields NaN/None for unknown users or items.
+    """
+    started = time.perf_counter()
+    missing = [c for c in ("user_id", "item_id", TIMESTAMP) if c not in entity_df.columns]
+    if missing:
+        raise KeyError(f"entity_df: columns {missing} are missing (it has {list(entity_df.columns)}, {len(entity_df)} rows)")
+    feature_service, columns = _service(store, service)
+    clash = [name for _, name, _ in columns if name in entity_df.columns]
+    if clash:
+        raise ValueError(f"entity_df: columns {clash} are features of service '{service}'; drop them first")
+    for key in ("user_id", "item_id", TIMESTAMP):
+        nulls = int(entity_df[key].isna().sum())
+        if nulls:
+            raise ValueError(f"entity_df: '{key}' must not be null, {nulls} of {len(entity_df)} rows are")
+    # only keys, time and row number go to Feast: extra columns (lists, odd types) never reach DuckDB
+    keys = pd.DataFrame(
+        {
+            "user_id": entity_df["user_id"].to_numpy(dtype=np.int64),
+            "item_id": entity_df["item_id"].to_numpy(dtype=np.int64),
+            TIMESTAMP: pd.to_datetime(entity_df[TIMESTAMP], utc=True).astype(TS_DTYPE).reset_index(drop=True),
+            _ROW: np.arange(len(entity_df), dtype=np.int64),
+        }
+    )
+    if keys.empty:
+        table = pa.table({_ROW: pa.array([], pa.int64()), **{name: pa.array([], _ARROW[t]) for _, name, t in columns}})
+    else:
+        table = store.get_historical_features(entity_df=keys, features=feature_service).to_arrow()
+    rows = table.column(_ROW).to_numpy()
+    if len(rows) != len(keys) or not np.array_equal(np.sort(rows), keys[_ROW].to_numpy()):
+        raise RuntimeError(f"feast returned {len(rows)} rows for {len(keys)} entity rows (service '{service}')")
+    table = table.take(pa.array(np.argsort(rows, kind="stable")))  # back to entity_df's row order
+    frame = entity_df.copy()
+    for _, name, type_name in columns:
+        frame[name] = _normalise(name, type_name, table.column(name).to_pylist())  # positional
+    log.info("historical features: %d rows, service '%s' (%.1fs)", len(frame), service, time.perf_counter() - started)
+    return frame
+
+
+def materialize(store: FeatureStore, end: datetime | None = None) -> None:
+    """Load the latest value of every view up to `end` (default: now) into the online store.
+
+    Starts at PROFILE_TIMESTAMP: Feast's materialize_incremental starts one year back for views without TTL and
+    would skip the profiles.
+    """
+    started = time.perf_counter()
+    end = end or datetime.now(UTC)
+    if end.tzinfo is None:
+        end = end.replace(tzinfo=UTC)
+    with contextlib.redirect_stdout(io.StringIO()):  # feast prints progress bars per view
+        store.materialize(start_date=PROFILE_TIMESTAMP.to_pydatetime(), end_date=end)
+    log.info("materialized online up to %s (%.1fs)", end.isoformat(), time.perf_counter() - started)
+
+
+def online_frame(
+    store: FeatureStore, user_id: int, item_ids: list[int], scenario: str, service: str = "ctr_ranking"
+) -> pd.DataFrame:
+    """One row per candidate item for a request, with the training frame's columns (no label); one online read.
+
+    Unknown users or items come back as missing values (NaN / None / [] / 0 counts), never as an error.
+    event_timestamp is the request time.
+    """
+    from feast.type_map import feast_value_type_to_python_type
+
+    feature_service, columns = _service(store, service)
+    items = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+    n = len(items)
+    frame: dict[str, object] = {
+        "user_id": np.full(n, int(user_id), dtype=np.int64),
+        "item_id": items,
+        "scenario": np.full(n, scenario, dtype=object),
+        TIMESTAMP: pd.Series([pd.Timestamp.now(tz="UTC")] * n, dtype=TS_DTYPE),
+    }
+    if n:
+        rows = [{"user_id": int(user_id), "item_id": int(i)} for i in items]
+        proto = store.get_online_features(features=feature_service, entity_rows=rows).proto
+        results = dict(zip(proto.metadata.feature_names.val, proto.results))
+        for view, name, type_name in columns:
+            values = results[name].values
+            if view == "item_profile":
+                frame[name] = _normalise(name, type_name, [feast_value_type_to_python_type(v) for v in values])
+            else:  # every row is the same user: decode once, repeat (list cells are shared, read-only)
+                frame[name] = np.repeat(_normalise(name, type_name, [feast_value_type_to_python_type(values[0])]), n)
+    else:
+        for _, name, type_name in columns:
+            frame[name] = _normalise(name, type_name, [])
+    return pd.DataFrame(frame)
