@@ -14,8 +14,9 @@ BASE_IMAGE = os.environ.get("CTRFLOW_BASE_IMAGE", "ctrflow/python3.11:0.1.0")
 from components.deploy import deploy_model  # noqa: E402
 from components.drift import check_drift  # noqa: E402
 from components.features import build_features  # noqa: E402
+from components.gate import promotion_gate  # noqa: E402
 from components.register import register_model  # noqa: E402
 from components.train import train_model  # noqa: E402
 from components.validate import validate_data  # noqa: E402
 
-__all__ = ["BASE_IMAGE", "build_features", "check_drift", "deploy_model", "register_model", "train_model", "validate_data"]
+__all__ = ["BASE_IMAGE", "build_features", "check_drift", "deploy_model", "promotion_gate", "register_model", "train_model", "validate_data"]

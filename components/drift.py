@@ -12,8 +12,10 @@ def check_drift(params: dict, training_set: Input[Dataset], model: Input[Model],
     import shutil
     import tempfile
 
+    from ctrflow.config import from_struct
     from ctrflow.steps import drift_step
 
+    params = from_struct(params)
     out_dir = tempfile.mkdtemp(prefix="ctrflow-drift-")
     result = drift_step(params, training_set.path, current, out_dir, model_dir=model.path)
     shutil.copyfile(result.html_path, drift_report.path)

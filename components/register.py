@@ -1,6 +1,4 @@
-"""Register the model in the BentoML store as a candidate and run the promotion gate."""
-
-from typing import NamedTuple
+"""Register the model in the BentoML store as a candidate."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
@@ -9,11 +7,10 @@ from components import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def register_model(params: dict, model: Input[Model], dataset: Input[Dataset]) -> NamedTuple("RegisterOutputs", [("tag", str), ("gate_passed", bool), ("reasons", str)]):
-    from collections import namedtuple
-
+def register_model(params: dict, model: Input[Model], dataset: Input[Dataset]) -> str:
+    """Returns the registered model's tag."""
+    from ctrflow.config import from_struct
     from ctrflow.steps import register_step
 
-    result = register_step(params, model.path, dataset.path)
-    outputs = namedtuple("RegisterOutputs", ["tag", "gate_passed", "reasons"])
-    return outputs(result["tag"], result["gate_passed"], "; ".join(result["reasons"]))
+    params = from_struct(params)
+    return register_step(params, model.path, dataset.path)["tag"]

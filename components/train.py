@@ -9,8 +9,10 @@ from components import BASE_IMAGE
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def train_model(params: dict, training_set: Input[Dataset], model: Output[Model], metrics: Output[Metrics], model_name: str = "") -> float:
     """Returns the validation AUC."""
+    from ctrflow.config import from_struct
     from ctrflow.steps import train_step
 
+    params = from_struct(params)
     result = train_step(params, training_set.path, model.path, model_name or None)
     model.metadata.update({"model": result["model"], "valid_auc": result["valid_auc"], "test_auc": result["test_auc"]})
     for split in ("valid", "test"):

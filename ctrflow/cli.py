@@ -91,10 +91,10 @@ def train(ctx: click.Context, training_set: str, out_dir: str, model_name: str |
 @click.pass_context
 def register(ctx: click.Context, model_dir: str, dataset_dir: str | None, deploy: bool, repo_dir: str | None, deployment_file: str | None) -> None:
     """Register a trained model (candidate) and run the promotion gate from params.yaml."""
-    from ctrflow.steps import deploy_step, register_step
+    from ctrflow.steps import deploy_step, gate_step, register_step
 
     params = _params(ctx)
-    result = register_step(params, model_dir, dataset_dir)
+    result = gate_step(params, register_step(params, model_dir, dataset_dir)["tag"])
     if deploy and result["gate_passed"]:
         if not (repo_dir and deployment_file):
             raise click.UsageError("--deploy needs --repo and --deployment")

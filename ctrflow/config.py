@@ -51,3 +51,18 @@ def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
         key, raw = pair.split("=", 1)
         out[key.strip()] = yaml.safe_load(raw)
     return out
+
+
+def from_struct(params: Any) -> Any:
+    """Undo KFP's protobuf Struct round trip, which turns every number into a float (50 → 50.0).
+
+    Integral floats become ints again: sizes and counts need ints, and an integral float used as a rate or
+    threshold behaves the same as an int.
+    """
+    if isinstance(params, dict):
+        return {k: from_struct(v) for k, v in params.items()}
+    if isinstance(params, list):
+        return [from_struct(v) for v in params]
+    if isinstance(params, float) and params.is_integer():
+        return int(params)
+    return params

@@ -134,7 +134,7 @@ def train_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: 
 
 # ---- register + gate ------------------------------------------------------------------------------------
 def register_step(params: dict[str, Any], model_dir: str | Path, dataset_dir: str | Path | None = None) -> dict[str, Any]:
-    """Register the trained model as a candidate and decide, by the gate in params.yaml, if it may go live."""
+    """Register the trained model in the model store as a candidate (its data fingerprint and code version with it)."""
     use_bentoml_home(params)
     from ctrflow import registry
     from ctrflow.data.spec import FeatureSpec
@@ -154,9 +154,18 @@ def register_step(params: dict[str, Any], model_dir: str | Path, dataset_dir: st
         code_version=registry.code_version(),
         labels={"model_family": str(mparams.get("model", "")), "dataset": str(enc["spec"].get("extra", {}).get("dataset", ""))},
     )
+    log.info("registered %s", tag)
+    return {"tag": str(tag)}
+
+
+def gate_step(params: dict[str, Any], tag: str) -> dict[str, Any]:
+    """The promotion gate from params.yaml: a minimum validation AUC, and no worse than production beyond a tolerance."""
+    use_bentoml_home(params)
+    from ctrflow import registry
+
     g = params.get("gate", {})
     decision = registry.gate(tag, min_valid_auc=g.get("min_valid_auc", 0.0), tolerance=g.get("tolerance", 0.0))
-    log.info("registered %s; gate %s: %s", tag, "passed" if decision.passed else "failed", "; ".join(decision.reasons))
+    log.info("gate for %s %s: %s", tag, "passed" if decision.passed else "failed", "; ".join(decision.reasons))
     return {"tag": str(tag), "gate_passed": bool(decision.passed), "reasons": list(decision.reasons)}
 
 

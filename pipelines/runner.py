@@ -28,6 +28,15 @@ def pipeline_func(name: str) -> Any:
     raise ValueError(f"unknown pipeline '{name}': choose one of {PIPELINES}")
 
 
+def pipeline_params(params: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml as a KFP struct argument: KFP rejects None values, and absent means default everywhere."""
+    if isinstance(params, dict):
+        return {k: pipeline_params(v) for k, v in params.items() if v is not None}
+    if isinstance(params, list):
+        return [pipeline_params(v) for v in params if v is not None]
+    return params
+
+
 def compile_pipeline(name: str, package_path: str | Path) -> Path:
     """Write the KFP IR YAML (what a Kubeflow cluster runs)."""
     package_path = Path(package_path)
@@ -46,7 +55,7 @@ def run_training_local(params: dict[str, Any], workdir: str | Path, model_name: 
     root = workdir / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     try:
-        task = pipeline_func("training")(params=params, feature_repo=str(workdir / "feature_repo"), model_name=model_name)
+        task = pipeline_func("training")(params=pipeline_params(params), feature_repo=str(workdir / "feature_repo"), model_name=model_name)
     finally:
         _cleanup_ephemeral_dirs()
     outputs = task.outputs
@@ -74,7 +83,7 @@ def run_monitoring_local(params: dict[str, Any], workdir: str | Path, training_s
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"), raise_on_error=True)
     try:
         return pipeline_func("monitoring")(
-            params=params, training_set_uri=training_set, model_uri=model_dir, current=current, fail_on_breach=fail_on_breach
+            params=pipeline_params(params), training_set_uri=training_set, model_uri=model_dir, current=current, fail_on_breach=fail_on_breach
         )
     finally:
         _cleanup_ephemeral_dirs()
@@ -113,7 +122,7 @@ def submit(
     client = client or kfp.Client(host=host)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline("training", Path(tmp) / "training.yaml")
-        arguments = {"params": params, "feature_repo": feature_repo}
+        arguments = {"params": pipeline_params(params), "feature_repo": feature_repo}
         exp = client.create_experiment(name=experiment)
         exp_id = getattr(exp, "experiment_id", None) or getattr(exp, "id", None)
         if cron is not None:

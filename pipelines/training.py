@@ -9,7 +9,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Model
 
-from components import build_features, deploy_model, register_model, train_model, validate_data
+from components import build_features, deploy_model, promotion_gate, register_model, train_model, validate_data
 
 PIPELINE_NAME = "ctrflow-training"
 
@@ -19,6 +19,7 @@ class TrainingOutputs(NamedTuple):
     model: Model
     tag: str
     gate_passed: bool
+
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Validate, build features, train, register and deploy a CTR model.")
 def training_pipeline(
@@ -33,15 +34,18 @@ def training_pipeline(
     trained.set_display_name("train")
 
     registered = register_model(params=params, model=trained.outputs["model"], dataset=validated.outputs["dataset"])
-    registered.set_display_name("register + gate").set_caching_options(False)
+    registered.set_display_name("register").set_caching_options(False)
 
-    with dsl.If(registered.outputs["gate_passed"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
-        deployed = deploy_model(params=params, tag=registered.outputs["tag"], feature_repo=features.outputs["Output"])
+    gate = promotion_gate(params=params, tag=registered.output)
+    gate.set_display_name("promotion gate").set_caching_options(False)
+
+    with dsl.If(gate.output == True, name="gate-passed"):  # noqa: E712 (KFP condition)
+        deployed = deploy_model(params=params, tag=registered.output, feature_repo=features.outputs["Output"])
         deployed.set_display_name("deploy").set_caching_options(False)
 
     return TrainingOutputs(
         features.outputs["training_set"],
         trained.outputs["model"],
-        registered.outputs["tag"],
-        registered.outputs["gate_passed"],
+        registered.output,
+        gate.output,
     )

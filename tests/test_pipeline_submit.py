@@ -33,10 +33,11 @@ TRAINING_STEPS = (
     components.build_features,
     components.train_model,
     components.register_model,
+    components.promotion_gate,
     components.deploy_model,
 )
 # Side-effect steps (Feast materialisation, registry writes, deployment, drift alerts) must never be cached.
-UNCACHED = {"build-features", "register-model", "deploy-model", "check-drift"}
+UNCACHED = {"build-features", "register-model", "promotion-gate", "deploy-model", "check-drift"}
 # What kfp.Client 2.17 calls for submit(): health probe in __init__, experiment get-or-create, run / recurring run.
 CLIENT_ENDPOINTS = {
     "GET /apis/v2beta1/healthz",
@@ -69,7 +70,7 @@ def _all_tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _assert_training_spec(spec: dict[str, Any]) -> None:
-    """The IR of the training pipeline: name, root inputs, the five steps and the gate condition."""
+    """The IR of the training pipeline: name, root inputs, the six steps and the gate condition."""
     assert spec["pipelineInfo"]["name"] == "ctrflow-training"
     root_params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"params", "feature_repo", "model_name"} <= set(root_params)
@@ -83,14 +84,14 @@ def _assert_training_spec(spec: dict[str, Any]) -> None:
     conditions = {n: t for n, t in tasks.items() if "condition" in t.get("triggerPolicy", {})}
     assert len(conditions) == 1, f"expected one conditional branch, got {sorted(conditions)}"
     (branch,) = conditions.values()
-    assert "gate_passed" in branch["triggerPolicy"]["condition"]
+    assert "promotion-gate-Output" in branch["triggerPolicy"]["condition"]
     assert branch["triggerPolicy"]["condition"].replace("\n", " ").split()[-2:] == ["==", "true"]
     gate_inputs = [
         v["taskOutputParameter"]
         for v in branch["inputs"]["parameters"].values()
-        if v.get("taskOutputParameter", {}).get("outputParameterKey") == "gate_passed"
+        if v.get("taskOutputParameter", {}).get("producerTask") == "promotion-gate"
     ]
-    assert gate_inputs == [{"outputParameterKey": "gate_passed", "producerTask": "register-model"}]
+    assert gate_inputs == [{"outputParameterKey": "Output", "producerTask": "promotion-gate"}]
     branch_tasks = spec["components"][branch["componentRef"]["name"]]["dag"]["tasks"]
     assert set(branch_tasks) == {"deploy-model"}, "only deploy runs behind the gate"
     assert "deploy-model" not in spec["root"]["dag"]["tasks"]

@@ -1,0 +1,19 @@
+"""The promotion gate: decides whether the registered candidate may replace production."""
+
+from kfp import dsl
+
+from components import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def promotion_gate(params: dict, tag: str) -> bool:
+    """Returns whether the gate passed (its reasons are in the log and the registry's stage ledger).
+
+    A single bool output on purpose: the KFP local runner resolves `dsl.If` conditions only on a task's
+    single `Output`, not on named NamedTuple outputs (kfp 2.17).
+    """
+    from ctrflow.config import from_struct
+    from ctrflow.steps import gate_step
+
+    params = from_struct(params)
+    return bool(gate_step(params, tag)["gate_passed"])
