@@ -42,12 +42,14 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     from ctrflow.steps import drift_step, use_bentoml_home
     from pipelines.runner import compile_pipeline, run_training_local
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     workdir = workdir.resolve()
     home = use_bentoml_home(params)
     t0 = time.monotonic()
     run = run_training_local(params, workdir)
     lines = [f"pipeline (KFP local runner) finished in {time.monotonic() - t0:.0f}s; run record: {workdir / 'run.json'}"]
-    lines.append(f"GX validation report:   {run.get('validation_report', '?')}")
+    lines.append(f"GX validation report:   {run['validation_report_html']}")
+    lines.append(f"GX validation results:  {run['validation_report_json']}")
     lines.append(f"Feast repo:             {run['feature_repo']}")
     lines.append(f"registered model:       {run['model_tag']} (gate {'passed' if run['gate_passed'] else 'failed'})")
     ir = compile_pipeline("training", workdir / "training_pipeline.yaml")

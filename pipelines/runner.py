@@ -68,12 +68,15 @@ def run_training_local(params: dict[str, Any], workdir: str | Path, model_name: 
         "gate_passed": bool(outputs["gate_passed"]),
         "feature_repo": str(workdir / "feature_repo"),
     }
-    candidates = sorted(root.glob("*/deploy-model/deployment"), key=lambda p: p.stat().st_mtime)
-    if run["gate_passed"] and candidates:
-        run["deployment"] = str(candidates[-1])
-    reports = sorted(root.glob("*/validate-data/validation_report"), key=lambda p: p.stat().st_mtime)
-    if reports:
-        run["validation_report"] = str(reports[-1])
+    run_dir = Path(run["training_set"]).parents[1]  # <pipeline_root>/<run name>/<task>/<artifact>
+    run["run_dir"] = str(run_dir)
+    deployment = run_dir / "deploy-model" / "deployment"
+    if run["gate_passed"] and deployment.exists():
+        run["deployment"] = str(deployment)
+    report = run_dir / "validate-data" / "validation_report"
+    run["validation_report_json"] = str(report / "validation.json")
+    html = sorted(report.glob("gx/uncommitted/data_docs/local_site/index.html"))
+    run["validation_report_html"] = str(html[0]) if html else str(report)
     (workdir / "run.json").write_text(json.dumps(run, indent=2))
     return run
 

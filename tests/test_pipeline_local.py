@@ -1,0 +1,92 @@
+"""The training pipeline on the KFP local runner (SubprocessRunner, this venv), end to end on small data.
+
+Real Great Expectations, Feast, torch and BentoML store in every task; the BentoML home is a temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ctrflow.config import from_struct, load_params, merge
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def bentoml_home(tmp_path, monkeypatch):
+    home = tmp_path / "bentoml"
+    monkeypatch.setenv("BENTOML_HOME", str(home))
+    return home
+
+
+def small_params(**overrides) -> dict:
+    base = load_params()
+    return merge(
+        base,
+        {
+            "data.source": "synthetic",
+            "data.synthetic": {"n_users": 300, "n_items": 200, "n_interactions": 8000},
+            "data.max_len": 10,
+            "train.epochs": 2,
+            "train.threads": 1,
+            "train.progress": False,
+            "models.dcnv2": {"cross_layers": 2, "mlp": [32, 32], "dropout": 0.0},
+            "gate.min_valid_auc": 0.5,
+            **overrides,
+        },
+    )
+
+
+def test_from_struct_restores_ints():
+    assert from_struct({"a": 50.0, "b": [1.0, 0.5], "c": {"d": 2.0}, "e": "x"}) == {"a": 50, "b": [1, 0.5], "c": {"d": 2}, "e": "x"}
+
+
+def test_pipeline_trains_registers_and_deploys_only_through_the_gate(tmp_path, bentoml_home):
+    from ctrflow import registry
+    from pipelines.runner import run_training_local
+
+    run = run_training_local(small_params(), tmp_path / "run1")
+    assert run["gate_passed"] is True
+    deployment = json.loads(Path(run["deployment"]).read_text())
+    assert deployment["model_tag"] == run["model_tag"]
+    assert registry.production_model("ctrflow-ranker") == run["model_tag"]
+    frame = pd.read_parquet(Path(run["training_set"]) / "frame.parquet")
+    assert set(frame["split"]) == {"train", "valid", "test"}
+    metrics = json.loads((Path(run["model_dir"]) / "metrics.json").read_text())
+    assert 0.5 < metrics["test"]["auc"] <= 1.0
+    assert Path(run["validation_report_html"]).name == "index.html"
+    assert (Path(run["feature_repo"]) / "data" / "online_store.db").stat().st_size > 0  # materialised online
+
+    # a gate no model can pass: registered as a candidate, not deployed, production unchanged
+    again = run_training_local(small_params(**{"gate.min_valid_auc": 0.999}), tmp_path / "run2")
+    assert again["gate_passed"] is False
+    assert "deployment" not in again
+    assert not (Path(again["run_dir"]) / "deploy-model").exists()
+    assert registry.production_model("ctrflow-ranker") == run["model_tag"]
+    stages = {m["tag"]: m["stage"] for m in registry.list_models("ctrflow-ranker")}
+    assert stages == {run["model_tag"]: "production", again["model_tag"]: "candidate"}
+
+
+def test_invalid_data_stops_the_pipeline_before_anything_is_registered(tmp_path, bentoml_home, tiny_dataset):
+    from ctrflow import registry
+    from pipelines.runner import run_training_local
+
+    data = tmp_path / "bad_data"
+    data.mkdir()
+    inter = tiny_dataset.interactions.copy()
+    inter.loc[inter.index[:7], "label"] = 2
+    inter.to_parquet(data / "interactions.parquet")
+    tiny_dataset.users.to_parquet(data / "users.parquet")
+    tiny_dataset.items.to_parquet(data / "items.parquet")
+    schema = {"scenarios": tiny_dataset.spec.scenarios, "fields": [{"name": "gender", "kind": "categorical", "entity": "user"}]}
+    (data / "schema.yaml").write_text(yaml.safe_dump(schema))
+
+    with pytest.raises(RuntimeError, match="validate-data"):
+        run_training_local(small_params(**{"data.source": "parquet", "data.path": str(data)}), tmp_path / "run")
+    assert registry.list_models("ctrflow-ranker") == []
+    assert not list((tmp_path / "run" / "kfp").glob("*/build-features/training_set/*"))
