@@ -10,7 +10,7 @@ export BENTOML_DO_NOT_TRACK := true
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test test-quick lint install clean
+.PHONY: run test test-quick lint install clean repro
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ test: $(STAMP)
 
 test-quick: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow and not serving"
+
+repro: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
