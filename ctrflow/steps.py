@@ -99,37 +99,54 @@ def model_params(params: dict[str, Any], model_name: str) -> dict[str, Any]:
     return out
 
 
-def train_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: str | Path, model_name: str | None = None) -> dict[str, Any]:
-    """Fit the encoder on the train split, train with early stopping on valid, evaluate valid and test."""
-    from ctrflow.data.encoding import FeatureEncoder
-    from ctrflow.models import build_model
-    from ctrflow.models.base import to_tensors
-    from ctrflow.training.artifact import save_model_artifact
-    from ctrflow.training.metrics import evaluate
-    from ctrflow.training.trainer import TrainConfig, Trainer, seed_everything
+class Prepared:
+    """A training set split into train/valid/test, the encoder fitted on train, and the tensors of each split."""
 
-    frame, spec = load_training_set(training_set_dir)
+    def __init__(self, training_set_dir: str | Path, encoder: Any = None):
+        from ctrflow.data.encoding import FeatureEncoder
+        from ctrflow.models.base import to_tensors
+
+        frame, spec = load_training_set(training_set_dir)
+        self.parts = {s: frame[frame["split"] == s] for s in ("train", "valid", "test")}
+        for s, part in self.parts.items():
+            if part.empty:
+                raise ValueError(f"training set {training_set_dir}: the '{s}' split has 0 rows")
+        self.encoder = encoder or FeatureEncoder(spec).fit(self.parts["train"])
+        self.tensors = {s: to_tensors(self.encoder.transform(p)) for s, p in self.parts.items()}
+
+    def evaluate(self, model: Any) -> dict[str, Any]:
+        from ctrflow.training.metrics import evaluate
+
+        return {s: evaluate(model, self.tensors[s], self.encoder, user_ids=self.parts[s]["user_id"].to_numpy()) for s in ("valid", "test")}
+
+
+def fit_and_save(params: dict[str, Any], data: Prepared, model: Any, name: str, model_dir: str | Path, mparams: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The shared tail of every training step: fit with early stopping, evaluate valid/test, save the artifact."""
+    from ctrflow.training.artifact import save_model_artifact
+    from ctrflow.training.trainer import TrainConfig, Trainer
+
     tp = params["train"]
-    name = model_name or tp["model"]
-    parts = {s: frame[frame["split"] == s] for s in ("train", "valid", "test")}
-    for s, part in parts.items():
-        if part.empty:
-            raise ValueError(f"training set {training_set_dir}: the '{s}' split has 0 rows")
-    encoder = FeatureEncoder(spec).fit(parts["train"])
-    tensors = {s: to_tensors(encoder.transform(p)) for s, p in parts.items()}
-    mparams = model_params(params, name)
-    seed_everything(tp.get("seed", 0))
-    model = build_model(name, encoder, mparams)
     model_dir = Path(model_dir)
     cfg = TrainConfig.from_params(tp, checkpoint_dir=str(model_dir / "checkpoints"))
-    result = Trainer(model, cfg).fit(tensors["train"], tensors["valid"])
-    metrics = {s: evaluate(model, tensors[s], encoder, user_ids=parts[s]["user_id"].to_numpy()) for s in ("valid", "test")}
-    metrics["best_epoch"] = result.best_epoch
-    metrics["epochs"] = len(result.history)
-    metrics["train_rows"] = len(parts["train"])
-    save_model_artifact(model_dir, model, encoder, metrics, {"model": name, **mparams, "train": tp}, extra={"history": result.history})
+    result = Trainer(model, cfg).fit(data.tensors["train"], data.tensors["valid"])
+    metrics = data.evaluate(model)
+    metrics.update({"best_epoch": result.best_epoch, "epochs": len(result.history), "train_rows": len(data.parts["train"])})
+    save_model_artifact(model_dir, model, data.encoder, metrics, {"model": name, **mparams, "train": tp}, extra={"history": result.history, **(extra or {})})
     log.info("%s: valid AUC %.4f, test AUC %.4f (model in %s)", name, metrics["valid"]["auc"], metrics["test"]["auc"], model_dir)
     return {"model": name, "model_dir": str(model_dir), "valid_auc": metrics["valid"]["auc"], "test_auc": metrics["test"]["auc"], "metrics": metrics}
+
+
+def train_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: str | Path, model_name: str | None = None) -> dict[str, Any]:
+    """Fit the encoder on the train split, train with early stopping on valid, evaluate valid and test."""
+    from ctrflow.models import build_model
+    from ctrflow.training.trainer import seed_everything
+
+    data = Prepared(training_set_dir)
+    name = model_name or params["train"]["model"]
+    mparams = model_params(params, name)
+    seed_everything(params["train"].get("seed", 0))
+    model = build_model(name, data.encoder, mparams)
+    return fit_and_save(params, data, model, name, model_dir, mparams)
 
 
 # ---- register + gate ------------------------------------------------------------------------------------
