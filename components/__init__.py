@@ -13,10 +13,27 @@ BASE_IMAGE = os.environ.get("CTRFLOW_BASE_IMAGE", "ctrflow/python3.11:0.1.0")
 
 from components.deploy import deploy_model  # noqa: E402
 from components.drift import check_drift  # noqa: E402
+from components.embed import embed_items  # noqa: E402
 from components.features import build_features  # noqa: E402
+from components.finetune import finetune_model  # noqa: E402
 from components.gate import promotion_gate  # noqa: E402
+from components.gsvr import train_multiscenario  # noqa: E402
+from components.pretrain import pretrain_model  # noqa: E402
 from components.register import register_model  # noqa: E402
 from components.train import train_model  # noqa: E402
 from components.validate import validate_data  # noqa: E402
 
-__all__ = ["BASE_IMAGE", "build_features", "check_drift", "deploy_model", "promotion_gate", "register_model", "train_model", "validate_data"]
+__all__ = [
+    "BASE_IMAGE",
+    "build_features",
+    "check_drift",
+    "deploy_model",
+    "embed_items",
+    "finetune_model",
+    "pretrain_model",
+    "promotion_gate",
+    "register_model",
+    "train_model",
+    "train_multiscenario",
+    "validate_data",
+]

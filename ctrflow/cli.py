@@ -17,6 +17,8 @@ import click
 
 from ctrflow.config import load_params, parse_overrides
 
+FAMILIES = ("standard", "dgenctr", "gsvr", "gsvr-pretrained", "dmae")  # pipelines.training.FAMILIES (kfp-free import)
+
 for _var, _value in (("GX_ANALYTICS_ENABLED", "false"), ("FEAST_USAGE", "False"), ("BENTOML_DO_NOT_TRACK", "true"), ("HF_HUB_OFFLINE", "1")):
     os.environ.setdefault(_var, _value)
 
@@ -216,25 +218,27 @@ def pipeline() -> None:
 @pipeline.command("run")
 @click.option("--workdir", default="runs/latest", type=click.Path(file_okay=False), show_default=True)
 @click.option("--model", "model_name", default="", help="Model to train (default: train.model).")
+@click.option("--family", type=click.Choice(FAMILIES), default=None, help="DAG to run (default: pipeline.family).")
 @click.pass_context
-def pipeline_run(ctx: click.Context, workdir: str, model_name: str) -> None:
+def pipeline_run(ctx: click.Context, workdir: str, model_name: str, family: str | None) -> None:
     """Run the training pipeline with the KFP local runner (SubprocessRunner, this venv)."""
     from ctrflow.steps import use_bentoml_home
     from pipelines.runner import run_training_local
 
     params = _params(ctx)
     use_bentoml_home(params)
-    _echo_json(run_training_local(params, workdir, model_name))
+    _echo_json(run_training_local(params, workdir, model_name, family))
 
 
 @pipeline.command("compile")
 @click.option("--name", type=click.Choice(["training", "monitoring"]), default="training", show_default=True)
+@click.option("--family", type=click.Choice(FAMILIES), default="standard", show_default=True, help="Training DAG's model family.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Default: runs/<name>_pipeline.yaml")
-def pipeline_compile(name: str, out_path: str | None) -> None:
+def pipeline_compile(name: str, family: str, out_path: str | None) -> None:
     """Write the pipeline's IR YAML (what Kubeflow Pipelines runs)."""
     from pipelines.runner import compile_pipeline
 
-    click.echo(compile_pipeline(name, out_path or f"runs/{name}_pipeline.yaml"))
+    click.echo(compile_pipeline(name, out_path or f"runs/{name}_pipeline.yaml", family))
 
 
 @pipeline.command("submit")
@@ -242,12 +246,15 @@ def pipeline_compile(name: str, out_path: str | None) -> None:
 @click.option("--feature-repo", required=True, help="Feast repo path inside the cluster's image or volume.")
 @click.option("--pipeline-root", default=None, help="Object-store root, e.g. s3://bucket/ctrflow.")
 @click.option("--cron", default=None, help="Six-field cron (seconds first) for a recurring run.")
+@click.option("--family", type=click.Choice(FAMILIES), default=None, help="Training DAG (default: pipeline.family).")
 @click.pass_context
-def pipeline_submit(ctx: click.Context, host: str, feature_repo: str, pipeline_root: str | None, cron: str | None) -> None:
+def pipeline_submit(ctx: click.Context, host: str, feature_repo: str, pipeline_root: str | None, cron: str | None, family: str | None) -> None:
     """Submit the training pipeline to a Kubeflow cluster (once, or on a schedule with --cron)."""
     from pipelines.runner import submit
 
-    _echo_json(submit(host, _params(ctx), feature_repo, pipeline_root=pipeline_root, cron=cron))
+    params = _params(ctx)
+    family = family or params.get("pipeline", {}).get("family", "standard")
+    _echo_json(submit(host, params, feature_repo, pipeline_root=pipeline_root, cron=cron, family=family))
 
 
 # ---- everything -----------------------------------------------------------------------------------------

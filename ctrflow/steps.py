@@ -149,6 +149,58 @@ def train_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: 
     return fit_and_save(params, data, model, name, model_dir, mparams)
 
 
+# ---- DGenCTR: diffusion pre-training, then CTR fine-tuning ---------------------------------------------
+def pretrain_step(params: dict[str, Any], training_set_dir: str | Path, pretrained_dir: str | Path) -> dict[str, Any]:
+    """Discrete-diffusion pre-training on the train split; writes the checkpoint and the encoder it was fitted with."""
+    from ctrflow.training.pretrain import pretrain
+
+    data = Prepared(training_set_dir)
+    path = pretrain(params, data.tensors["train"], data.encoder, pretrained_dir, valid_tensors=data.tensors["valid"], progress=params["train"].get("progress", True))
+    return {"checkpoint": str(path), "pretrained_dir": str(pretrained_dir)}
+
+
+def finetune_step(params: dict[str, Any], training_set_dir: str | Path, pretrained_dir: str | Path, model_dir: str | Path) -> dict[str, Any]:
+    """CTR fine-tuning of the pre-trained network (every parameter transferred, only the label masked)."""
+    import copy
+
+    from ctrflow.data.encoding import FeatureEncoder
+    from ctrflow.training.pretrain import CHECKPOINT_NAME, dgenctr_settings, load_pretrained_for_finetune
+    from ctrflow.training.trainer import seed_everything
+
+    pretrained_dir = Path(pretrained_dir)
+    data = Prepared(training_set_dir, encoder=FeatureEncoder.load(pretrained_dir / "encoder.json"))
+    section, _ = dgenctr_settings(params)
+    finetune = dict(section.get("finetune") or {})
+    seed_everything(params["train"].get("seed", 0))
+    model = load_pretrained_for_finetune(data.encoder, params, pretrained_dir / CHECKPOINT_NAME, finetune.get("transfer", "all"))
+    tuned = copy.deepcopy(params)
+    if finetune.get("lr") is not None:
+        tuned["train"]["lr"] = finetune["lr"]
+    return fit_and_save(tuned, data, model, "dgenctr", model_dir, model.params, extra={"transferred": len(model.transferred)})
+
+
+# ---- GSVR: the multi-scenario variational model ---------------------------------------------------------
+def gsvr_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: str | Path, init_embeddings: str | Path | None = None) -> dict[str, Any]:
+    """Train GSVR around the configured backbone, optionally initialised from diffusion-pretrained embeddings."""
+    from ctrflow.models.gsvr import train_gsvr
+
+    data = Prepared(training_set_dir)
+    init = None
+    if init_embeddings:
+        from ctrflow.training.pretrain import CHECKPOINT_NAME
+
+        init = Path(init_embeddings) / CHECKPOINT_NAME if Path(init_embeddings).is_dir() else Path(init_embeddings)
+    return train_gsvr(params, data.tensors["train"], data.tensors["valid"], data.encoder, model_dir, init_embeddings=init, test_tensors=data.tensors["test"])
+
+
+# ---- DMAE: item modalities as features ------------------------------------------------------------------
+def embed_step(params: dict[str, Any], dataset_dir: str | Path, dataset_out: str | Path) -> dict[str, Any]:
+    """Per-item modality embeddings (text, knowledge graph, user-provided) added to the dataset as spec fields."""
+    from ctrflow.embeddings import embed_items_step
+
+    return embed_items_step(params, dataset_dir, dataset_out)
+
+
 # ---- register + gate ------------------------------------------------------------------------------------
 def register_step(params: dict[str, Any], model_dir: str | Path, dataset_dir: str | Path | None = None) -> dict[str, Any]:
     """Register the trained model in the model store as a candidate (its data fingerprint and code version with it)."""

@@ -16,11 +16,11 @@ from kfp import compiler, local
 PIPELINES = ("training", "monitoring")
 
 
-def pipeline_func(name: str) -> Any:
+def pipeline_func(name: str, family: str = "standard") -> Any:
     if name == "training":
-        from pipelines.training import training_pipeline
+        from pipelines.training import build_training_pipeline
 
-        return training_pipeline
+        return build_training_pipeline(family)
     if name == "monitoring":
         from pipelines.monitoring import monitoring_pipeline
 
@@ -37,15 +37,15 @@ def pipeline_params(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def compile_pipeline(name: str, package_path: str | Path) -> Path:
+def compile_pipeline(name: str, package_path: str | Path, family: str = "standard") -> Path:
     """Write the KFP IR YAML (what a Kubeflow cluster runs)."""
     package_path = Path(package_path)
     package_path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline_func(name), str(package_path))
+    compiler.Compiler().compile(pipeline_func(name, family), str(package_path))
     return package_path
 
 
-def run_training_local(params: dict[str, Any], workdir: str | Path, model_name: str = "") -> dict[str, Any]:
+def run_training_local(params: dict[str, Any], workdir: str | Path, model_name: str = "", family: str | None = None) -> dict[str, Any]:
     """Run the training pipeline with the KFP local SubprocessRunner in this interpreter.
 
     Returns the artifact paths and gate outcome, and writes them to `workdir/run.json`.
@@ -55,11 +55,16 @@ def run_training_local(params: dict[str, Any], workdir: str | Path, model_name: 
     root = workdir / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     try:
-        task = pipeline_func("training")(params=pipeline_params(params), feature_repo=str(workdir / "feature_repo"), model_name=model_name)
+        family = family or params.get("pipeline", {}).get("family", "standard")
+        arguments = {"params": pipeline_params(params), "feature_repo": str(workdir / "feature_repo")}
+        if model_name:
+            arguments["model_name"] = model_name
+        task = pipeline_func("training", family)(**arguments)
     finally:
         _cleanup_ephemeral_dirs()
     outputs = task.outputs
     run = {
+        "family": family,
         "workdir": str(workdir),
         "pipeline_root": str(root),
         "training_set": outputs["training_set"].path,
@@ -110,6 +115,7 @@ def submit(
     pipeline_root: str | None = None,
     cron: str | None = None,
     job_name: str = "ctrflow-training",
+    family: str = "standard",
     client: Any = None,
 ) -> dict[str, Any]:
     """Submit the training pipeline to a Kubeflow Pipelines API server, once or on a schedule.
@@ -124,7 +130,7 @@ def submit(
         raise ValueError(f"cron '{cron}' must have 6 fields (seconds first), got {len(cron.split())}")
     client = client or kfp.Client(host=host)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline("training", Path(tmp) / "training.yaml")
+        package = compile_pipeline("training", Path(tmp) / "training.yaml", family)
         arguments = {"params": pipeline_params(params), "feature_repo": feature_repo}
         exp = client.create_experiment(name=experiment)
         exp_id = getattr(exp, "experiment_id", None) or getattr(exp, "id", None)

@@ -1,7 +1,14 @@
-"""The training pipeline: validate → features → train → register → (gate) deploy.
+"""The training pipeline: validate → [embed items] → features → train → register → gate → (if passed) deploy.
 
-Side-effect steps (Feast materialisation, registry writes, deployment) are never cached; a failed validation
-stops the run before anything is registered, and deploy runs only when the gate passes (`dsl.If`).
+One DAG per model family, chosen when the pipeline is built (`build_training_pipeline(family)`):
+- `standard`: one training step for any registered model (`train.model` or the `model_name` argument; DCNv2 default)
+- `dgenctr`: diffusion pre-training, then CTR fine-tuning; the checkpoint passes between them as an artifact
+- `gsvr`: the multi-scenario variational model; `gsvr-pretrained` initialises its embeddings from diffusion
+  pre-training
+- `dmae`: item modality embeddings are computed and written to the feature store before the features step
+
+Side-effect steps (Feast materialisation, registry writes, the gate, deployment) are never cached; a failed
+validation stops the run before anything is registered, and deploy runs only when the gate passes (`dsl.If`).
 """
 
 from typing import NamedTuple
@@ -9,9 +16,21 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Model
 
-from components import build_features, deploy_model, promotion_gate, register_model, train_model, validate_data
+from components import (
+    build_features,
+    deploy_model,
+    embed_items,
+    finetune_model,
+    pretrain_model,
+    promotion_gate,
+    register_model,
+    train_model,
+    train_multiscenario,
+    validate_data,
+)
 
 PIPELINE_NAME = "ctrflow-training"
+FAMILIES = ("standard", "dgenctr", "gsvr", "gsvr-pretrained", "dmae")
 
 
 class TrainingOutputs(NamedTuple):
@@ -21,31 +40,50 @@ class TrainingOutputs(NamedTuple):
     gate_passed: bool
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Validate, build features, train, register and deploy a CTR model.")
-def training_pipeline(
-    params: dict, feature_repo: str, model_name: str = ""
-) -> TrainingOutputs:
-    validated = validate_data(params=params).set_display_name("validate (Great Expectations)")
+def build_training_pipeline(family: str = "standard"):  # noqa: ANN201 - a KFP pipeline object
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family '{family}': choose one of {FAMILIES}")
+    name = PIPELINE_NAME if family == "standard" else f"{PIPELINE_NAME}-{family}"
+    default_model = "dmae" if family == "dmae" else ""
 
-    features = build_features(params=params, dataset=validated.outputs["dataset"], feature_repo=feature_repo)
-    features.set_display_name("features (Feast)").set_caching_options(False)
+    @dsl.pipeline(name=name, description=f"Validate, build features, train ({family}), register and deploy a CTR model.")
+    def training_pipeline(params: dict, feature_repo: str, model_name: str = default_model) -> TrainingOutputs:
+        validated = validate_data(params=params).set_display_name("validate (Great Expectations)")
+        dataset = validated.outputs["dataset"]
+        if family == "dmae":
+            embedded = embed_items(params=params, dataset=dataset).set_display_name("item modality embeddings")
+            dataset = embedded.outputs["embedded"]
 
-    trained = train_model(params=params, training_set=features.outputs["training_set"], model_name=model_name)
-    trained.set_display_name("train")
+        features = build_features(params=params, dataset=dataset, feature_repo=feature_repo)
+        features.set_display_name("features (Feast)").set_caching_options(False)
+        training_set = features.outputs["training_set"]
 
-    registered = register_model(params=params, model=trained.outputs["model"], dataset=validated.outputs["dataset"])
-    registered.set_display_name("register").set_caching_options(False)
+        if family in ("dgenctr", "gsvr-pretrained"):
+            pretrained = pretrain_model(params=params, training_set=training_set).set_display_name("pretrain (diffusion)")
+        if family == "dgenctr":
+            trained = finetune_model(params=params, training_set=training_set, pretrained=pretrained.outputs["pretrained"])
+            trained.set_display_name("fine-tune")
+        elif family == "gsvr":
+            trained = train_multiscenario(params=params, training_set=training_set).set_display_name("train GSVR")
+        elif family == "gsvr-pretrained":
+            trained = train_multiscenario(params=params, training_set=training_set, init_from=pretrained.outputs["Output"])
+            trained.set_display_name("train GSVR (pretrained embeddings)")
+        else:
+            trained = train_model(params=params, training_set=training_set, model_name=model_name).set_display_name("train")
 
-    gate = promotion_gate(params=params, tag=registered.output)
-    gate.set_display_name("promotion gate").set_caching_options(False)
+        registered = register_model(params=params, model=trained.outputs["model"], dataset=validated.outputs["dataset"])
+        registered.set_display_name("register").set_caching_options(False)
 
-    with dsl.If(gate.output == True, name="gate-passed"):  # noqa: E712 (KFP condition)
-        deployed = deploy_model(params=params, tag=registered.output, feature_repo=features.outputs["Output"])
-        deployed.set_display_name("deploy").set_caching_options(False)
+        gate = promotion_gate(params=params, tag=registered.output)
+        gate.set_display_name("promotion gate").set_caching_options(False)
 
-    return TrainingOutputs(
-        features.outputs["training_set"],
-        trained.outputs["model"],
-        registered.output,
-        gate.output,
-    )
+        with dsl.If(gate.output == True, name="gate-passed"):  # noqa: E712 (KFP condition)
+            deployed = deploy_model(params=params, tag=registered.output, feature_repo=features.outputs["Output"])
+            deployed.set_display_name("deploy").set_caching_options(False)
+
+        return TrainingOutputs(training_set, trained.outputs["model"], registered.output, gate.output)
+
+    return training_pipeline
+
+
+training_pipeline = build_training_pipeline("standard")

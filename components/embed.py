@@ -1,0 +1,20 @@
+"""Per-item modality embeddings (text, knowledge graph, user-provided) added to the dataset as features."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from components import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def embed_items(params: dict, dataset: Input[Dataset], embedded: Output[Dataset]) -> str:
+    """Returns the modalities added, as JSON."""
+    import json
+
+    from ctrflow.config import from_struct
+    from ctrflow.steps import embed_step
+
+    params = from_struct(params)
+    result = embed_step(params, dataset.path, embedded.path)
+    embedded.metadata["modalities"] = result["modalities"]
+    return json.dumps(result["modalities"])
