@@ -78,10 +78,66 @@ def train(ctx: click.Context, training_set: str, out_dir: str, model_name: str |
     from ctrflow.steps import train_step
 
     result = train_step(_params(ctx), training_set, out_dir, model_name)
+    _write_metrics(metrics_file, result["metrics"])
+    _echo_json({k: v for k, v in result.items() if k != "metrics"})
+
+
+def _write_metrics(metrics_file: str | None, metrics: dict) -> None:
     if metrics_file:
         Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(metrics_file).write_text(json.dumps(result["metrics"], indent=2, default=str))
+        Path(metrics_file).write_text(json.dumps(metrics, indent=2, default=str))
+
+
+@cli.command()
+@click.option("--training-set", "training_set", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Pre-trained checkpoint folder.")
+@click.pass_context
+def pretrain(ctx: click.Context, training_set: str, out_dir: str) -> None:
+    """DGenCTR: discrete-diffusion pre-training on the train split (models.dgenctr in params.yaml)."""
+    from ctrflow.steps import pretrain_step
+
+    _echo_json(pretrain_step(_params(ctx), training_set, out_dir))
+
+
+@cli.command()
+@click.option("--training-set", "training_set", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--pretrained", required=True, type=click.Path(exists=True, file_okay=False), help="Output folder of `ctrflow pretrain`.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model artifact folder.")
+@click.option("--metrics", "metrics_file", default=None, type=click.Path(dir_okay=False))
+@click.pass_context
+def finetune(ctx: click.Context, training_set: str, pretrained: str, out_dir: str, metrics_file: str | None) -> None:
+    """DGenCTR: CTR fine-tuning of the pre-trained network (only the label masked)."""
+    from ctrflow.steps import finetune_step
+
+    result = finetune_step(_params(ctx), training_set, pretrained, out_dir)
+    _write_metrics(metrics_file, result["metrics"])
     _echo_json({k: v for k, v in result.items() if k != "metrics"})
+
+
+@cli.command("train-gsvr")
+@click.option("--training-set", "training_set", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model artifact folder.")
+@click.option("--init", "init_from", default=None, type=click.Path(exists=True), help="Diffusion-pretrained embeddings (a `ctrflow pretrain` folder).")
+@click.option("--metrics", "metrics_file", default=None, type=click.Path(dir_okay=False))
+@click.pass_context
+def train_gsvr(ctx: click.Context, training_set: str, out_dir: str, init_from: str | None, metrics_file: str | None) -> None:
+    """GSVR: the multi-scenario variational model around models.gsvr.backbone."""
+    from ctrflow.steps import gsvr_step
+
+    result = gsvr_step(_params(ctx), training_set, out_dir, init_embeddings=init_from)
+    _write_metrics(metrics_file, result["metrics"])
+    _echo_json({k: v for k, v in result.items() if k != "metrics"})
+
+
+@cli.command()
+@click.option("--dataset", "dataset_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Dataset with item modality fields.")
+@click.pass_context
+def embed(ctx: click.Context, dataset_dir: str, out_dir: str) -> None:
+    """Item modality embeddings (the embeddings section of params.yaml) added as features, for DMAE."""
+    from ctrflow.steps import embed_step
+
+    _echo_json(embed_step(_params(ctx), dataset_dir, out_dir))
 
 
 @cli.command()

@@ -110,7 +110,7 @@ def test_dvc_repro_runs_the_same_steps_through_the_cli(tmp_path):
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
         subprocess.run(cmd, cwd=work, check=True, env=env, capture_output=True, timeout=120)
 
-    repro = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    repro = subprocess.run([sys.executable, "-m", "dvc", "repro", "register"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
     metrics = json.loads((work / "runs/dvc/metrics.json").read_text())
     assert 0.5 < metrics["test"]["auc"] <= 1.0
@@ -118,6 +118,6 @@ def test_dvc_repro_runs_the_same_steps_through_the_cli(tmp_path):
     assert register["gate_passed"] is True and register["deployment"]["model_tag"] == register["tag"]
     assert (work / "dvc.lock").exists()
 
-    again = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, "-m", "dvc", "repro", "register"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert "didn't change" in again.stdout or "is cached" in again.stdout or "Skipping" in again.stdout
