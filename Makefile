@@ -10,7 +10,7 @@ export BENTOML_DO_NOT_TRACK := true
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test test-quick lint install clean repro
+.PHONY: run test test-quick lint install clean repro bench-deps
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ test-quick: $(STAMP)
 
 repro: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# the training-speed benchmark's reference (DeepCTR-Torch), only for benchmarks: --no-deps keeps torch as pinned
+bench-deps: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps deepctr-torch==0.3.0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,234 @@
+"""DGenCTR against the baselines, with every ablation, under the standard and the label-scarce protocols.
+
+    python -m benchmarks.quality --suite baselines dgenctr --splits temporal random --seeds 0 1 2 --threads 1
+
+Variants (model `dgenctr`):
+- `full`                 diffusion pre-training (label included), then fine-tuning that transfers every tensor;
+- `no-pretrain`          the same network trained on the CTR task from scratch;
+- `emb-only-transfer`    only the embeddings (token tables, label/position/mask embeddings) transferred;
+- `scorer-only-transfer` only the scoring network (Transformer, time embedding, heads) transferred;
+- `no-label-diffusion`   pre-training with the label left out of the diffusion, then full transfer.
+Label-scarce protocol (`label_fraction` 0.1): fine-tuning, and the baselines, see 10% of the training labels
+(a seeded random subset per seed); pre-training sees the features of every training row but only those labels.
+Validation (early stopping) and test are the same full splits under both protocols.
+
+Pre-training is done once per (dataset, split, seed, pre-training kind) and reused by every fine-tuning variant;
+the standard pre-training also writes a generation report to benchmarks/results/generation.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.harness import RESULTS, BenchContext, Experiment, train_and_evaluate
+from ctrflow.config import load_params, merge
+from ctrflow.models import build_model, known_models
+
+log = logging.getLogger(__name__)
+
+LABEL_FRACTION = 0.1
+SCARCE = "label-scarce"
+BASELINES = ("lr", "deepfm", "dcnv2", "din")
+GENERATION_ROWS = 5000
+GENERATION_STEPS = 50
+
+_PRETRAINED: dict[tuple, dict[str, Any]] = {}  # (dataset, split, split_seed, seed, kind) -> checkpoint dict
+_SUBSETS: dict[tuple, torch.Tensor] = {}
+
+
+def dgenctr_section(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The models.dgenctr section of params.yaml with overrides (dotted keys reach into pretrain/finetune)."""
+    section = dict(load_params().get("models", {}).get("dgenctr") or {})
+    return merge(section, overrides) if overrides else section
+
+
+def label_subset(ctx: BenchContext, seed: int, fraction: float = LABEL_FRACTION) -> torch.Tensor:
+    """Indices of the training rows whose labels the label-scarce protocol keeps (seeded, sorted)."""
+    key = (ctx.dataset.name, ctx.split, ctx.split_seed, seed, fraction)
+    if key not in _SUBSETS:
+        n = len(ctx.tensors["train"]["label"])
+        rng = np.random.default_rng(10_000 + seed)
+        keep = np.sort(rng.choice(n, size=max(1, int(round(n * fraction))), replace=False))
+        _SUBSETS[key] = torch.from_numpy(keep)
+    return _SUBSETS[key]
+
+
+def scarce_train(ctx: BenchContext, seed: int) -> dict[str, torch.Tensor]:
+    idx = label_subset(ctx, seed)
+    return {k: v[idx] for k, v in ctx.tensors["train"].items()}
+
+
+def pretrained(ctx: BenchContext, seed: int, kind: str, out: Path = RESULTS) -> dict[str, Any]:
+    """The pre-trained checkpoint for (ctx, seed, kind), made on first use: kind = standard | scarce | no-label."""
+    from ctrflow.training.pretrain import generation_report, load_pretrained_for_finetune, pretrain
+
+    key = (ctx.dataset.name, ctx.split, ctx.split_seed, seed, kind)
+    if key in _PRETRAINED:
+        return _PRETRAINED[key]
+    overrides: dict[str, Any] = {"pretrain.seed": seed, "pretrain.threads": ctx.threads}
+    if kind == "no-label":
+        overrides["label_in_diffusion"] = False
+    section = dgenctr_section(overrides)
+    train = dict(ctx.tensors["train"])
+    if kind == "scarce":
+        known = torch.zeros(len(train["label"]), dtype=torch.bool)
+        known[label_subset(ctx, seed)] = True
+        train["label_known"] = known
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dgenctr-pretrain-") as tmp:
+        path = pretrain(section, train, ctx.encoder, tmp, ctx.tensors["valid"], resume=False, progress=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["seconds"] = round(time.perf_counter() - started, 1)
+    _PRETRAINED[key] = ckpt
+    log.info("pre-trained %s in %.0f s", key, ckpt["seconds"])
+    if kind == "standard":
+        model = load_pretrained_for_finetune(ctx.encoder, section, ckpt, "all")
+        report = generation_report(
+            model, ctx.encoder, ctx.tensors["train"], None, n=GENERATION_ROWS, steps=GENERATION_STEPS, seed=seed
+        )
+        write_generation({"dataset": ctx.dataset.name, "split": ctx.split, "seed": seed, **report}, out)
+    return ckpt
+
+
+def dgenctr_experiment(
+    variant: str, transfer: str | None, kind: str | None, protocol: str = "standard", out: Path = RESULTS
+) -> Experiment:
+    """transfer None = no pre-training; kind = which pre-training (standard | scarce | no-label)."""
+    from ctrflow.training.pretrain import load_pretrained_for_finetune
+
+    def run(ctx: BenchContext, seed: int) -> dict[str, Any]:
+        section = dgenctr_section()
+        ckpt = pretrained(ctx, seed, kind, out) if transfer is not None else None
+        if transfer is None:
+            build = lambda: build_model("dgenctr", ctx.encoder, section)  # noqa: E731
+        else:
+            build = lambda: load_pretrained_for_finetune(ctx.encoder, section, ckpt, transfer)  # noqa: E731
+        train = scarce_train(ctx, seed) if protocol == SCARCE else None
+        lr = (section.get("finetune") or {}).get("lr")
+        record = train_and_evaluate(ctx, build, seed, train=train, **({"lr": float(lr)} if lr else {}))
+        if ckpt is not None:
+            record["pretrain_seconds"] = ckpt["seconds"]
+            record["pretrain_epochs"] = len(ckpt["history"])
+            record["pretrain_best_epoch"] = ckpt["best_epoch"]
+            zero_shot = ckpt["history"][ckpt["best_epoch"] - 1].get("valid_zero_shot_auc")
+            if zero_shot is not None:  # the pre-trained label head alone, before fine-tuning
+                record["pretrain_valid_zero_shot_auc"] = zero_shot
+        if protocol == SCARCE:
+            record["label_fraction"] = LABEL_FRACTION
+        return record
+
+    extra = {"label_fraction": LABEL_FRACTION} if protocol == SCARCE else {}
+    return Experiment(model="dgenctr", variant=variant, run=run, protocol=protocol, extra=extra)
+
+
+def scarce_baseline(name: str) -> Experiment:
+    def run(ctx: BenchContext, seed: int) -> dict[str, Any]:
+        params = {"embedding_dim": 16, **(load_params().get("models", {}).get(name) or {})}
+        return train_and_evaluate(ctx, lambda: build_model(name, ctx.encoder, params), seed, train=scarce_train(ctx, seed))
+
+    return Experiment(model=name, variant="full", run=run, protocol=SCARCE, extra={"label_fraction": LABEL_FRACTION})
+
+
+def experiments(args: Namespace) -> list[Experiment]:
+    """Every variant under both protocols. $DGENCTR_ABLATION_PROTOCOLS (comma-separated: standard, label-scarce;
+    default both) limits the transfer/label ablations to some protocols, to bound the wall time."""
+    out = Path(getattr(args, "out", RESULTS))
+    available = set(known_models())
+    ablate = {p.strip() for p in os.environ.get("DGENCTR_ABLATION_PROTOCOLS", f"standard,{SCARCE}").split(",")}
+    unknown = ablate - {"standard", SCARCE}
+    if unknown:
+        raise ValueError(f"DGENCTR_ABLATION_PROTOCOLS: unknown protocols {sorted(unknown)} (standard, {SCARCE})")
+    exps = [dgenctr_experiment("full", "all", "standard", out=out), dgenctr_experiment("no-pretrain", None, None, out=out)]
+    if "standard" in ablate:
+        exps += [
+            dgenctr_experiment("emb-only-transfer", "embeddings", "standard", out=out),
+            dgenctr_experiment("scorer-only-transfer", "scorer", "standard", out=out),
+            dgenctr_experiment("no-label-diffusion", "all", "no-label", out=out),
+        ]
+    exps += [scarce_baseline(name) for name in BASELINES if name in available]
+    exps += [
+        dgenctr_experiment("full", "all", "scarce", protocol=SCARCE, out=out),
+        dgenctr_experiment("no-pretrain", None, None, protocol=SCARCE, out=out),
+    ]
+    if SCARCE in ablate:
+        exps += [
+            dgenctr_experiment("emb-only-transfer", "embeddings", "scarce", protocol=SCARCE, out=out),
+            dgenctr_experiment("scorer-only-transfer", "scorer", "scarce", protocol=SCARCE, out=out),
+            dgenctr_experiment("no-label-diffusion", "all", "no-label", protocol=SCARCE, out=out),
+        ]
+    return exps
+
+
+# ---- generation report ----------------------------------------------------------------------------------
+def write_generation(record: dict[str, Any], out: Path = RESULTS) -> None:
+    """Merge one generation report (keyed by dataset, split, seed) into generation.json; re-render generation.md."""
+    path = out / "generation.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    key = (record["dataset"], record["split"], record["seed"])
+    records = [r for r in old if (r["dataset"], r["split"], r["seed"]) != key] + [record]
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1))
+    (out / "generation.md").write_text(render_generation(records))
+
+
+def _ms(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def render_generation(records: list[dict[str, Any]]) -> str:
+    lines = [
+        "# DGenCTR as a sample generator",
+        "",
+        f"Rows drawn from the pre-trained model by iterative unmasking ({GENERATION_STEPS} reverse steps, all tokens "
+        "masked at the start), compared with the same number of real training rows. TV = total variation distance "
+        "between token marginals (0 = identical). The floor column compares a second, disjoint sample of real "
+        "training rows with the first: what sampling noise alone gives. Mean ± std over seeds. Written by "
+        "`python -m benchmarks.quality --suite dgenctr`.",
+        "",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["split"]), []).append(r)
+    for (dataset, split), rs in sorted(groups.items()):
+        lines += [f"## {dataset}, {split} split ({len(rs)} seeds, {rs[0]['rows']} generated rows each)", ""]
+        lines += ["| field | kind | vocab | TV generated vs real | TV real vs real (floor) |", "|---|---|---|---|---|"]
+        for i, f in enumerate(rs[0]["fields"]):
+            gen = [r["fields"][i]["tv_generated"] for r in rs]
+            hold = [r["fields"][i].get("tv_holdout") for r in rs]
+            lines.append(f"| {f['field']} | {f['kind']} | {f['vocab']} | {_ms(gen)} | {_ms(hold)} |")
+        lines.append(
+            f"| **mean** | | | {_ms([r['mean_tv_generated'] for r in rs])} | "
+            f"{_ms([r.get('mean_tv_holdout') for r in rs])} |"
+        )
+        lines.append("")
+        if "label_rate_by_scenario" in rs[0]:
+            lines += ["Click rate per scenario (real training rows vs generated rows; share of rows in brackets):", ""]
+            lines += ["| scenario | real rate | generated rate | real share | generated share |", "|---|---|---|---|---|"]
+            names = sorted({s for r in rs for s in r["label_rate_by_scenario"]})
+            for s in names:
+                cells = [r["label_rate_by_scenario"].get(s, {}) for r in rs]
+                lines.append(
+                    f"| {s} | {_ms([c.get('real_rate') for c in cells])} | {_ms([c.get('generated_rate') for c in cells])} "
+                    f"| {_ms([c.get('real_share') for c in cells])} | {_ms([c.get('generated_share') for c in cells])} |"
+                )
+            lr = [r["label_rate"] for r in rs]
+            lines.append(f"| **all** | {_ms([x['real'] for x in lr])} | {_ms([x['generated'] for x in lr])} | 1 | 1 |")
+            lines.append("")
+        lines.append(f"Generation time: {_ms([r['seconds'] for r in rs])} s per {rs[0]['rows']} rows.")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,496 @@
+"""DGenCTR pre-training, transfer into fine-tuning, and sample generation.
+
+    ckpt = pretrain(params, train_tensors, encoder, out_dir)                 # diffusion pre-training
+    model = load_pretrained_for_finetune(encoder, params, ckpt, "all")     # a DGenCTR ready for the Trainer
+    Trainer(model, cfg).fit(train_tensors, valid_tensors)                    # CTR fine-tuning (label masked)
+    rows = generate(model, 1000, bank=train_tensors)                         # iterative unmasking
+
+`params` is either the whole params.yaml dict (the `models.dgenctr` section is used; `train.seed`,
+`train.threads` and `train.embedding_dim` fill the gaps) or that section alone. Pre-training settings live in
+`models.dgenctr.pretrain` (epochs, batch_size, lr, weight_decay, grad_clip, seed, threads, valid_rows,
+select, patience). With validation rows and `select: best_valid`, the checkpoint holds the epoch with the lowest
+validation denoising loss, and pre-training stops after `patience` epochs without improvement (on small data
+the denoiser memorises the training rows: its validation loss turns up after a few epochs).
+
+Label-scarce pre-training: add a bool tensor `label_known` [n] to `train_tensors`; rows where it is False keep
+their features in the diffusion but their label is always masked and never a target.
+
+The pre-trained checkpoint also carries the vocabulary sizes it was trained with; fine-tuning must use the very
+same fitted encoder (fit on the same training split), which `load_pretrained_for_finetune` checks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ctrflow.data.encoding import FeatureEncoder
+from ctrflow.data.spec import FieldKind
+from ctrflow.models.dgenctr import DENSE, LABEL, DGenCTR, mask_rate, parameter_group
+from ctrflow.training.metrics import auc, predict
+from ctrflow.training.trainer import _epoch_seed, _rng_state, _set_rng_state, seed_everything
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "pretrained.pt"
+LAST_NAME = "last.pt"
+FORMAT = "dgenctr-pretrained"
+TRANSFERS = ("all", "embeddings", "scorer")
+# constructor arguments that change the network's shapes or meaning: a checkpoint only loads into the same ones
+ARCHITECTURE_KEYS = ("d_model", "layers", "heads", "ffn_mult", "steps", "schedule", "time_conditioning")
+PRETRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 10,
+    "batch_size": 1024,
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "grad_clip": 1.0,
+    "seed": None,  # None: train.seed
+    "threads": None,  # None: train.threads
+    "valid_rows": 20_000,  # validation denoising loss and zero-shot AUC on at most this many rows
+    "select": "best_valid",  # best_valid: keep the epoch with the lowest validation denoising loss | last
+    "patience": 2,  # best_valid: stop after this many epochs without a lower validation loss
+}
+SELECTS = ("best_valid", "last")
+
+
+# ---- settings -------------------------------------------------------------------------------------------
+def dgenctr_settings(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model constructor arguments, pre-training settings) from params.yaml or its `models.dgenctr` section."""
+    if "models" in params or "train" in params:
+        train = dict(params.get("train") or {})
+        section = dict((params.get("models") or {}).get("dgenctr") or {})
+        if "embedding_dim" in train:
+            section.setdefault("embedding_dim", train["embedding_dim"])
+    else:
+        train, section = {}, dict(params)
+    unknown = sorted(set(section.get("pretrain") or {}) - set(PRETRAIN_DEFAULTS))
+    if unknown:
+        raise KeyError(f"models.dgenctr.pretrain: unknown keys {unknown} (known: {sorted(PRETRAIN_DEFAULTS)})")
+    pre = {**PRETRAIN_DEFAULTS, **(section.get("pretrain") or {})}
+    if pre["seed"] is None:
+        pre["seed"] = int(train.get("seed", 0))
+    if pre["threads"] is None:
+        pre["threads"] = int(train.get("threads", 2))
+    if pre["select"] not in SELECTS:
+        raise ValueError(f"models.dgenctr.pretrain.select must be one of {SELECTS}, got '{pre['select']}'")
+    return section, pre
+
+
+def _as_tensors(data: Mapping[str, Any], what: str) -> dict[str, torch.Tensor]:
+    out = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items()}
+    if LABEL not in out:
+        raise KeyError(f"{what}: no 'label' array (encode the frame with with_label=True)")
+    n = len(out[LABEL])
+    bad = {k: len(v) for k, v in out.items() if len(v) != n}
+    if bad:
+        raise ValueError(f"{what}: fields {sorted(bad)} have row counts {bad}, the label has {n}")
+    if n == 0:
+        raise ValueError(f"{what}: 0 rows")
+    out[LABEL] = out[LABEL].float()
+    if "label_known" in out:
+        out["label_known"] = out["label_known"].bool()
+    return out
+
+
+def _head(data: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    return {k: v[:n] for k, v in data.items()}
+
+
+# ---- pre-training ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def _valid_metrics(model: DGenCTR, valid: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
+    """Denoising loss under a fixed corruption (comparable across epochs) and the zero-shot CTR AUC."""
+    model.eval()
+    gen = torch.Generator().manual_seed(12345)
+    total, n = 0.0, 0
+    for start in range(0, len(valid[LABEL]), batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in valid.items()}
+        loss = model.diffusion_loss(batch, generator=gen)["loss"]
+        total += float(loss) * len(batch[LABEL])
+        n += len(batch[LABEL])
+    out = {"valid_loss": total / max(n, 1)}
+    if model.label_in_diffusion:
+        out["valid_zero_shot_auc"] = auc(valid[LABEL].numpy(), predict(model, valid, batch_size))
+    model.train()
+    return out
+
+
+def pretrain(
+    params: Mapping[str, Any],
+    train_tensors: Mapping[str, Any],
+    encoder: FeatureEncoder,
+    out_dir: str | Path,
+    valid_tensors: Mapping[str, Any] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Diffusion pre-training on the training rows; writes `out_dir/pretrained.pt` and returns its path.
+
+    A checkpoint (`last.pt`: model, optimizer, RNG, history) is written after every epoch; with `resume=True` an
+    interrupted run continues from it when its settings match. `pretrain.json` holds the per-epoch history.
+    """
+    section, pre = dgenctr_settings(params)
+    torch.set_num_threads(int(pre["threads"]))
+    seed_everything(int(pre["seed"]))
+    model = DGenCTR(encoder, **section)
+    train = _as_tensors(train_tensors, "pretrain train")
+    valid = _head(_as_tensors(valid_tensors, "pretrain valid"), int(pre["valid_rows"])) if valid_tensors else None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.save(out / "encoder.json")
+    opt = torch.optim.AdamW(model.parameters(), lr=float(pre["lr"]), weight_decay=float(pre["weight_decay"]))
+    n = len(train[LABEL])
+    same = {k: v for k, v in pre.items() if k not in ("threads", "valid_rows", "epochs", "patience")}  # must match
+    arch = {k: v for k, v in model.params.items() if k not in ("pretrain", "finetune")}
+    fingerprint = _plain({"model": arch, "pretrain": same, "n_train": n, "vocab_sizes": encoder.vocab_sizes})
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    by_valid = valid is not None and pre["select"] == "best_valid"
+    best: dict[str, Any] = {"epoch": 0, "loss": math.inf, "state": None}
+    last = out / LAST_NAME
+    if resume and last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        diff = {k: (ckpt["fingerprint"].get(k), v) for k, v in fingerprint.items() if ckpt["fingerprint"].get(k) != v}
+        if diff:
+            raise ValueError(
+                f"pretrain: {last} was made with other settings (checkpoint, now): {diff}; "
+                "use another out_dir or resume=False"
+            )
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"])
+        history, start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
+        best = ckpt["best"]
+        log.info("pretrain: resuming from %s after epoch %d", last, start_epoch)
+
+    epochs, bs, seed = int(pre["epochs"]), int(pre["batch_size"]), int(pre["seed"])
+    labelled = int(train["label_known"].sum()) if "label_known" in train else n
+    log.info(
+        "pretrain: %d rows (%d with labels), %d tokens/sample, %d epochs, schedule %s, T=%d -> %s",
+        n, labelled, model.n_tokens, epochs, model.schedule, model.steps, out,
+    )  # fmt: skip
+    for epoch in range(start_epoch + 1, epochs + 1):
+        if by_valid and best["epoch"] and epoch - 1 - best["epoch"] >= int(pre["patience"]):
+            log.info("pretrain: validation loss has not improved since epoch %d; stopping", best["epoch"])
+            break
+        started = time.perf_counter()
+        seed_everything(_epoch_seed(seed, epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
+        sums: dict[str, float] = {}
+        model.train()
+        bar = tqdm(total=n, unit="rows", unit_scale=True, desc=f"pretrain {epoch}/{epochs}", disable=not progress)
+        try:
+            for step, s in enumerate(range(0, n, bs)):
+                idx = perm[s : s + bs]
+                losses = model.diffusion_loss({k: v[idx] for k, v in train.items()})
+                loss = losses["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"pretrain epoch {epoch}, batch {step}: the loss is {float(loss)}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if pre["grad_clip"]:
+                    nn.utils.clip_grad_norm_(model.parameters(), float(pre["grad_clip"]))
+                opt.step()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
+                bar.update(len(idx))
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+        finally:
+            bar.close()
+        record: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v / n for k, v in sums.items() if k != "masked"}}
+        if valid is not None:
+            record.update(_valid_metrics(model, valid, 4096))
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        history.append(record)
+        log.info("pretrain epoch %d/%d: %s", epoch, epochs, _fmt(record))
+        if by_valid and record["valid_loss"] < best["loss"]:
+            best = {"epoch": epoch, "loss": record["valid_loss"], "state": _clone(model.state_dict())}
+        state = {
+            "fingerprint": fingerprint,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": _rng_state(),
+            "history": history,
+            "epoch": epoch,
+            "best": best,
+        }
+        _atomic_save(state, last)
+
+    if by_valid and best["state"] is not None:
+        model.load_state_dict(best["state"])
+        log.info("pretrain: keeping epoch %d (lowest validation denoising loss %.4f)", best["epoch"], best["loss"])
+    path = out / CHECKPOINT_NAME
+    _atomic_save(
+        {
+            "format": FORMAT,
+            "model_params": _plain(model.params),
+            "vocab_sizes": encoder.vocab_sizes,
+            "state_dict": model.state_dict(),
+            "history": history,
+            "best_epoch": best["epoch"] if by_valid else len(history),
+        },
+        path,
+    )
+    (out / "pretrain.json").write_text(json.dumps({"settings": _plain(pre), "history": history}, indent=1))
+    log.info("pretrained checkpoint: %s", path)
+    return path
+
+
+def _fmt(record: dict[str, Any]) -> str:
+    keys = [k for k in record if not k.startswith("train_field_") and k != "epoch"]
+    return ", ".join(f"{k}={record[k]:.4f}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in keys)
+
+
+def _clone(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _plain(x: Any) -> Any:
+    """JSON round-trip: what a weights_only checkpoint can hold and compare."""
+    return json.loads(json.dumps(x))
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---- transfer -------------------------------------------------------------------------------------------
+def load_pretrained_for_finetune(
+    encoder: FeatureEncoder,
+    params: Mapping[str, Any],
+    checkpoint: str | Path | Mapping[str, Any],
+    transfer: str = "all",
+) -> DGenCTR:
+    """A fine-tune-ready DGenCTR with the chosen pre-trained tensors loaded.
+
+    transfer: "all" (the method: every tensor), "embeddings" (token/label/position/mask embeddings only) or
+    "scorer" (Transformer, time embedding and output heads only); the rest keeps its fresh initialisation, so
+    seed before calling. The loaded names are in `model.transferred`. `checkpoint` may be a path or the loaded
+    dict.
+    """
+    if transfer not in TRANSFERS:
+        raise ValueError(f"load_pretrained_for_finetune: transfer must be one of {TRANSFERS}, got '{transfer}'")
+    section, _ = dgenctr_settings(params)
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, (str, Path)) else checkpoint
+    if ckpt.get("format") != FORMAT:
+        raise ValueError(f"{checkpoint}: not a DGenCTR pre-trained checkpoint (format {ckpt.get('format')!r})")
+    model = DGenCTR(encoder, **section)
+    theirs = ckpt["model_params"]
+    diff = {k: (theirs.get(k), model.params.get(k)) for k in ARCHITECTURE_KEYS if theirs.get(k) != model.params.get(k)}
+    if diff:
+        raise ValueError(f"{checkpoint}: pre-trained with other architecture settings (checkpoint, now): {diff}")
+    vdiff = {k: (v, encoder.vocab_sizes.get(k)) for k, v in ckpt["vocab_sizes"].items() if encoder.vocab_sizes.get(k) != v}
+    if vdiff or set(ckpt["vocab_sizes"]) != set(encoder.vocab_sizes):
+        raise ValueError(
+            f"{checkpoint}: vocabulary sizes differ (checkpoint, now): {vdiff or 'different fields'}; fine-tune with "
+            "the encoder fitted for pre-training (same training split)"
+        )
+    state = ckpt["state_dict"]
+    if transfer != "all":
+        state = {k: v for k, v in state.items() if parameter_group(k) == transfer}
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{checkpoint}: tensors the model does not have: {result.unexpected_keys}")
+    if transfer == "all" and result.missing_keys:
+        raise ValueError(f"{checkpoint}: tensors missing from the checkpoint: {result.missing_keys}")
+    model.transferred = sorted(state)
+    log.info("fine-tune model: %d of %d tensors transferred (%s)", len(state), len(model.state_dict()), transfer)
+    return model
+
+
+# ---- generation -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(
+    model: DGenCTR,
+    n: int,
+    bank: Mapping[str, torch.Tensor] | None = None,
+    steps: int | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 4096,
+) -> dict[str, torch.Tensor]:
+    """Sample `n` rows by iterative unmasking: all tokens start masked; going from step t to t−1 each masked token
+    is revealed with probability (λ(t) − λ(t−1)) / λ(t), its value drawn from the model's p(x₀ | x_t).
+
+    Ids come back per field as the encoder's token ids (never the unknown id 0 for large fields); sequence and
+    embedding fields are drawn among the rows of `bank` (real rows, e.g. a sample of the training tensors) by
+    the same cosine softmax the model was trained with. The label is generated only when it was diffused.
+    """
+    if n <= 0:
+        raise ValueError(f"generate: n must be > 0, got {n}")
+    steps = int(steps or model.steps)
+    if not 1 <= steps <= model.steps:
+        raise ValueError(f"generate: steps must be in 1..{model.steps}, got {steps}")
+    dense = [p for p, k in enumerate(model.kinds) if k == DENSE]
+    if dense and bank is None:
+        raise ValueError(f"generate: fields {[model.token_names[p] for p in dense]} are dense; pass a bank of real rows")
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    bank_values = {}
+    if dense:
+        bank = {k: v for k, v in bank.items()}
+        for p in dense:
+            bank_values[p] = model.embedding.embed_field(bank, model.fields[p])
+    # the reverse chain visits `steps` points of the model's T-step grid
+    grid = torch.round(torch.linspace(0, model.steps, steps + 1)).long()
+    rates = mask_rate(grid, model.steps, model.schedule)
+    outs: list[dict[str, torch.Tensor]] = []
+    try:
+        for start in range(0, n, batch_size):
+            outs.append(_generate_chunk(model, min(batch_size, n - start), bank, bank_values, grid, rates, temperature, gen))
+    finally:
+        model.train(was_training)
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+
+def _generate_chunk(
+    model: DGenCTR,
+    b: int,
+    bank: Mapping[str, torch.Tensor] | None,
+    bank_values: dict[int, torch.Tensor],
+    grid: torch.Tensor,
+    rates: torch.Tensor,
+    temperature: float,
+    gen: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    values: dict[int, torch.Tensor] = {p: torch.zeros(b, dtype=torch.long) for p in range(model.n_tokens)}
+    masked = torch.ones(b, model.n_tokens, dtype=torch.bool)
+    todo = [p for p in range(model.n_tokens) if p != model.label_pos or model.label_in_diffusion]
+
+    def assemble() -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        for p, f in enumerate(model.fields):
+            if model.kinds[p] == DENSE:
+                batch[f.name] = bank[f.name][values[p]]
+            else:
+                batch[f.name] = values[p]
+        batch[LABEL] = values[model.label_pos].float()
+        return batch
+
+    for s in range(len(grid) - 1, 0, -1):
+        t, rate, prev_rate = int(grid[s]), float(rates[s]), float(rates[s - 1])
+        reveal = 1.0 if s == 1 or rate <= 0 else (rate - prev_rate) / rate
+        batch = assemble()
+        h = model.encode(model.values(batch), masked | model.unknown(batch), torch.full((b,), max(t, 1), dtype=torch.long))
+        for p in todo:
+            rows = masked[:, p] & (torch.rand(b, generator=gen) < reveal)
+            idx = torch.nonzero(rows, as_tuple=True)[0]
+            if len(idx) == 0:
+                continue
+            logits = model.position_logits(h[idx], p, bank_values.get(p)) / temperature
+            values[p][idx] = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
+            masked[idx, p] = False
+    out = {}
+    for p, f in enumerate(model.fields):
+        out[f.name] = bank[f.name][values[p]] if model.kinds[p] == DENSE else values[p]
+    if model.label_in_diffusion:
+        out[LABEL] = values[model.label_pos]
+    return out
+
+
+def _tv(a: np.ndarray, b: np.ndarray, size: int) -> float:
+    pa = np.bincount(a, minlength=size) / max(len(a), 1)
+    pb = np.bincount(b, minlength=size) / max(len(b), 1)
+    return float(0.5 * np.abs(pa - pb).sum())
+
+
+def _sample_rows(data: Mapping[str, torch.Tensor], n: int, seed: int) -> dict[str, torch.Tensor]:
+    total = len(data[LABEL])
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: min(n, total)]
+    return {k: v[idx] for k, v in data.items()}
+
+
+def generation_report(
+    model: DGenCTR,
+    encoder: FeatureEncoder,
+    real: Mapping[str, torch.Tensor],
+    holdout: Mapping[str, torch.Tensor] | None = None,
+    n: int = 5000,
+    steps: int | None = None,
+    seed: int = 0,
+    scenario_field: str | None = None,
+) -> dict[str, Any]:
+    """How well generated rows reproduce the data: per-field total variation between generated and real token
+    marginals (categorical, bucketised numeric, label), next to the same distance between a second real sample
+    and the first (`holdout` rows if given, else disjoint rows of `real`: the sampling-noise floor), and the click
+    rate per scenario (generated vs real)."""
+    real = _as_tensors(real, "generation real")
+    if holdout is None:  # the floor: a second, disjoint sample of the same real rows
+        perm = torch.randperm(len(real[LABEL]), generator=torch.Generator().manual_seed(seed))
+        n = min(n, len(perm) // 2)
+        real_s = {k: v[perm[:n]] for k, v in real.items()}
+        hold_s = {k: v[perm[n : 2 * n]] for k, v in real.items()}
+    else:
+        real_s = _sample_rows(real, n, seed)
+        hold_s = _sample_rows(_as_tensors(holdout, "generation holdout"), n, seed + 1)
+    bank = _sample_rows(real, 4096, seed + 2)
+    started = time.perf_counter()
+    gen = generate(model, n, bank=bank, steps=steps, seed=seed)
+    seconds = time.perf_counter() - started
+    fields = []
+    for f in encoder.spec.fields:
+        if f.kind not in (FieldKind.CATEGORICAL, FieldKind.NUMERIC):
+            continue
+        size = encoder.vocab_size(f.name)
+        fields.append(
+            {
+                "field": f.name,
+                "kind": f.kind.value,
+                "vocab": size,
+                "tv_generated": _tv(gen[f.name].numpy(), real_s[f.name].numpy(), size),
+                "tv_holdout": _tv(hold_s[f.name].numpy(), real_s[f.name].numpy(), size),
+            }
+        )
+    report: dict[str, Any] = {"rows": n, "steps": steps or model.steps, "seconds": round(seconds, 1), "fields": fields}
+    if LABEL in gen:
+        y_gen, y_real = gen[LABEL].numpy(), real_s[LABEL].numpy().astype(np.int64)
+        y_hold = hold_s[LABEL].numpy().astype(np.int64)
+        fields.append(
+            {"field": LABEL, "kind": "label", "vocab": 2, "tv_generated": _tv(y_gen, y_real, 2), "tv_holdout": _tv(y_hold, y_real, 2)}
+        )
+        sf = scenario_field or encoder.spec.scenario_field
+        if sf in encoder.vocabs:
+            names = ["<unknown>", *map(str, encoder.vocabs[sf])]
+            per = {}
+            for sid, sname in enumerate(names):
+                g, r = gen[sf].numpy() == sid, real_s[sf].numpy() == sid
+                if g.sum() == 0 and r.sum() == 0:
+                    continue
+                per[sname] = {
+                    "real_rate": float(y_real[r].mean()) if r.any() else None,
+                    "generated_rate": float(y_gen[g].mean()) if g.any() else None,
+                    "real_share": float(r.mean()),
+                    "generated_share": float(g.mean()),
+                }
+            report["label_rate_by_scenario"] = per
+        report["label_rate"] = {"real": float(y_real.mean()), "generated": float(y_gen.mean())}
+    tvs = [r["tv_generated"] for r in fields]
+    report["mean_tv_generated"] = float(np.mean(tvs)) if tvs else math.nan
+    report["mean_tv_holdout"] = float(np.mean([r["tv_holdout"] for r in fields]))
+    return report
+
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "TRANSFERS",
+    "dgenctr_settings",
+    "generate",
+    "generation_report",
+    "load_pretrained_for_finetune",
+    "pretrain",
+]
