@@ -1,0 +1,84 @@
+"""GSVR suite: each multi-scenario backbone alone, + GSVR with the N(0, I) prior, + GSVR with the global prior,
+on the standard protocol and on the sparse-scenario protocol (one scenario's training rows down-sampled, seeded).
+
+    python -m benchmarks.quality --suite gsvr --splits temporal --seeds 0 1 2 --epochs 8 --threads 1
+
+Records: model = the backbone (`star`, ...) or `gsvr-<backbone>`; variant = `full` (the backbone alone, or GSVR with
+the global prior) or `std-normal-prior`; protocol `sparse-scenario` records name the scenario in `sparse_scenario`.
+The sparse scenario, keep fraction and sampling seed come from params.yaml `sparse_scenario` (the sample is the same
+for every model and seed, so seeds vary only the models).
+"""
+
+from __future__ import annotations
+
+import logging
+from argparse import Namespace
+from typing import Any
+
+from benchmarks.harness import BenchContext, Experiment, train_and_evaluate
+from ctrflow.config import load_params
+from ctrflow.models import build_model
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("sharedbottom", "mmoe", "ple", "star")
+PROTOCOLS = ("standard", "sparse-scenario")
+# (model name pattern, variant, overrides of models.gsvr); None = the backbone alone
+VARIANTS: tuple[tuple[str, str, dict[str, Any] | None], ...] = (
+    ("{bb}", "full", None),
+    ("gsvr-{bb}", "std-normal-prior", {"prior": "standard"}),
+    ("gsvr-{bb}", "full", {"prior": "global"}),
+)
+
+
+def sparse_settings(dataset: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sparse-scenario protocol for a dataset: {"scenario", "keep", "seed"} from params.yaml."""
+    sp = dict((params or load_params()).get("sparse_scenario") or {})
+    scenario = (sp.get("by_dataset") or {}).get(dataset, sp.get("scenario"))
+    if scenario is None:
+        raise KeyError(f"params.yaml sparse_scenario: no scenario for dataset '{dataset}'")
+    return {"scenario": str(scenario), "keep": float(sp.get("keep", 0.1)), "seed": int(sp.get("seed", 0))}
+
+
+def _train_tensors(ctx: BenchContext, protocol: str, settings: dict[str, Any]) -> Any:
+    if protocol == "standard":
+        return None
+    from ctrflow.models.multiscenario import downsample_scenario
+
+    cache = ctx.__dict__.setdefault("_sparse_train", {})
+    key = (settings["scenario"], settings["keep"], settings["seed"])
+    if key not in cache:
+        cache[key] = downsample_scenario(ctx.tensors["train"], ctx.encoder, *key)
+        log.info(
+            "sparse-scenario train split: %d of %d rows", len(cache[key]["label"]), len(ctx.tensors["train"]["label"])
+        )
+    return cache[key]
+
+
+def gsvr_experiment(
+    backbone: str, variant: str, overrides: dict[str, Any] | None, protocol: str, settings: dict[str, Any]
+) -> Experiment:
+    def run(ctx: BenchContext, seed: int) -> dict[str, Any]:
+        params = load_params()
+        if overrides is None:
+            name, mparams = backbone, {"embedding_dim": 16, **(params.get("models", {}).get(backbone) or {})}
+        else:
+            from ctrflow.models.gsvr import gsvr_model_params
+
+            name, mparams = "gsvr", gsvr_model_params(params, backbone, **overrides)
+        train = _train_tensors(ctx, protocol, settings)
+        return train_and_evaluate(ctx, lambda: build_model(name, ctx.encoder, mparams), seed, train=train)
+
+    model = backbone if overrides is None else f"gsvr-{backbone}"
+    extra = {"sparse_scenario": settings["scenario"]} if protocol == "sparse-scenario" else {}
+    return Experiment(model=model, variant=variant, run=run, protocol=protocol, extra=extra)
+
+
+def experiments(args: Namespace) -> list[Experiment]:
+    settings = sparse_settings(getattr(args, "dataset", "ml-100k"))
+    return [
+        gsvr_experiment(bb, variant, overrides, protocol, settings)
+        for protocol in PROTOCOLS
+        for bb in BACKBONES
+        for _, variant, overrides in VARIANTS
+    ]
