@@ -90,3 +90,25 @@ def test_invalid_data_stops_the_pipeline_before_anything_is_registered(tmp_path,
         run_training_local(small_params(**{"data.source": "parquet", "data.path": str(data)}), tmp_path / "run")
     assert registry.list_models("ctrflow-ranker") == []
     assert not list((tmp_path / "run" / "kfp").glob("*/build-features/training_set/*"))
+
+
+def test_dgenctr_pretrain_finetune_pipeline_registers_a_servable_model(tmp_path, bentoml_home):
+    """pretrain → finetune on a small synthetic set; the registered model scores the Feast online features."""
+    from feast import FeatureStore
+
+    from ctrflow import registry
+    from ctrflow.features import online_frame
+    from ctrflow.training.artifact import Scorer, load_model_artifact
+    from pipelines.runner import run_training_local
+
+    params = small_params(**{"models.dgenctr.pretrain.epochs": 1, "models.dgenctr.d_model": 16, "models.dgenctr.layers": 1})
+    run = run_training_local(params, tmp_path / "run", family="dgenctr")
+    assert run["gate_passed"] is True and registry.production_model("ctrflow-ranker") == run["model_tag"]
+    assert (Path(run["run_dir"]) / "pretrain-model" / "pretrained" / "pretrained.pt").exists()
+    loaded = load_model_artifact(registry.model_path(run["model_tag"]))
+    assert loaded.name == "dgenctr"
+    frame = pd.read_parquet(Path(run["training_set"]) / "frame.parquet")
+    user, scenario = int(frame["user_id"].iloc[-1]), str(frame["scenario"].iloc[-1])
+    online = online_frame(FeatureStore(repo_path=run["feature_repo"]), user, frame["item_id"].unique()[:20].tolist(), scenario)
+    scores = Scorer(loaded.model, loaded.encoder).score(online)
+    assert scores.shape == (20,) and ((scores > 0) & (scores < 1)).all()
