@@ -14,6 +14,8 @@ Validation (early stopping) and test are the same full splits under both protoco
 
 Pre-training is done once per (dataset, split, seed, pre-training kind) and reused by every fine-tuning variant;
 the standard pre-training also writes a generation report to benchmarks/results/generation.{json,md}.
+$DGENCTR_ABLATION_PROTOCOLS (standard, label-scarce, or both comma-separated; default both) picks the protocols
+that get the three transfer/label ablations; `full` and `no-pretrain` always run under both.
 """
 
 from __future__ import annotations
