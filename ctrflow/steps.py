@@ -146,6 +146,8 @@ def train_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: 
     mparams = model_params(params, name)
     seed_everything(params["train"].get("seed", 0))
     model = build_model(name, data.encoder, mparams)
+    if hasattr(model, "prepare"):  # e.g. DMAE fills its item-modality table from the training rows before epoch 1
+        model.prepare(data.tensors["train"])
     return fit_and_save(params, data, model, name, model_dir, mparams)
 
 
