@@ -40,7 +40,8 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("ml-100k", "criteo-shaped-synthetic")
-MODELS = ("lr", "deepfm", "dcnv2", "din", "dgenctr")
+BACKBONES = ("sharedbottom", "mmoe", "ple", "star")
+MODELS = ("lr", "deepfm", "dcnv2", "din", "dgenctr", *BACKBONES, *(f"gsvr-{b}" for b in BACKBONES))
 REFERENCE = "deepctr-torch"
 # Criteo (Kaggle display advertising) categorical cardinalities C1..C26
 CRITEO_CARDINALITIES = (
@@ -132,15 +133,20 @@ def measure_ctrflow(job: dict[str, Any]) -> list[dict[str, Any]]:
     with np.load(path / "arrays.npz") as z:
         tensors = to_tensors({k: z[k][: job["rows_limit"]] for k in z.files})
     n = len(tensors["label"])
-    params = {"embedding_dim": job["embedding_dim"], **(load_params().get("models", {}).get(job["model"]) or {})}
+    name = job["model"]
+    params = {"embedding_dim": job["embedding_dim"], **(load_params().get("models", {}).get(name) or {})}
+    if name.startswith("gsvr-"):  # the plug-in around a backbone, with params.yaml's global prior
+        from ctrflow.models.gsvr import gsvr_model_params
+
+        name, params = "gsvr", {**gsvr_model_params(load_params(), name[5:]), "embedding_dim": job["embedding_dim"]}
     if job["model"] == "deepfm":
         params.update(mlp=job["mlp"], dropout=0.0)
     if job["model"] == "dgenctr":
         params = {k: v for k, v in params.items() if k not in ("pretrain", "finetune")}
-    else:
+    elif name != "gsvr":
         params["sparse"] = job["sparse"]
     seed_everything(0)
-    model = build_model(job["model"], encoder, params)
+    model = build_model(name, encoder, params)
     cfg = TrainConfig(epochs=1, batch_size=job["batch_size"], lr=1e-3, threads=job["threads"], progress=False)
     result = Trainer(model, cfg).fit(tensors)
     train_rss = _peak_rss_mb()
@@ -216,7 +222,13 @@ def measure_reference(job: dict[str, Any]) -> list[dict[str, Any]]:
     infer_s = time.perf_counter() - started
     return [
         {"phase": "train", "samples_per_s": n / train_s, "seconds": train_s, "peak_rss_mb": train_rss, "rows": n},
-        {"phase": "inference", "samples_per_s": n / infer_s, "seconds": infer_s, "peak_rss_mb": _peak_rss_mb(), "rows": n},
+        {
+            "phase": "inference",
+            "samples_per_s": n / infer_s,
+            "seconds": infer_s,
+            "peak_rss_mb": _peak_rss_mb(),
+            "rows": n,
+        },
     ]
 
 
@@ -264,6 +276,13 @@ def ratios(records: list[dict[str, Any]], dataset: str) -> dict[str, Any] | None
     }
 
 
+def _speed(rec: dict[str, Any] | None) -> str:
+    if rec is None:
+        return "–"
+    runs = rec.get("samples_per_s_runs")
+    return f"{rec['samples_per_s']:,.0f}" + (f" (runs {', '.join(f'{v:,.0f}' for v in runs)})" if runs else "")
+
+
 def render_markdown(records: list[dict[str, Any]], notes: list[str] = ()) -> str:
     first = records[0]
     lines = [
@@ -272,7 +291,8 @@ def render_markdown(records: list[dict[str, Any]], notes: list[str] = ()) -> str
         f"Samples/s (higher is better) and peak RSS of one process per model; batch {first['batch_size']}, "
         f"{first['threads']} torch threads, embedding {first.get('embedding_dim', 16)}, DeepFM MLP "
         f"{first.get('mlp', [400, 400, 400])}, one epoch through the production trainer (ctrflow) or `fit` (reference), "
-        "Adam lr 1e-3 for both. Written by `python -m benchmarks.train_speed`.",
+        "Adam lr 1e-3 for both; with repeats, the median run (interleaved, so load from other processes hits every "
+        "implementation alike). Written by `python -m benchmarks.train_speed`.",
         "",
     ]
     for dataset in dict.fromkeys(r["dataset"] for r in records):
@@ -280,12 +300,14 @@ def render_markdown(records: list[dict[str, Any]], notes: list[str] = ()) -> str
         sizes = sorted({r["rows"] for r in rows})
         what = f"{sizes[-1]:,} training rows" + (f"; DGenCTR timed on {sizes[0]:,}" if len(sizes) > 1 else "")
         lines += [f"## {dataset} ({what})", ""]
-        lines += ["| model | impl | gradients | train samples/s | inference samples/s | pretrain samples/s | peak RSS MB |"]
+        lines += [
+            "| model | impl | gradients | train samples/s | inference samples/s | pretrain samples/s | peak RSS MB |"
+        ]
         lines += ["|---|---|---|---|---|---|---|"]
         keys = list(dict.fromkeys((r["model"], r["impl"], r.get("sparse")) for r in rows))
         for model, impl, sparse in keys:
             got = {r["phase"]: r for r in rows if (r["model"], r["impl"], r.get("sparse")) == (model, impl, sparse)}
-            cells = [f"{got[p]['samples_per_s']:,.0f}" if p in got else "–" for p in ("train", "inference", "pretrain")]
+            cells = [_speed(got.get(p)) for p in ("train", "inference", "pretrain")]
             grads = "–" if sparse is None else ("sparse (large tables)" if sparse else "dense")
             rss = max(r["peak_rss_mb"] for r in got.values())
             lines.append(f"| {model} | {impl} | {grads} | {' | '.join(cells)} | {rss:,.0f} |")
@@ -300,18 +322,44 @@ def render_markdown(records: list[dict[str, Any]], notes: list[str] = ()) -> str
     return "\n".join(lines) + "\n"
 
 
+def _records(
+    job: dict[str, Any], runs: list[list[dict[str, Any]]], args: argparse.Namespace, run_id: str
+) -> list[dict]:
+    """One record per phase: the median samples/s over the repeats (all of them kept in `samples_per_s_runs`)."""
+    out = []
+    for phase in dict.fromkeys(r["phase"] for results in runs for r in results):
+        got = [r for results in runs for r in results if r["phase"] == phase]
+        speeds = [r["samples_per_s"] for r in got]
+        rec = {"model": job["model"], "impl": job["impl"], "dataset": job["dataset"], "phase": phase,
+               "samples_per_s": round(float(np.median(speeds)), 1), "peak_rss_mb": max(r["peak_rss_mb"] for r in got),
+               "threads": args.threads, "batch_size": args.batch_size, "rows": got[0]["rows"],
+               "seconds": round(float(np.median([r["seconds"] for r in got])), 2), "embedding_dim": args.embedding_dim,
+               "mlp": args.mlp, "run": run_id}  # fmt: skip
+        if len(speeds) > 1:
+            rec["samples_per_s_runs"] = [round(v, 1) for v in speeds]
+        if job["sparse"] is not None:
+            rec["sparse"] = job["sparse"]
+        out.append(rec)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--rows", type=int, default=100_000, help="Rows of the Criteo-shaped set.")
-    p.add_argument("--slow-rows", type=int, default=20_000,
-                   help="DGenCTR (a Transformer, far slower per row) is timed on at most this many rows.")
+    p.add_argument(
+        "--slow-rows",
+        type=int,
+        default=20_000,
+        help="DGenCTR (a Transformer, far slower per row) is timed on at most this many rows.",
+    )
     p.add_argument("--pretrain-rows", type=int, default=20_000, help="Rows timed for DGenCTR's pre-training step.")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--mlp", type=int, nargs="+", default=[400, 400, 400])
+    p.add_argument("--repeats", type=int, default=1, help="Measure each job this many times (interleaved); median.")
     p.add_argument("--no-reference", action="store_true", help=f"Skip {REFERENCE}.")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, JSON job
@@ -333,7 +381,12 @@ def main(argv: list[str] | None = None) -> None:
         print(msg, file=sys.stderr)
         notes.append(msg)
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
-    common = {"batch_size": args.batch_size, "threads": args.threads, "embedding_dim": args.embedding_dim, "mlp": args.mlp}
+    common = {
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "embedding_dim": args.embedding_dim,
+        "mlp": args.mlp,
+    }
     out_json = args.out / "train_speed.json"
     failures = 0
     with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
@@ -347,10 +400,14 @@ def main(argv: list[str] | None = None) -> None:
                 n = len(z["label"])
             has_large = any(f.large for f in encoder.spec.fields)
             has_sequence = any(f.kind.value == "sequence" for f in encoder.spec.fields)
+            has_scenario = encoder.spec.scenario_field in encoder.vocabs
             jobs = []
             for model in args.models:
                 if model == "din" and not has_sequence:
                     notes.append(f"din is not measured on {dataset}: it has no behaviour sequence field")
+                    continue
+                if (model in BACKBONES or model.startswith("gsvr-")) and not has_scenario:
+                    notes.append(f"{model} is not measured on {dataset}: it has no scenario field")
                     continue
                 sparse_options = [False, True] if has_large and model in ("lr", "deepfm", "dcnv2", "din") else [False]
                 jobs += [{"model": model, "impl": "ctrflow", "sparse": s} for s in sparse_options]
@@ -359,28 +416,27 @@ def main(argv: list[str] | None = None) -> None:
             for job in jobs:
                 limit = args.slow_rows if job["model"] == "dgenctr" else n
                 job.update(common, dataset=dataset, data=str(path), pretrain_rows=args.pretrain_rows, rows_limit=limit)
-                label = f"{job['impl']} {job['model']}" + ("" if job["sparse"] is None else f" sparse={job['sparse']}")
-                print(f"[{dataset}] {label} ...", file=sys.stderr, flush=True)
-                try:
-                    results = run_one(job)
-                except RuntimeError as e:
-                    print(f"    FAILED: {e}", file=sys.stderr, flush=True)
-                    failures += 1
-                    continue
-                new = []
-                for r in results:
-                    rec = {"model": job["model"], "impl": job["impl"], "dataset": dataset, "phase": r["phase"],
-                           "samples_per_s": round(r["samples_per_s"], 1), "peak_rss_mb": r["peak_rss_mb"],
-                           "threads": args.threads, "batch_size": args.batch_size, "rows": r["rows"],
-                           "seconds": round(r["seconds"], 2), "embedding_dim": args.embedding_dim, "mlp": args.mlp,
-                           "run": run_id}  # fmt: skip
-                    if job["sparse"] is not None:
-                        rec["sparse"] = job["sparse"]
-                    new.append(rec)
-                    print(f"    {r['phase']}: {r['samples_per_s']:,.0f} samples/s, peak RSS {r['peak_rss_mb']:.0f} MB",
-                          file=sys.stderr, flush=True)  # fmt: skip
-                records = merge(new, out_json)
-                (args.out / "train_speed.md").write_text(render_markdown(records, notes))
+            # repeats go round the jobs in turn, so a burst of load from elsewhere hits every implementation alike
+            runs: dict[int, list[list[dict[str, Any]]]] = {i: [] for i in range(len(jobs))}
+            for rep in range(args.repeats):
+                for i, job in enumerate(jobs):
+                    label = f"{job['impl']} {job['model']}" + (
+                        "" if job["sparse"] is None else f" sparse={job['sparse']}"
+                    )
+                    print(f"[{dataset}] {label} (run {rep + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
+                    try:
+                        results = run_one(job)
+                    except RuntimeError as e:
+                        print(f"    FAILED: {e}", file=sys.stderr, flush=True)
+                        failures += 1
+                        continue
+                    for r in results:
+                        print(f"    {r['phase']}: {r['samples_per_s']:,.0f} samples/s, peak RSS {r['peak_rss_mb']:.0f} MB",
+                              file=sys.stderr, flush=True)  # fmt: skip
+                    runs[i].append(results)
+                    if rep == args.repeats - 1:
+                        records = merge(_records(job, runs[i], args, run_id), out_json)
+                        (args.out / "train_speed.md").write_text(render_markdown(records, notes))
             ratio = ratios(json.loads(out_json.read_text()), dataset) if out_json.exists() else None
             if ratio:
                 print(f"{dataset}: ctrflow DeepFM / {REFERENCE} DeepFM training throughput = {ratio['train']:.2f}x",

@@ -202,7 +202,9 @@ def test_transfer_refuses_other_architecture_or_vocabulary(encoder, tiny_dataset
         load_pretrained_for_finetune(encoder, tiny_params(), checkpoint, "heads")
 
 
-def test_finetune_fits_a_tiny_set_and_serves_through_the_artifact(encoder, train, tiny_frame, checkpoint, tmp_path) -> None:
+def test_finetune_fits_a_tiny_set_and_serves_through_the_artifact(
+    encoder, train, tiny_frame, checkpoint, tmp_path
+) -> None:
     seed_everything(0)
     model = load_pretrained_for_finetune(encoder, tiny_params(), checkpoint, "all")
     small = {k: v[:600] for k, v in train.items()}

@@ -64,9 +64,7 @@ def mask_rate(t: torch.Tensor, steps: int, schedule: str) -> torch.Tensor:
     return (1.0 - torch.cos(0.5 * math.pi * s)).clamp(0.0, 1.0)
 
 
-def sample_mask(
-    eligible: torch.Tensor, rate: torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def sample_mask(eligible: torch.Tensor, rate: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mask each eligible position [B, P] with probability `rate` [B]; at least one per row that has any eligible."""
     u = torch.rand(eligible.shape, generator=generator, device=eligible.device)
     mask = (u < rate.unsqueeze(1)) & eligible
@@ -369,9 +367,7 @@ class DGenCTR(CTRModel):
         return F.cross_entropy(logits, slot[idx], reduction="none")
 
     # ---- generation helpers -------------------------------------------------------------------------
-    def position_logits(
-        self, h: torch.Tensor, pos: int, bank_values: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def position_logits(self, h: torch.Tensor, pos: int, bank_values: torch.Tensor | None = None) -> torch.Tensor:
         """Unnormalised log-probabilities of a position's value: over the vocabulary (small, label), over every
         known id by cosine/τ (large), or over the rows of `bank_values` [M, d] by cosine/τ (dense)."""
         kind = self.kinds[pos]

@@ -285,7 +285,11 @@ def load_pretrained_for_finetune(
     if transfer not in TRANSFERS:
         raise ValueError(f"load_pretrained_for_finetune: transfer must be one of {TRANSFERS}, got '{transfer}'")
     section, _ = dgenctr_settings(params)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, (str, Path)) else checkpoint
+    ckpt = (
+        torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(checkpoint, (str, Path))
+        else checkpoint
+    )
     if ckpt.get("format") != FORMAT:
         raise ValueError(f"{checkpoint}: not a DGenCTR pre-trained checkpoint (format {ckpt.get('format')!r})")
     model = DGenCTR(encoder, **section)
@@ -293,7 +297,9 @@ def load_pretrained_for_finetune(
     diff = {k: (theirs.get(k), model.params.get(k)) for k in ARCHITECTURE_KEYS if theirs.get(k) != model.params.get(k)}
     if diff:
         raise ValueError(f"{checkpoint}: pre-trained with other architecture settings (checkpoint, now): {diff}")
-    vdiff = {k: (v, encoder.vocab_sizes.get(k)) for k, v in ckpt["vocab_sizes"].items() if encoder.vocab_sizes.get(k) != v}
+    vdiff = {
+        k: (v, encoder.vocab_sizes.get(k)) for k, v in ckpt["vocab_sizes"].items() if encoder.vocab_sizes.get(k) != v
+    }
     if vdiff or set(ckpt["vocab_sizes"]) != set(encoder.vocab_sizes):
         raise ValueError(
             f"{checkpoint}: vocabulary sizes differ (checkpoint, now): {vdiff or 'different fields'}; fine-tune with "
@@ -337,7 +343,9 @@ def generate(
         raise ValueError(f"generate: steps must be in 1..{model.steps}, got {steps}")
     dense = [p for p, k in enumerate(model.kinds) if k == DENSE]
     if dense and bank is None:
-        raise ValueError(f"generate: fields {[model.token_names[p] for p in dense]} are dense; pass a bank of real rows")
+        raise ValueError(
+            f"generate: fields {[model.token_names[p] for p in dense]} are dense; pass a bank of real rows"
+        )
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -352,7 +360,9 @@ def generate(
     outs: list[dict[str, torch.Tensor]] = []
     try:
         for start in range(0, n, batch_size):
-            outs.append(_generate_chunk(model, min(batch_size, n - start), bank, bank_values, grid, rates, temperature, gen))
+            outs.append(
+                _generate_chunk(model, min(batch_size, n - start), bank, bank_values, grid, rates, temperature, gen)
+            )
     finally:
         model.train(was_training)
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
@@ -386,7 +396,9 @@ def _generate_chunk(
         t, rate, prev_rate = int(grid[s]), float(rates[s]), float(rates[s - 1])
         reveal = 1.0 if s == 1 or rate <= 0 else (rate - prev_rate) / rate
         batch = assemble()
-        h = model.encode(model.values(batch), masked | model.unknown(batch), torch.full((b,), max(t, 1), dtype=torch.long))
+        h = model.encode(
+            model.values(batch), masked | model.unknown(batch), torch.full((b,), max(t, 1), dtype=torch.long)
+        )
         for p in todo:
             rows = masked[:, p] & (torch.rand(b, generator=gen) < reveal)
             idx = torch.nonzero(rows, as_tuple=True)[0]
@@ -461,7 +473,13 @@ def generation_report(
         y_gen, y_real = gen[LABEL].numpy(), real_s[LABEL].numpy().astype(np.int64)
         y_hold = hold_s[LABEL].numpy().astype(np.int64)
         fields.append(
-            {"field": LABEL, "kind": "label", "vocab": 2, "tv_generated": _tv(y_gen, y_real, 2), "tv_holdout": _tv(y_hold, y_real, 2)}
+            {
+                "field": LABEL,
+                "kind": "label",
+                "vocab": 2,
+                "tv_generated": _tv(y_gen, y_real, 2),
+                "tv_holdout": _tv(y_hold, y_real, 2),
+            }
         )
         sf = scenario_field or encoder.spec.scenario_field
         if sf in encoder.vocabs:
