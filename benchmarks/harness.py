@@ -186,13 +186,27 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
 
 
 def run_experiments(
-    experiments: list[Experiment], ctx: BenchContext, seeds: list[int], out_dir: Path = RESULTS, progress: bool = True
+    experiments: list[Experiment],
+    ctx: BenchContext,
+    seeds: list[int],
+    out_dir: Path = RESULTS,
+    progress: bool = True,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every experiment for every seed; merge into quality.json and re-render quality.md after each record."""
+    """Run every experiment for every seed; merge into quality.json and re-render quality.md after each record.
+    resume: skip (model, variant, protocol, seed) already recorded for this dataset and split."""
     from tqdm import tqdm
 
     records = []
     todo = [(e, s) for e in experiments for s in seeds]
+    path = out_dir / "quality.json"
+    if resume and path.exists():
+        done = {
+            (r["model"], r["variant"], r["protocol"], r["seed"])
+            for r in json.loads(path.read_text())
+            if (r["dataset"], r["split"]) == (ctx.dataset.name, ctx.split)
+        }
+        todo = [(e, s) for e, s in todo if (e.model, e.variant, e.protocol, s) not in done]
     bar = tqdm(todo, disable=not progress, desc=f"{ctx.dataset.name}/{ctx.split}")
     for exp, seed in bar:
         bar.set_postfix_str(f"{exp.model}/{exp.variant} seed {seed}")

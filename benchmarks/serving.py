@@ -1,10 +1,13 @@
 """Serving load benchmark: a real `bentoml serve` on localhost under concurrent `rank` requests.
 
-    python -m benchmarks.serving --deployment runs/latest/deployment.json --concurrency 1 8 --duration 20
+    python -m benchmarks.serving --run runs/latest/run.json runs/dmae/run.json --concurrency 1 8 --duration 20
 
 Traffic goes only to 127.0.0.1 and every loop is bounded in time. Next to the service's latency it measures the
 same model's bare forward pass on the same candidates in-process (`bare_model_p50_ms`), the floor the service
-overhead is judged against, and counts the request-log rows afterwards. Writes benchmarks/results/serving.{json,md}.
+overhead is judged against, and counts the request-log rows afterwards. Several runs (e.g. the standard family's
+DCNv2 and the dmae family's DMAE, whose service computes target-vs-history modality similarities per request) are
+measured in one invocation, alternating concurrency levels, so their latencies compare under the same load.
+Records are merged into benchmarks/results/serving.json by (model, candidates, concurrency); serving.md re-rendered.
 """
 
 from __future__ import annotations
@@ -97,21 +100,33 @@ def render(records: list[dict[str, Any]]) -> str:
     lines = [
         "# Serving benchmark",
         "",
-        "`rank` on a real `bentoml serve` (localhost), one worker, one torch thread. Written by `python -m benchmarks.serving`.",
+        "`rank` on a real `bentoml serve` (localhost), one worker, one torch thread: Feast online features, encoding, "
+        "the model, the request log. Rows of one `run` id were measured in the same invocation. "
+        "Written by `python -m benchmarks.serving`.",
         "",
-        "| model | candidates | concurrency | requests | errors | p50 ms | p99 ms | rps | bare model p50 ms | logged requests |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | family | candidates | concurrency | requests | errors | p50 ms | p99 ms | rps | bare model p50 ms "
+        "| logged requests | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(
-            f"| {r['model']} | {r['candidates']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['rps']} | {r['bare_model_p50_ms']:.2f} | {r['logged_requests']} |"
+            f"| {r['model']} | {r.get('family', '–')} | {r['candidates']} | {r['concurrency']} | {r['requests']} "
+            f"| {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['rps']} | {r['bare_model_p50_ms']:.2f} "
+            f"| {r['logged_requests']} | {r.get('run', '–')} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def merge(new: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    key = lambda r: (r["model"], r["candidates"], r["concurrency"])  # noqa: E731
+    fresh = {key(r) for r in new}
+    old = json.loads(path.read_text()) if path.exists() else []
+    return [r for r in old if key(r) not in fresh] + new
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/latest/run.json", help="run.json of a pipeline run (training set, model, deployment).")
+    p.add_argument("--run", nargs="+", default=["runs/latest/run.json"], help="run.json of pipeline runs (training set, model, deployment).")
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     p.add_argument("--duration", type=float, default=20.0)
@@ -121,25 +136,31 @@ def main(argv: list[str] | None = None) -> None:
     from ctrflow.request_log import read_request_log
     from ctrflow.server import start_server
 
-    run = json.loads(Path(args.run).read_text())
-    deployment = json.loads(Path(run["deployment"]).read_text()) if run.get("deployment") else json.loads((Path(run["workdir"]) / "deployment.json").read_text())
-    requests = _requests(run["training_set"], args.candidates)
-    model_name, bare = bare_model_p50_ms(run["model_dir"], deployment["feature_repo"], requests[0])
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
+    targets = []
+    for run_json in args.run:
+        run = json.loads(Path(run_json).read_text())
+        deployment = json.loads(Path(run["deployment"]).read_text()) if run.get("deployment") else json.loads((Path(run["workdir"]) / "deployment.json").read_text())
+        requests = _requests(run["training_set"], args.candidates)
+        model_name, bare = bare_model_p50_ms(run["model_dir"], deployment["feature_repo"], requests[0])
+        targets.append((run, deployment, requests, model_name, bare))
     records = []
     for concurrency in args.concurrency:
-        log_dir = Path(run["workdir"]) / f"bench_request_log_c{concurrency}_{int(time.time())}"
-        with start_server(deployment, log_dir) as server:
-            for body in requests[:5]:  # warm-up
-                httpx.post(server.url + "/rank", json=body, timeout=30)
-            result = load(server.url, requests, concurrency, args.duration)
-        logged = read_request_log(log_dir)["request_id"].nunique() - 5 if log_dir.exists() else 0
-        records.append(
-            {"endpoint": "rank", "model": model_name, "candidates": args.candidates, "concurrency": concurrency, **result, "bare_model_p50_ms": round(bare, 3), "logged_requests": int(logged)}
-        )
-        print(records[-1], flush=True)
+        for run, deployment, requests, model_name, bare in targets:  # alternate, so load hits every model alike
+            log_dir = Path(run["workdir"]) / f"bench_request_log_c{concurrency}_{int(time.time())}"
+            with start_server(deployment, log_dir) as server:
+                for body in requests[:5]:  # warm-up
+                    httpx.post(server.url + "/rank", json=body, timeout=30)
+                result = load(server.url, requests, concurrency, args.duration)
+            logged = read_request_log(log_dir)["request_id"].nunique() - 5 if log_dir.exists() else 0
+            records.append(
+                {"endpoint": "rank", "model": model_name, "family": run.get("family"), "candidates": args.candidates, "concurrency": concurrency, **result, "bare_model_p50_ms": round(bare, 3), "logged_requests": int(logged), "run": run_id}
+            )
+            print(records[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serving.json").write_text(json.dumps(records, indent=1))
-    (args.out / "serving.md").write_text(render(records))
+    merged = merge(records, args.out / "serving.json")
+    (args.out / "serving.json").write_text(json.dumps(merged, indent=1))
+    (args.out / "serving.md").write_text(render(merged))
     print(f"results: {args.out / 'serving.json'} and {args.out / 'serving.md'}")
 
 

@@ -93,7 +93,12 @@ def load_training_set(training_set_dir: str | Path) -> tuple[pd.DataFrame, Any]:
 
 # ---- train ----------------------------------------------------------------------------------------------
 def model_params(params: dict[str, Any], model_name: str) -> dict[str, Any]:
-    """The model's own section of params.yaml, plus the shared embedding size."""
+    """The model's own section of params.yaml, plus the shared embedding size (GSVR: with its backbone's section
+    nested, as the train-gsvr step builds it, so `ctrflow train --model gsvr` trains the same model)."""
+    if model_name == "gsvr":
+        from ctrflow.models.gsvr import gsvr_model_params
+
+        return gsvr_model_params(params)
     out = {"embedding_dim": params["train"].get("embedding_dim", 16)}
     out.update(params.get("models", {}).get(model_name, {}) or {})
     return out

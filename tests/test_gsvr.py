@@ -219,6 +219,12 @@ def test_gsvr_model_params_nests_the_backbone_section() -> None:
     assert gsvr_model_params(_params(), backbone="star")["backbone"] == "star"
 
 
+def test_generic_train_step_builds_gsvr_like_its_own_step() -> None:
+    from ctrflow.steps import model_params
+
+    assert model_params(_params(), "gsvr") == gsvr_model_params(_params())
+
+
 def test_train_gsvr_saves_a_servable_artifact_and_reads_pretrained_tables(encoder, tensors, tmp_path) -> None:
     """Initialised from a real (1-epoch, tiny) DGenCTR diffusion pre-training checkpoint of the same width."""
     from ctrflow.training.pretrain import pretrain

@@ -7,7 +7,9 @@ Variants (model `dgenctr`):
 - `no-pretrain`          the same network trained on the CTR task from scratch;
 - `emb-only-transfer`    only the embeddings (token tables, label/position/mask embeddings) transferred;
 - `scorer-only-transfer` only the scoring network (Transformer, time embedding, heads) transferred;
-- `no-label-diffusion`   pre-training with the label left out of the diffusion, then full transfer.
+- `no-label-diffusion`   pre-training with the label left out of the diffusion, then full transfer;
+- `long-pretrain`        `full` with $DGENCTR_LONG_PRETRAIN_EPOCHS (default 12) pre-training epochs instead of
+                         params.yaml's, to see whether more pre-training pays.
 Label-scarce protocol (`label_fraction` 0.1): fine-tuning, and the baselines, see 10% of the training labels
 (a seeded random subset per seed); pre-training sees the features of every training row but only those labels.
 Validation (early stopping) and test are the same full splits under both protocols.
@@ -70,14 +72,23 @@ def scarce_train(ctx: BenchContext, seed: int) -> dict[str, torch.Tensor]:
     return {k: v[idx] for k, v in ctx.tensors["train"].items()}
 
 
-def pretrained(ctx: BenchContext, seed: int, kind: str, out: Path = RESULTS) -> dict[str, Any]:
-    """The pre-trained checkpoint for (ctx, seed, kind), made on first use: kind = standard | scarce | no-label."""
+def long_pretrain_epochs() -> int:
+    return int(os.environ.get("DGENCTR_LONG_PRETRAIN_EPOCHS", "12"))
+
+
+def pretrained(
+    ctx: BenchContext, seed: int, kind: str, out: Path = RESULTS, epochs: int | None = None
+) -> dict[str, Any]:
+    """The pre-trained checkpoint for (ctx, seed, kind, epochs), made on first use: kind = standard | scarce |
+    no-label; epochs None = params.yaml's."""
     from ctrflow.training.pretrain import generation_report, load_pretrained_for_finetune, pretrain
 
-    key = (ctx.dataset.name, ctx.split, ctx.split_seed, seed, kind)
+    key = (ctx.dataset.name, ctx.split, ctx.split_seed, seed, kind, epochs)
     if key in _PRETRAINED:
         return _PRETRAINED[key]
     overrides: dict[str, Any] = {"pretrain.seed": seed, "pretrain.threads": ctx.threads}
+    if epochs is not None:
+        overrides["pretrain.epochs"] = epochs
     if kind == "no-label":
         overrides["label_in_diffusion"] = False
     section = dgenctr_section(overrides)
@@ -93,7 +104,7 @@ def pretrained(ctx: BenchContext, seed: int, kind: str, out: Path = RESULTS) -> 
     ckpt["seconds"] = round(time.perf_counter() - started, 1)
     _PRETRAINED[key] = ckpt
     log.info("pre-trained %s in %.0f s", key, ckpt["seconds"])
-    if kind == "standard":
+    if kind == "standard" and epochs is None:
         model = load_pretrained_for_finetune(ctx.encoder, section, ckpt, "all")
         report = generation_report(
             model, ctx.encoder, ctx.tensors["train"], None, n=GENERATION_ROWS, steps=GENERATION_STEPS, seed=seed
@@ -103,14 +114,19 @@ def pretrained(ctx: BenchContext, seed: int, kind: str, out: Path = RESULTS) -> 
 
 
 def dgenctr_experiment(
-    variant: str, transfer: str | None, kind: str | None, protocol: str = "standard", out: Path = RESULTS
+    variant: str,
+    transfer: str | None,
+    kind: str | None,
+    protocol: str = "standard",
+    out: Path = RESULTS,
+    pretrain_epochs: int | None = None,
 ) -> Experiment:
     """transfer None = no pre-training; kind = which pre-training (standard | scarce | no-label)."""
     from ctrflow.training.pretrain import load_pretrained_for_finetune
 
     def run(ctx: BenchContext, seed: int) -> dict[str, Any]:
         section = dgenctr_section()
-        ckpt = pretrained(ctx, seed, kind, out) if transfer is not None else None
+        ckpt = pretrained(ctx, seed, kind, out, pretrain_epochs) if transfer is not None else None
         if transfer is None:
             build = lambda: build_model("dgenctr", ctx.encoder, section)  # noqa: E731
         else:
@@ -136,7 +152,9 @@ def dgenctr_experiment(
 def scarce_baseline(name: str) -> Experiment:
     def run(ctx: BenchContext, seed: int) -> dict[str, Any]:
         params = {"embedding_dim": 16, **(load_params().get("models", {}).get(name) or {})}
-        return train_and_evaluate(ctx, lambda: build_model(name, ctx.encoder, params), seed, train=scarce_train(ctx, seed))
+        return train_and_evaluate(
+            ctx, lambda: build_model(name, ctx.encoder, params), seed, train=scarce_train(ctx, seed)
+        )
 
     return Experiment(model=name, variant="full", run=run, protocol=SCARCE, extra={"label_fraction": LABEL_FRACTION})
 
@@ -150,12 +168,16 @@ def experiments(args: Namespace) -> list[Experiment]:
     unknown = ablate - {"standard", SCARCE}
     if unknown:
         raise ValueError(f"DGENCTR_ABLATION_PROTOCOLS: unknown protocols {sorted(unknown)} (standard, {SCARCE})")
-    exps = [dgenctr_experiment("full", "all", "standard", out=out), dgenctr_experiment("no-pretrain", None, None, out=out)]
+    exps = [
+        dgenctr_experiment("full", "all", "standard", out=out),
+        dgenctr_experiment("no-pretrain", None, None, out=out),
+    ]
     if "standard" in ablate:
         exps += [
             dgenctr_experiment("emb-only-transfer", "embeddings", "standard", out=out),
             dgenctr_experiment("scorer-only-transfer", "scorer", "standard", out=out),
             dgenctr_experiment("no-label-diffusion", "all", "no-label", out=out),
+            dgenctr_experiment("long-pretrain", "all", "standard", out=out, pretrain_epochs=long_pretrain_epochs()),
         ]
     exps += [scarce_baseline(name) for name in BASELINES if name in available]
     exps += [
@@ -167,6 +189,9 @@ def experiments(args: Namespace) -> list[Experiment]:
             dgenctr_experiment("emb-only-transfer", "embeddings", "scarce", protocol=SCARCE, out=out),
             dgenctr_experiment("scorer-only-transfer", "scorer", "scarce", protocol=SCARCE, out=out),
             dgenctr_experiment("no-label-diffusion", "all", "no-label", protocol=SCARCE, out=out),
+            dgenctr_experiment(
+                "long-pretrain", "all", "scarce", protocol=SCARCE, out=out, pretrain_epochs=long_pretrain_epochs()
+            ),
         ]
     return exps
 
@@ -220,7 +245,10 @@ def render_generation(records: list[dict[str, Any]]) -> str:
         lines.append("")
         if "label_rate_by_scenario" in rs[0]:
             lines += ["Click rate per scenario (real training rows vs generated rows; share of rows in brackets):", ""]
-            lines += ["| scenario | real rate | generated rate | real share | generated share |", "|---|---|---|---|---|"]
+            lines += [
+                "| scenario | real rate | generated rate | real share | generated share |",
+                "|---|---|---|---|---|",
+            ]
             names = sorted({s for r in rs for s in r["label_rate_by_scenario"]})
             for s in names:
                 cells = [r["label_rate_by_scenario"].get(s, {}) for r in rs]

@@ -1,0 +1,75 @@
+"""Benchmark plumbing: the Criteo-shaped set is what the speed table says it is, results merge by key, and
+`--resume` skips runs already recorded (the heavy runs themselves live in benchmarks/, not here)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+
+from benchmarks import serving, train_speed
+from benchmarks.harness import Experiment, run_experiments
+
+
+def test_criteo_shaped_set_has_39_fields_and_about_a_million_embedding_rows() -> None:
+    encoder, arrays = train_speed.criteo_shaped(2000)
+    fields = list(encoder.spec.fields)
+    assert len(fields) == 39
+    assert sum(f.kind.value == "numeric" for f in fields) == 13
+    total = sum(encoder.vocab_size(f.name) for f in fields)
+    assert 0.95e6 < total < 1.05e6
+    large = {f.name for f in fields if f.large}
+    assert large == {f.name for f in fields if encoder.vocab_size(f.name) > train_speed.LARGE_FIELD} and large
+    for f in fields:  # every id inside its table, 0 (unknown) never drawn
+        ids = arrays[f.name]
+        assert ids.min() >= 1 and ids.max() < encoder.vocab_size(f.name), f.name
+    assert 0.05 < arrays["label"].mean() < 0.6
+
+
+def test_multiscenario_models_are_skipped_where_there_is_no_scenario_field() -> None:
+    encoder, _ = train_speed.criteo_shaped(100)
+    assert encoder.spec.scenario_field not in encoder.vocabs
+    assert {"star", "gsvr-star", "sharedbottom", "gsvr-ple"} <= set(train_speed.MODELS)
+
+
+def test_speed_merge_replaces_only_the_same_key(tmp_path) -> None:
+    path = tmp_path / "train_speed.json"
+    a = {"dataset": "d", "model": "deepfm", "impl": "ctrflow", "sparse": False, "phase": "train", "samples_per_s": 1}
+    b = {**a, "model": "lr"}
+    train_speed.merge([a, b], path)
+    merged = train_speed.merge([{**a, "samples_per_s": 2}], path)
+    assert sorted((r["model"], r["samples_per_s"]) for r in merged) == [("deepfm", 2), ("lr", 1)]
+
+
+def test_serving_merge_keeps_other_models(tmp_path) -> None:
+    path = tmp_path / "serving.json"
+    dcn = {"model": "dcnv2", "candidates": 100, "concurrency": 1, "p50_ms": 10, "p99_ms": 20, "requests": 9,
+           "errors": 0, "rps": 90.0, "bare_model_p50_ms": 2.0, "logged_requests": 9}  # fmt: skip
+    dmae = {**dcn, "model": "dmae", "p50_ms": 30}
+    path.write_text(json.dumps([dcn, dmae]))
+    merged = serving.merge([{**dmae, "p50_ms": 25}], path)
+    assert sorted((r["model"], r["p50_ms"]) for r in merged) == [("dcnv2", 10), ("dmae", 25)]
+    assert "| dmae |" in serving.render(merged)
+
+
+def test_resume_skips_recorded_runs(tmp_path) -> None:
+    calls: list[tuple[str, int]] = []
+
+    def make(variant: str) -> Experiment:
+        def run(ctx, seed: int) -> dict:
+            calls.append((variant, seed))
+            auc = 0.5 + seed / 100
+            return {"auc": auc, "gauc": auc, "logloss": 0.6, "scenario_auc": {"s": auc}, "cold_item_auc": auc,
+                    "epochs": 1, "train_seconds": 1.0}  # fmt: skip
+
+        return Experiment(model="m", variant=variant, run=run)
+
+    ctx = SimpleNamespace(dataset=SimpleNamespace(name="ml-100k"), split="random")
+    run_experiments([make("a")], ctx, [0, 1], tmp_path, progress=False)
+    assert calls == [("a", 0), ("a", 1)]
+    run_experiments([make("a"), make("b")], ctx, [0, 1, 2], tmp_path, progress=False, resume=True)
+    assert calls[2:] == [("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+    records = json.loads((tmp_path / "quality.json").read_text())
+    assert len(records) == 6 and np.isclose(min(r["auc"] for r in records), 0.5)
+    assert (tmp_path / "quality.md").exists()
