@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="Run only experiments whose 'model/variant' contains one of these.")
+    p.add_argument("--protocols", nargs="*", default=None, help="Run only experiments of these protocols.")
     p.add_argument("--resume", action="store_true", help="Skip runs already in <out>/quality.json.")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
             experiments += module.experiments(args)
         if args.only:
             experiments = [e for e in experiments if any(o in f"{e.model}/{e.variant}" for o in args.only)]
+        if args.protocols:
+            experiments = [e for e in experiments if e.protocol in args.protocols]
         run_experiments(experiments, ctx, args.seeds, args.out, resume=args.resume)
     print(f"results: {args.out / 'quality.json'} and {args.out / 'quality.md'}")
 

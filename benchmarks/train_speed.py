@@ -289,10 +289,11 @@ def render_markdown(records: list[dict[str, Any]], notes: list[str] = ()) -> str
         "# Training speed",
         "",
         f"Samples/s (higher is better) and peak RSS of one process per model; batch {first['batch_size']}, "
-        f"{first['threads']} torch threads, embedding {first.get('embedding_dim', 16)}, DeepFM MLP "
+        f"torch threads per row, embedding {first.get('embedding_dim', 16)}, DeepFM MLP "
         f"{first.get('mlp', [400, 400, 400])}, one epoch through the production trainer (ctrflow) or `fit` (reference), "
         "Adam lr 1e-3 for both; with repeats, the median run (interleaved, so load from other processes hits every "
-        "implementation alike). Written by `python -m benchmarks.train_speed`.",
+        "implementation alike). Rows with the same `run` were measured in one invocation; compare speeds within a run "
+        "(the machine is shared and noisy). Written by `python -m benchmarks.train_speed`.",
         "",
     ]
     for dataset in dict.fromkeys(r["dataset"] for r in records):
@@ -301,16 +302,21 @@ def render_markdown(records: list[dict[str, Any]], notes: list[str] = ()) -> str
         what = f"{sizes[-1]:,} training rows" + (f"; DGenCTR timed on {sizes[0]:,}" if len(sizes) > 1 else "")
         lines += [f"## {dataset} ({what})", ""]
         lines += [
-            "| model | impl | gradients | train samples/s | inference samples/s | pretrain samples/s | peak RSS MB |"
+            "| model | impl | gradients | threads | train samples/s | inference samples/s | pretrain samples/s "
+            "| peak RSS MB | run |"
         ]
-        lines += ["|---|---|---|---|---|---|---|"]
+        lines += ["|---|---|---|---|---|---|---|---|---|"]
         keys = list(dict.fromkeys((r["model"], r["impl"], r.get("sparse")) for r in rows))
         for model, impl, sparse in keys:
             got = {r["phase"]: r for r in rows if (r["model"], r["impl"], r.get("sparse")) == (model, impl, sparse)}
             cells = [_speed(got.get(p)) for p in ("train", "inference", "pretrain")]
             grads = "–" if sparse is None else ("sparse (large tables)" if sparse else "dense")
             rss = max(r["peak_rss_mb"] for r in got.values())
-            lines.append(f"| {model} | {impl} | {grads} | {' | '.join(cells)} | {rss:,.0f} |")
+            any_rec = next(iter(got.values()))
+            lines.append(
+                f"| {model} | {impl} | {grads} | {any_rec['threads']} | {' | '.join(cells)} | {rss:,.0f} "
+                f"| {any_rec.get('run', '–')} |"
+            )
         ratio = ratios(records, dataset)
         if ratio:
             inf = f"; inference {ratio['inference']:.2f}×" if ratio["inference"] else ""
