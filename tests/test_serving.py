@@ -247,3 +247,70 @@ def test_request_log_parts_share_one_schema_and_close_flushes(tmp_path, tiny_dat
         RequestLogger(tmp_path / "x").log_request(
             request_id="e", user_id=1, scenario="home", model="m:1", features=known, predictions=np.zeros(2)
         )
+
+
+@pytest.fixture(scope="module")
+def family_models(deployment, tiny_dataset):
+    """A tiny DMAE and a tiny GSVR (STAR backbone) registered as candidates in the same store: the service must
+    serve any family by tag, with DMAE's modality similarities computed from online features per request."""
+    from ctrflow import registry
+    from ctrflow.data.encoding import FeatureEncoder
+    from ctrflow.models import build_model
+    from ctrflow.models.base import to_tensors
+    from ctrflow.training.artifact import save_model_artifact
+    from ctrflow.training.trainer import TrainConfig, Trainer, seed_everything
+
+    frame = deployment["frame"]
+    parts = {s: frame[frame["split"] == s] for s in ("train", "valid")}
+    encoder = FeatureEncoder(tiny_dataset.spec).fit(parts["train"])
+    tensors = {s: to_tensors(encoder.transform(p)) for s, p in parts.items()}
+    configs = {
+        "dmae": {"embedding_dim": 8},
+        "gsvr": {"embedding_dim": 4, "latent_dim": 4, "backbone": "star",
+                 "backbone_params": {"hidden": [16], "aux": [8]}},
+    }  # fmt: skip
+    tags = {}
+    for name, params in configs.items():
+        seed_everything(0)
+        model = build_model(name, encoder, params)
+        if hasattr(model, "prepare"):
+            model.prepare(tensors["train"])
+        Trainer(model, TrainConfig(epochs=1, batch_size=512, threads=1, progress=False)).fit(tensors["train"])
+        artifact = save_model_artifact(deployment["root"] / f"model-{name}", model, encoder, {}, {"model": name})
+        tags[name] = registry.register_model(
+            artifact,
+            MODEL_NAME,
+            metrics={},
+            params={"model": name, **params},
+            feature_spec=tiny_dataset.spec,
+            data_fingerprint=registry.data_fingerprint(frame),
+            code_version=registry.code_version(),
+        )
+    return tags
+
+
+@pytest.mark.serving
+@pytest.mark.parametrize("family", ["dmae", "gsvr"])
+def test_other_families_serve_by_tag_and_match_the_scorer(family, family_models, deployment):
+    from ctrflow import features, registry
+    from ctrflow.training.artifact import Scorer, load_model_artifact
+
+    tag = family_models[family]
+    served = {"bentoml_home": deployment["bentoml_home"], "feature_repo": deployment["repo"], "model_tag": str(tag)}
+    user, scenario, items = _known(deployment)
+    scenarios = sorted(deployment["frame"]["scenario"].unique())
+    loaded = load_model_artifact(registry.model_path(tag))
+    scorer = Scorer(loaded.model, loaded.encoder)
+    with start_server(served, deployment["root"] / f"log-{family}", ready_timeout=READY_TIMEOUT_S) as running:
+        answers = {}
+        for s in scenarios[:2]:
+            r = _rank(running.url, user_id=user, scenario=s, item_ids=items)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["model"] == str(tag) and body["scenario"] == s
+            got = {i["item_id"]: i["score"] for i in body["items"]}
+            expected = scorer.score(features.online_frame(deployment["store"], user, items, s))
+            np.testing.assert_allclose([got[i] for i in items], expected, rtol=1e-5, atol=1e-6)
+            answers[s] = np.array([got[i] for i in items])
+    if family == "gsvr":  # the scenario reaches the model: per-scenario parameters change the scores
+        assert not np.allclose(*answers.values())
