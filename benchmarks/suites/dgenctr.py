@@ -9,7 +9,10 @@ Variants (model `dgenctr`):
 - `scorer-only-transfer` only the scoring network (Transformer, time embedding, heads) transferred;
 - `no-label-diffusion`   pre-training with the label left out of the diffusion, then full transfer;
 - `long-pretrain`        `full` with $DGENCTR_LONG_PRETRAIN_EPOCHS (default 12) pre-training epochs instead of
-                         params.yaml's, to see whether more pre-training pays.
+                         params.yaml's, to see whether more pre-training pays;
+- `finetune-lr-3e-4`     `full` fine-tuned with lr 3e-4 instead of 1e-3 (label-scarce protocol only);
+- `aux-denoise-0.5`      `full` with the denoising loss kept during fine-tuning at weight 0.5, a regulariser for
+                         few labels (label-scarce protocol only).
 Label-scarce protocol (`label_fraction` 0.1): fine-tuning, and the baselines, see 10% of the training labels
 (a seeded random subset per seed); pre-training sees the features of every training row but only those labels.
 Validation (early stopping) and test are the same full splits under both protocols.
@@ -120,12 +123,14 @@ def dgenctr_experiment(
     protocol: str = "standard",
     out: Path = RESULTS,
     pretrain_epochs: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Experiment:
-    """transfer None = no pre-training; kind = which pre-training (standard | scarce | no-label)."""
+    """transfer None = no pre-training; kind = which pre-training (standard | scarce | no-label); overrides: the
+    fine-tuning's models.dgenctr settings (dotted keys), never architecture keys (the checkpoint is shared)."""
     from ctrflow.training.pretrain import load_pretrained_for_finetune
 
     def run(ctx: BenchContext, seed: int) -> dict[str, Any]:
-        section = dgenctr_section()
+        section = dgenctr_section(overrides)
         ckpt = pretrained(ctx, seed, kind, out, pretrain_epochs) if transfer is not None else None
         if transfer is None:
             build = lambda: build_model("dgenctr", ctx.encoder, section)  # noqa: E731
@@ -192,6 +197,8 @@ def experiments(args: Namespace) -> list[Experiment]:
             dgenctr_experiment(
                 "long-pretrain", "all", "scarce", protocol=SCARCE, out=out, pretrain_epochs=long_pretrain_epochs()
             ),
+            dgenctr_experiment("finetune-lr-3e-4", "all", "scarce", SCARCE, out, overrides={"finetune.lr": 3e-4}),
+            dgenctr_experiment("aux-denoise-0.5", "all", "scarce", SCARCE, out, overrides={"finetune_aux_weight": 0.5}),
         ]
     return exps
 
