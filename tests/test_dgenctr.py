@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ctrflow.data.encoding import FeatureEncoder
+from ctrflow.data.spec import FieldKind
 from ctrflow.models import build_model, known_models, to_tensors
 from ctrflow.models.dgenctr import DENSE, LARGE, SMALL, DGenCTR, mask_rate, parameter_group, sample_mask
 from ctrflow.training import TrainConfig, Trainer, seed_everything
@@ -241,7 +242,7 @@ def test_generation_returns_valid_token_ids(encoder, train, valid, checkpoint) -
             assert all(tuple(r.tolist()) in bank_rows for r in x), f.name
         else:
             assert x.dtype == torch.long and int(x.min()) >= 0 and int(x.max()) < encoder.vocab_size(f.name), f.name
-            if kind == LARGE:
+            if kind == LARGE or f.kind is FieldKind.CATEGORICAL:
                 assert int(x.min()) >= 1, f"{f.name}: the unknown id is never generated"
     assert set(rows["label"].unique().tolist()) <= {0, 1}
     report = generation_report(model, encoder, train, valid, n=200, steps=5)

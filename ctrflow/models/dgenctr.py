@@ -373,7 +373,10 @@ class DGenCTR(CTRModel):
         kind = self.kinds[pos]
         g = self.head(h[:, pos], pos)
         if kind in (SMALL, LABEL_KIND):
-            return self.small_logits(g, pos)
+            logits = self.small_logits(g, pos)
+            if kind == SMALL and self.fields[pos].kind is FieldKind.CATEGORICAL:
+                logits[:, 0] = float("-inf")  # nor the unknown category (bucket 0 of a numeric is "missing": real)
+            return logits
         if kind == LARGE:
             table = self.embedding.table(self.token_names[pos]).weight
             logits = F.normalize(g, dim=-1) @ F.normalize(table, dim=-1).t() / self.tau
