@@ -132,23 +132,25 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def merge_records(new: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
-    """Replace records with the same key, keep the rest: suites can be re-run one at a time."""
+def merge_records(new: list[dict[str, Any]], path: Path, key: tuple[str, ...] = KEY) -> list[dict[str, Any]]:
+    """Replace the records of `path` with the same `key` fields, keep the rest: every benchmark (quality, speed,
+    serving, generation) can be re-run a piece at a time."""
     old = json.loads(path.read_text()) if path.exists() else []
-    keys = {tuple(r.get(k) for k in KEY) for r in new}
-    merged = [r for r in old if tuple(r.get(k) for k in KEY) not in keys] + new
+    keys = {tuple(r.get(k) for k in key) for r in new}
+    merged = [r for r in old if tuple(r.get(k) for k in key) not in keys] + new
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=1))
     return merged
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float | None], digits: int = 4) -> str:
+    """'mean ± sample std' of the values present; one value alone; '–' for none."""
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 def render_markdown(records: list[dict[str, Any]]) -> str:
@@ -173,11 +175,11 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
         header += ["epochs", "train s"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for (model, variant), rows in block.groupby(["model", "variant"], sort=False):
-            cells = [model, variant, str(len(rows)), _mean_std(rows["auc"].tolist()), _mean_std(rows["gauc"].tolist()), _mean_std(rows["logloss"].tolist())]
+            cells = [model, variant, str(len(rows)), mean_std(rows["auc"].tolist()), mean_std(rows["gauc"].tolist()), mean_std(rows["logloss"].tolist())]
             for s in scenarios:
-                cells.append(_mean_std([d.get(s) if isinstance(d, dict) else None for d in rows["scenario_auc"]]))
+                cells.append(mean_std([d.get(s) if isinstance(d, dict) else None for d in rows["scenario_auc"]]))
             if has_cold:
-                cells.append(_mean_std(rows["cold_item_auc"].tolist()))
+                cells.append(mean_std(rows["cold_item_auc"].tolist()))
             cells.append(f"{rows['epochs'].mean():.1f}" if "epochs" in rows else "–")
             cells.append(f"{rows['train_seconds'].mean():.0f}" if "train_seconds" in rows else "–")
             lines.append("| " + " | ".join(cells) + " |")

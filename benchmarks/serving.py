@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.harness import RESULTS
+from benchmarks.harness import RESULTS, merge_records
 
 
 def _requests(training_set: str, candidates: int, n: int = 200) -> list[dict[str, Any]]:
@@ -117,11 +117,7 @@ def render(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge(new: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
-    key = lambda r: (r["model"], r["candidates"], r["concurrency"])  # noqa: E731
-    fresh = {key(r) for r in new}
-    old = json.loads(path.read_text()) if path.exists() else []
-    return [r for r in old if key(r) not in fresh] + new
+KEY = ("model", "candidates", "concurrency")  # serving.json records are merged by these
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,8 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(records[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    merged = merge(records, args.out / "serving.json")
-    (args.out / "serving.json").write_text(json.dumps(merged, indent=1))
+    merged = merge_records(records, args.out / "serving.json", KEY)
     (args.out / "serving.md").write_text(render(merged))
     print(f"results: {args.out / 'serving.json'} and {args.out / 'serving.md'}")
 

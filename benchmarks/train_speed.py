@@ -245,18 +245,7 @@ def run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---- output -----------------------------------------------------------------------------------------------
-KEY = ("dataset", "model", "impl", "sparse", "phase")
-
-
-def merge(new: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
-    """Replace records with the same (dataset, model, impl, sparse, phase), keep the rest: datasets and models can
-    be measured one run at a time."""
-    old = json.loads(path.read_text()) if path.exists() else []
-    keys = {tuple(r.get(k) for k in KEY) for r in new}
-    merged = [r for r in old if tuple(r.get(k) for k in KEY) not in keys] + new
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(merged, indent=1))
-    return merged
+KEY = ("dataset", "model", "impl", "sparse", "phase")  # records merged by these (datasets, models one run at a time)
 
 
 def ratios(records: list[dict[str, Any]], dataset: str) -> dict[str, Any] | None:
@@ -393,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         "embedding_dim": args.embedding_dim,
         "mlp": args.mlp,
     }
+    from benchmarks.harness import merge_records  # here, not at the top: the measuring subprocesses stay lean
+
     out_json = args.out / "train_speed.json"
     failures = 0
     with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
@@ -441,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
                               file=sys.stderr, flush=True)  # fmt: skip
                     runs[i].append(results)
                     if rep == args.repeats - 1:
-                        records = merge(_records(job, runs[i], args, run_id), out_json)
+                        records = merge_records(_records(job, runs[i], args, run_id), out_json, KEY)
                         (args.out / "train_speed.md").write_text(render_markdown(records, notes))
             ratio = ratios(json.loads(out_json.read_text()), dataset) if out_json.exists() else None
             if ratio:

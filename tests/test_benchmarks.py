@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from benchmarks import serving, train_speed
-from benchmarks.harness import Experiment, run_experiments
+from benchmarks.harness import Experiment, merge_records, run_experiments
 
 
 def test_criteo_shaped_set_has_39_fields_and_about_a_million_embedding_rows() -> None:
@@ -37,8 +37,8 @@ def test_speed_merge_replaces_only_the_same_key(tmp_path) -> None:
     path = tmp_path / "train_speed.json"
     a = {"dataset": "d", "model": "deepfm", "impl": "ctrflow", "sparse": False, "phase": "train", "samples_per_s": 1}
     b = {**a, "model": "lr"}
-    train_speed.merge([a, b], path)
-    merged = train_speed.merge([{**a, "samples_per_s": 2}], path)
+    merge_records([a, b], path, train_speed.KEY)
+    merged = merge_records([{**a, "samples_per_s": 2}], path, train_speed.KEY)
     assert sorted((r["model"], r["samples_per_s"]) for r in merged) == [("deepfm", 2), ("lr", 1)]
 
 
@@ -48,7 +48,7 @@ def test_serving_merge_keeps_other_models(tmp_path) -> None:
            "errors": 0, "rps": 90.0, "bare_model_p50_ms": 2.0, "logged_requests": 9}  # fmt: skip
     dmae = {**dcn, "model": "dmae", "p50_ms": 30}
     path.write_text(json.dumps([dcn, dmae]))
-    merged = serving.merge([{**dmae, "p50_ms": 25}], path)
+    merged = merge_records([{**dmae, "p50_ms": 25}], path, serving.KEY)
     assert sorted((r["model"], r["p50_ms"]) for r in merged) == [("dcnv2", 10), ("dmae", 25)]
     assert "| dmae |" in serving.render(merged)
 

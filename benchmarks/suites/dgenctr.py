@@ -25,7 +25,6 @@ that get the three transfer/label ablations; `full` and `no-pretrain` always run
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.harness import RESULTS, BenchContext, Experiment, train_and_evaluate
+from benchmarks.harness import RESULTS, BenchContext, Experiment, mean_std, merge_records, train_and_evaluate
 from ctrflow.config import load_params, merge
 from ctrflow.models import build_model, known_models
 
@@ -206,22 +205,12 @@ def experiments(args: Namespace) -> list[Experiment]:
 # ---- generation report ----------------------------------------------------------------------------------
 def write_generation(record: dict[str, Any], out: Path = RESULTS) -> None:
     """Merge one generation report (keyed by dataset, split, seed) into generation.json; re-render generation.md."""
-    path = out / "generation.json"
-    old = json.loads(path.read_text()) if path.exists() else []
-    key = (record["dataset"], record["split"], record["seed"])
-    records = [r for r in old if (r["dataset"], r["split"], r["seed"]) != key] + [record]
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=1))
+    records = merge_records([record], out / "generation.json", key=("dataset", "split", "seed"))
     (out / "generation.md").write_text(render_generation(records))
 
 
 def _ms(values: list[float | None]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+    return mean_std(values, digits=3)
 
 
 def render_generation(records: list[dict[str, Any]]) -> str:
