@@ -17,6 +17,8 @@ import torch
 from benchmarks.harness import RESULTS, BenchContext, run_experiments
 from benchmarks.suites import SUITES
 
+PROTOCOLS = ("standard", "label-scarce", "sparse-scenario")
+
 
 def load_dataset(name: str):
     from ctrflow.data import load_source
@@ -38,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="Run only experiments whose 'model/variant' contains one of these.")
-    p.add_argument("--protocols", nargs="*", default=None, help="Run only experiments of these protocols.")
+    p.add_argument("--protocols", nargs="*", default=None, choices=PROTOCOLS, help="Run only experiments of these protocols.")
     p.add_argument("--resume", action="store_true", help="Skip runs already in <out>/quality.json.")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -48,17 +50,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     suites = SUITES if "all" in args.suite else args.suite
+    experiments = []  # built once: each runs against the split's context it is given
+    for suite in suites:
+        module = importlib.import_module(f"benchmarks.suites.{suite}")
+        experiments += module.experiments(args)
+    if args.only:
+        experiments = [e for e in experiments if any(o in f"{e.model}/{e.variant}" for o in args.only)]
+    if args.protocols:
+        experiments = [e for e in experiments if e.protocol in args.protocols]
+    if not experiments:
+        raise SystemExit(f"quality: --only {args.only} and --protocols {args.protocols} select no experiment of {suites}")
     dataset = load_dataset(args.dataset)
     for split in args.splits:
         ctx = BenchContext(dataset, split, epochs=args.epochs, patience=args.patience, threads=args.threads)
-        experiments = []
-        for suite in suites:
-            module = importlib.import_module(f"benchmarks.suites.{suite}")
-            experiments += module.experiments(args)
-        if args.only:
-            experiments = [e for e in experiments if any(o in f"{e.model}/{e.variant}" for o in args.only)]
-        if args.protocols:
-            experiments = [e for e in experiments if e.protocol in args.protocols]
         run_experiments(experiments, ctx, args.seeds, args.out, resume=args.resume)
     print(f"results: {args.out / 'quality.json'} and {args.out / 'quality.md'}")
 

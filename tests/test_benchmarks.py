@@ -7,6 +7,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from benchmarks import serving, train_speed
 from benchmarks.harness import Experiment, merge_records, run_experiments
@@ -73,3 +74,13 @@ def test_resume_skips_recorded_runs(tmp_path) -> None:
     records = json.loads((tmp_path / "quality.json").read_text())
     assert len(records) == 6 and np.isclose(min(r["auc"] for r in records), 0.5)
     assert (tmp_path / "quality.md").exists()
+
+
+def test_filters_that_select_nothing_are_an_error_before_any_data_is_loaded(tmp_path) -> None:
+    from benchmarks import quality
+
+    with pytest.raises(SystemExit, match="select no experiment"):
+        quality.main(["--suite", "dgenctr", "--only", "no-such-variant", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # argparse: not a protocol
+        quality.main(["--suite", "dgenctr", "--protocols", "scarce", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
