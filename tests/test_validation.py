@@ -508,13 +508,13 @@ def test_one_class_in_a_split_or_a_scenario_warns(tmp_path):
     report = validate_dataset(_with(ds, interactions=inter), tmp_path, now=NOW)
     assert report.success and report.failures == []
     assert len(report.warnings) == 3, report.warning_lines()
-    test = _line(report, "interactions.label: in the 'test' split (data.split=temporal), label must", warning=True)
-    assert "both classes, or AUC is undefined there (0: 4 rows, 1: 0 rows); missing: 1" in test
-    scenario = _line(report, "interactions.label: in scenario 'b', label must hold both classes", warning=True)
-    assert "(0: 20 rows, 1: 0 rows); missing: 1" in scenario
-    valid_a = _line(report, "interactions.label: in scenario 'a' of the 'valid' split, label must", warning=True)
-    assert "(0: 0 rows, 1: 2 rows); missing: 0" in valid_a
-    # scenario b within valid/test and scenario a within test hold one class too: each is said once, above
+    split = _line(report, "interactions.label: each split (data.split=temporal) should hold both classes", warning=True)
+    assert "AUC is undefined there (test holds 4 rows, all 0); missing: 'test:1'" in split
+    scenario = _line(report, "interactions.label: each scenario should hold both classes of label", warning=True)
+    assert "(b holds 20 rows, all 0); missing: 'b:1'" in scenario
+    within = _line(report, "interactions.label: each scenario within the valid and test splits should", warning=True)
+    assert "(a in valid holds 2 rows, all 1); missing: 'a in valid:0'" in within
+    # b within valid/test and a within test hold one class too: said once, by the split and scenario lines
     summary = report.summary()
     assert summary.splitlines()[0].endswith("3 warnings:") and "passed" in summary.splitlines()[0]
     saved = json.loads(report.json_path.read_text())
