@@ -499,8 +499,10 @@ def test_random_split_with_an_empty_split_fails(tmp_path):
 
 
 def test_one_class_in_a_split_or_a_scenario_warns(tmp_path):
-    """valid and test (rows 32-39) hold no click, and scenario b never clicks in train: warnings, not failures."""
+    """Test (rows 36-39) holds no click, scenario b never clicks, scenario a clicks in every valid row, scenario c
+    has no rows: warnings, not failures."""
     ds = small_dataset()
+    ds = _with(ds, spec=dataclasses.replace(ds.spec, scenarios=["a", "b", "c"]))
     inter = ds.interactions.copy()
     inter.loc[32:, "label"] = 0
     inter.loc[(inter.index < 32) & (inter.scenario == "b"), "label"] = 0
@@ -511,7 +513,7 @@ def test_one_class_in_a_split_or_a_scenario_warns(tmp_path):
     split = _line(report, "interactions.label: each split (data.split=temporal) should hold both classes", warning=True)
     assert "AUC is undefined there (test holds 4 rows, all 0); missing: 'test:1'" in split
     scenario = _line(report, "interactions.label: each scenario should hold both classes of label", warning=True)
-    assert "(b holds 20 rows, all 0); missing: 'b:1'" in scenario
+    assert "(b holds 20 rows, all 0; c holds no rows); missing: 'b:1', 'c:0', 'c:1'" in scenario
     within = _line(report, "interactions.label: each scenario within the valid and test splits should", warning=True)
     assert "(a in valid holds 2 rows, all 1); missing: 'a in valid:0'" in within
     # b within valid/test and a within test hold one class too: said once, by the split and scenario lines

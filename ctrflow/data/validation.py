@@ -344,11 +344,13 @@ def _split_rules(ds: Dataset, method: str, seed: int, derived: dict[str, pd.Seri
         keep = np.isin(code, only) & np.isin(y, (0, 1))
         index = np.where(keep, code * 2 + np.clip(y, 0, 1), len(values) - 1)
         derived[name] = pd.Series(values[index], index=df.index)
-        lacking = [
-            f"{groups[g]} holds {n:,} rows, all {int(y[code == g][0])}"
-            for g in only
-            if (n := int((code == g).sum())) and len(np.unique(y[code == g])) < 2
-        ]
+        lacking = []
+        for g in only:
+            classes = np.unique(y[code == g])
+            if len(classes) == 0:
+                lacking.append(f"{groups[g]} holds no rows")
+            elif len(classes) == 1:
+                lacking.append(f"{groups[g]} holds {int((code == g).sum()):,} rows, all {int(classes[0])}")
         rule = f"{about} should hold both classes of {label}, or AUC is undefined there" + (
             f" ({'; '.join(lacking)})" if lacking else ""
         )
@@ -365,14 +367,14 @@ def _split_rules(ds: Dataset, method: str, seed: int, derived: dict[str, pd.Seri
         )
 
     def one_class(code: np.ndarray, g: int) -> bool:
-        return len(np.unique(y[code == g])) < 2
+        return len(np.unique(y[code == g])) == 1
 
     nonempty_splits = [g for g in range(len(SPLITS)) if (split_code == g).any()]
     level(f"{label}_by_split", f"each split ({setting})", list(SPLITS), split_code, nonempty_splits)
     if scen_code is None:
         return exps
-    nonempty_scen = [g for g in range(len(spec.scenarios)) if (scen_code == g).any()]
-    level(f"{label}_by_scenario", "each scenario", list(spec.scenarios), scen_code, nonempty_scen)
+    # every declared scenario: one without rows trains its tower on nothing and gets no AUC
+    level(f"{label}_by_scenario", "each scenario", list(spec.scenarios), scen_code, list(range(len(spec.scenarios))))
     # scenario within the valid and test splits (per-scenario AUC is reported there); a scenario or split that holds
     # one class throughout is said once, above
     pairs = [f"{sc} in {sp}" for sp in SCORED_SPLITS for sc in spec.scenarios]
@@ -384,7 +386,8 @@ def _split_rules(ds: Dataset, method: str, seed: int, derived: dict[str, pd.Seri
             g = i * len(spec.scenarios) + j
             rows = (split_code == g_split) & (scen_code == j)
             pair_code[rows] = g
-            if rows.any() and not one_class(split_code, g_split) and not one_class(scen_code, j):
+            said = not (split_code == g_split).any() or one_class(split_code, g_split) or one_class(scen_code, j)
+            if (scen_code == j).any() and not said:
                 wanted.append(g)
     level(f"{label}_by_scenario_and_split", "each scenario within the valid and test splits", pairs, pair_code, wanted)
     return exps
