@@ -449,21 +449,27 @@ def _profile_suite(ds: Dataset, table: str, warn_null_share: float) -> tuple[lis
         exps.append(_expect("ExpectColumnValuesToNotBeNull", t, key, f"{key} must not be null", column=key))
         exps.append(_expect("ExpectColumnValuesToBeUnique", t, key, f"{key} must be unique", column=key))
         exps.append(_expect("ExpectColumnTypeToBe", t, key, f"{key} must have dtype int64", column=key, type_="int64"))
-        names = [f"{key} {_show(k)}" for k in df[key].to_numpy()]
+        keys = df[key].to_numpy()
+
+        def row_name(i: int) -> str:
+            return f"{key} {_show(keys[i])}"
     else:
-        names = [f"row {i}" for i in range(len(df))]
+
+        def row_name(i: int) -> str:
+            return f"row {i}"
+
     for f in fields:
         if f.column in present:
-            exps.extend(_field_rules(t, f, df[f.column], names, derived, warn_null_share))
+            exps.extend(_field_rules(t, f, df[f.column], row_name, derived, warn_null_share))
     return exps, derived
 
 
 def _field_rules(
-    t: str, f: FieldSpec, col: pd.Series, names: list[str], derived: dict[str, pd.Series], warn_null_share: float
+    t: str, f: FieldSpec, col: pd.Series, row_name: Any, derived: dict[str, pd.Series], warn_null_share: float
 ) -> list:
     """The rules of one declared user/item field: not empty throughout, and its kind's rules on every row.
 
-    `names` labels each row in examples ("item_id 7"). A rule that cannot break for the column's dtype (±inf in an
+    `row_name(i)` labels row i in examples ("item_id 7"). A rule that cannot break for the column's dtype (±inf in an
     int column, mixed types in a str column) is not run.
     """
     c = f.column
@@ -505,22 +511,24 @@ def _field_rules(
         """
         check = col.notna().to_numpy() if only is None else only
         found = np.full(len(col), None, dtype=object)
-        for i, v in enumerate(col.to_numpy()):
-            if check[i]:
-                why = problem(v)
-                if why is not None:
-                    found[i] = f"{names[i]} ({why})"
+        cells = col.to_numpy()
+        for i in np.flatnonzero(check):
+            why = problem(cells[i])
+            if why is not None:
+                found[i] = f"{row_name(i)} ({why})"
         exps.append(_per_row(t, c, rule, derived, f"{c}_{suffix}", pd.Series(found, index=col.index)))
 
     if f.kind is FieldKind.CATEGORICAL and col.dtype == object:  # a str/int/float dtype holds one type
-        kinds = pd.Series([_kind(v) for v in col[~blank]], dtype=object)
-        scalar = kinds[kinds.isin(SCALAR_KINDS)]
+        kinds = _kinds(col)  # vectorised: type() per cell, then one lookup per distinct type
+        present = col.notna().to_numpy()
+        scalar = pd.Series(kinds[present & np.isin(kinds, SCALAR_KINDS)], dtype=object)
         major = scalar.mode().iloc[0] if len(scalar) else "str"
         per_row(
             "mixed_types",
             f"{c} is categorical: its values must be scalars of one type (mostly {major} here); mixed types collide "
             "or split once written as text",
-            lambda v: None if _kind(v) == major else f"{_short(v)} is {_kind(v)}",
+            lambda v: f"{_short(v)} is {_kind(v)}",
+            only=present & (kinds != major),
         )
     elif f.kind is FieldKind.NUMERIC:
         if not pd.api.types.is_numeric_dtype(col):
@@ -533,7 +541,8 @@ def _field_rules(
             per_row(
                 "non_finite",
                 f"{c} must be finite: ±inf breaks its quantile buckets (NaN is a missing value and is allowed)",
-                lambda v: str(v) if np.isinf(v) else None,
+                str,
+                only=np.isinf(col.to_numpy(dtype=np.float64, na_value=np.nan)),
             )
     elif f.kind is FieldKind.SEQUENCE:
         per_row(
@@ -567,7 +576,7 @@ def _field_rules(
             f"every element of {c} must be a finite number: one NaN or ±inf inside a vector makes training diverge "
             "(a missing vector is allowed)",
             _non_finite,
-            only=(lengths == f.dim).fillna(False).to_numpy(dtype=bool),  # a wrong length is the rule above's
+            only=_maybe_non_finite(col, (lengths == f.dim).fillna(False).to_numpy(dtype=bool)),
         )
     return exps
 
@@ -594,34 +603,43 @@ def _is_missing(v: Any) -> bool:
 
 def _blank(col: pd.Series) -> np.ndarray:
     """Per row: missing, empty or blank text, or an empty list: the value carries nothing."""
+    out = col.isna().to_numpy().copy()
     if not _is_object(col):
-        return col.isna().to_numpy()
-
-    def blank(v: Any) -> bool:
-        if isinstance(v, str):
-            return not v.strip()
-        if isinstance(v, list | tuple | np.ndarray):
-            return len(v) == 0
-        return _is_missing(v)
-
-    return np.fromiter((blank(v) for v in col.to_numpy()), dtype=bool, count=len(col))
+        return out
+    kinds = _kinds(col)
+    text = kinds == "str"
+    if text.any():
+        out[text] = col[text].str.strip().eq("").to_numpy(dtype=bool)
+    lists = kinds == "list"
+    if lists.any():
+        out[lists] = col[lists].map(len).to_numpy() == 0
+    return out
 
 
 def _kind(v: Any) -> str:
     """A value's type in words: bool, int, float, str, bytes, list, or the Python type's name."""
-    if isinstance(v, bool | np.bool_):
-        return "bool"
-    if isinstance(v, int | np.integer):
-        return "int"
-    if isinstance(v, float | np.floating):
-        return "float"
-    if isinstance(v, str):
-        return "str"
-    if isinstance(v, bytes):
-        return "bytes"
-    if isinstance(v, list | tuple | np.ndarray):
-        return "list"
-    return type(v).__name__
+    return _kind_of_type(type(v))
+
+
+def _kind_of_type(t: type) -> str:
+    for kind, types in (
+        ("bool", (bool, np.bool_)),
+        ("int", (int, np.integer)),
+        ("float", (float, np.floating)),
+        ("str", (str,)),
+        ("bytes", (bytes,)),
+        ("list", (list, tuple, np.ndarray)),
+    ):
+        if issubclass(t, types):
+            return kind
+    return t.__name__
+
+
+def _kinds(col: pd.Series) -> np.ndarray:
+    """_kind of every cell (an object array), with one Python call per distinct type, not per cell."""
+    types = col.map(type)
+    lookup = {t: _kind_of_type(t) for t in pd.unique(types)}
+    return types.map(lookup).to_numpy(dtype=object)
 
 
 def _short(v: Any) -> str:
@@ -652,6 +670,24 @@ def _odd_element(v: Any, major: str) -> str | None:
         if not _is_missing(x) and _kind(x) != major:
             return f"{_short(x)} at [{i}] is {_kind(x)}"
     return None
+
+
+def _maybe_non_finite(col: pd.Series, rows: np.ndarray) -> np.ndarray:
+    """The rows (of `rows`: vectors of the declared length) that _non_finite must look at one by one.
+
+    Fast path: numeric vectors stack into one matrix, and only the rows holding a NaN or ±inf are kept. Otherwise
+    (lists of mixed objects, text inside) every row is.
+    """
+    cells = col.to_numpy()[rows]
+    try:
+        matrix = np.stack(cells) if len(cells) else np.zeros((0, 0))
+    except (ValueError, TypeError):
+        return rows
+    if matrix.dtype.kind not in "iufb":
+        return rows
+    out = rows.copy()
+    out[rows] = ~np.isfinite(matrix.astype(np.float64, copy=False)).all(axis=1)
+    return out
 
 
 def _non_finite(v: Any) -> str | None:
