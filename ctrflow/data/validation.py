@@ -27,6 +27,8 @@ What is checked, by kind (each rule names its table, column, rule and row count)
   test splits of `splits.make_split` (the features step's split) must each hold rows; a split, a scenario or a
   scenario within the valid or test split with one class gives a warning (its AUC will be undefined).
 Warnings are GX expectations with severity "warning": they are in the report and the summary, and never fail a run.
+(GX's own per-table `success` in the data docs and in validation.json's "results" counts them; ctrflow's verdict,
+validation.json's top-level "success", counts only the critical ones.)
 """
 
 from __future__ import annotations
