@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -557,23 +558,48 @@ def test_epoch_numbers_name_their_likely_unit(factor, unit):
         assert f"the likely unit is epoch {unit} (2 of the 3 rows outside fall in range read as {unit})" in rule
 
 
+def _write_user_data(ds: Dataset, data) -> None:
+    """The dataset as the user's Parquet files + schema.yaml (README, 'Your own data')."""
+    import yaml
+
+    data.mkdir()
+    ds.interactions.to_parquet(data / "interactions.parquet", index=False)
+    ds.users.to_parquet(data / "users.parquet", index=False)
+    ds.items.to_parquet(data / "items.parquet", index=False)
+    schema = {"name": "small", "scenarios": ds.spec.scenarios, "behaviour_max_len": 5, "fields": SMALL_FIELDS}
+    (data / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
+
+
+def test_validate_step_passes_the_split_settings_and_returns_warnings(tmp_path):
+    """validate_step reads data.split/data.seed (the features step's split) and validation.warn_null_share; a warning
+    does not stop it: the dataset is written and the warning lines are returned."""
+    from ctrflow.config import load_params
+    from ctrflow.steps import validate_step
+
+    ds = small_dataset()
+    inter = ds.interactions.copy()
+    inter.loc[inter.scenario == "b", "label"] = 0  # scenario b never clicks
+    _write_user_data(_with(ds, interactions=inter), tmp_path / "data")
+    overrides = {"data.source": "parquet", "data.path": str(tmp_path / "data"), "data.split": "random"}
+    params = load_params(None, {**overrides, "data.seed": 3, "validation.min_rows": 10})
+    result = validate_step(params, tmp_path / "ds", tmp_path / "rep")
+    assert (tmp_path / "ds" / "interactions.parquet").exists()
+    assert any(w.startswith("interactions.label: each scenario should hold both") for w in result["warnings"])
+    assert any("(b holds 20 rows, all 0)" in w for w in result["warnings"])
+    saved = json.loads(Path(result["report_json"]).read_text())
+    assert saved["split"] == {"method": "random", "seed": 3} and saved["success"] is True
+
+
 def test_cli_epoch_milliseconds_exit_2_with_the_report_written(tmp_path, monkeypatch, capsys):
     """The whole way a user meets it: Parquet with epoch-ms timestamps -> `ctrflow validate` -> exit 2, one line per
     rule naming interactions.event_timestamp, the unit and the rows; the report written; no dataset written."""
-    import yaml
-
     from ctrflow import cli
 
     ds = small_dataset()
     data = tmp_path / "data"
-    data.mkdir()
     inter = ds.interactions.copy()
     inter["event_timestamp"] = inter["event_timestamp"].astype("int64") // 1_000  # us -> ms
-    inter.to_parquet(data / "interactions.parquet", index=False)
-    ds.users.to_parquet(data / "users.parquet", index=False)
-    ds.items.to_parquet(data / "items.parquet", index=False)
-    schema = {"name": "small", "scenarios": ["a", "b"], "behaviour_max_len": 5, "fields": SMALL_FIELDS}
-    (data / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
+    _write_user_data(_with(ds, interactions=inter), data)
     out, rep = tmp_path / "ds", tmp_path / "rep"
     argv = ["ctrflow", "--set", "data.source=parquet", "--set", f"data.path={data}", "--set", "validation.min_rows=10"]
     monkeypatch.setattr("sys.argv", [*argv, "validate", "--out", str(out), "--report", str(rep)])
