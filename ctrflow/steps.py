@@ -30,7 +30,11 @@ def use_bentoml_home(params: dict[str, Any]) -> str:
 
 # ---- validate -------------------------------------------------------------------------------------------
 def validate_step(params: dict[str, Any], dataset_out: str | Path, report_dir: str | Path) -> dict[str, Any]:
-    """Load the configured source, validate it (raises DataValidationError), save the canonical tables."""
+    """Load the configured source, validate it (raises DataValidationError), save the canonical tables.
+
+    The split rules check the features step's split (data.split, data.seed). Warnings (a split or scenario with one
+    class, a mostly-missing field) do not stop the step: they are logged and returned under "warnings".
+    """
     from ctrflow.data import load_source
     from ctrflow.data.validation import validate_dataset
 
@@ -44,6 +48,9 @@ def validate_step(params: dict[str, Any], dataset_out: str | Path, report_dir: s
         min_rows=v.get("min_rows", 1),
         max_rows=v.get("max_rows"),
         min_timestamp=v.get("min_timestamp", "1990-01-01"),
+        split_method=data["split"],
+        seed=data["seed"],
+        warn_null_share=v.get("warn_null_share", 0.9),
     )
     dataset.save(dataset_out)
     log.info("validated %s: %d interactions; report %s", dataset.name, len(dataset.interactions), report.html_path)
@@ -52,6 +59,7 @@ def validate_step(params: dict[str, Any], dataset_out: str | Path, report_dir: s
         "rows": len(dataset.interactions),
         "report_html": str(report.html_path),
         "report_json": str(report.json_path),
+        "warnings": report.warning_lines(),
     }
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -231,3 +233,387 @@ def test_failure_report_without_raising(tiny_dataset, tmp_path):
     assert "<html" in report.html_path.read_text().lower()
     pages = list(report.html_path.parent.glob("validations/**/*.html"))
     assert len(pages) == 3  # one GX data-docs page per table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every kind of input that would break a later step (or quietly degrade it), on small hand-made tables whose row
+# counts are easy to check by hand: 40 interactions (users 1-4, items 10-13, scenarios a/b alternating, labels
+# 0,0,1,1 repeating, one event an hour), 4 users, 4 items. The temporal split puts rows 0-31 in train, 32-35 in
+# valid and 36-39 in test, so every split, scenario and scenario-within-split holds both classes.
+
+SMALL_START = pd.Timestamp("2025-01-01", tz="UTC")
+SMALL_FIELDS = [
+    {"name": "gender", "kind": "categorical", "entity": "user"},
+    {"name": "age", "kind": "numeric", "entity": "user", "buckets": 4},
+    {"name": "region", "kind": "categorical", "entity": "user"},
+    {"name": "user_emb", "kind": "embedding", "entity": "user", "dim": 3},
+    {"name": "genre", "kind": "categorical", "entity": "item"},
+    {"name": "price", "kind": "numeric", "entity": "item", "buckets": 4},
+    {"name": "tags", "kind": "sequence", "entity": "item", "max_len": 3},
+    {"name": "text_emb", "kind": "embedding", "entity": "item", "dim": 3},
+]
+
+
+def small_dataset() -> Dataset:
+    from ctrflow.data.spec import FeatureSpec, FieldSpec
+    from ctrflow.data.tables import standard_fields
+
+    n = 40
+    interactions = pd.DataFrame(
+        {
+            "user_id": np.arange(n, dtype=np.int64) % 4 + 1,
+            "item_id": 10 + (np.arange(n, dtype=np.int64) // 4) % 4,
+            "scenario": ["a", "b"] * (n // 2),
+            "label": np.array([0, 0, 1, 1] * (n // 4), dtype=np.int64),
+            "event_timestamp": (SMALL_START + pd.to_timedelta(np.arange(n), unit="h")).astype("datetime64[us, UTC]"),
+        }
+    )
+    vec = [np.array([0.1, 0.2, 0.3], dtype=np.float32) + i for i in range(4)]
+    users = pd.DataFrame(
+        {
+            "user_id": np.array([1, 2, 3, 4], dtype=np.int64),
+            "gender": ["F", "M", "F", "M"],
+            "age": [20.0, 30.0, 40.0, 50.0],
+            "region": ["x", "y", "x", "y"],
+            "user_emb": list(vec),
+        }
+    )
+    items = pd.DataFrame(
+        {
+            "item_id": np.array([10, 11, 12, 13], dtype=np.int64),
+            "genre": ["g1", "g2", "g1", "g2"],
+            "price": [1.0, 2.0, 3.0, 4.0],
+            "tags": [["t1"], ["t1", "t2"], [], ["t3"]],
+            "text_emb": list(vec),
+        }
+    )
+    spec = FeatureSpec(fields=[*standard_fields(5), *(FieldSpec(**f) for f in SMALL_FIELDS)], scenarios=["a", "b"])
+    return Dataset("small", interactions, users, items, spec)
+
+
+def _rules(report: ValidationReport, warnings: bool = False) -> list[tuple[str, str, str]]:
+    """(table, column, rule) of each failure (or warning), sorted."""
+    return sorted((f["table"], f["column"], f["rule"]) for f in (report.warnings if warnings else report.failures))
+
+
+def _line(report: ValidationReport, start: str, warning: bool = False) -> str:
+    """The one summary line that starts with `start` (after the '  - ' or '  warning: ' prefix)."""
+    prefix = "  warning: " if warning else "  - "
+    lines = [x for x in report.summary().splitlines() if x.startswith(prefix + start)]
+    assert len(lines) == 1, f"{start!r}: {len(lines)} lines in\n{report.summary()}"
+    return lines[0]
+
+
+def test_small_clean_dataset_passes_without_warnings(tmp_path):
+    report = validate_dataset(small_dataset(), tmp_path, now=NOW)
+    assert report.success, report.summary()
+    assert report.warnings == [] and "warning" not in report.summary()
+
+
+def _profile_values_corrupted() -> Dataset:
+    """One bad value per rule in users and items; the users frame carries a repeated index (as a Parquet may)."""
+    ds = small_dataset()
+    users = ds.users.copy()
+    users["gender"] = np.array([None] * 4, dtype=object)  # null throughout
+    users["age"] = ["20", "30", None, "n/a"]  # a numeric field stored as text: 3 non-null rows
+    users["region"] = ["x", None, "", "  "]  # missing (null or blank) in 3 of 4 rows: a warning at 50%
+    emb = list(users["user_emb"])
+    emb[1] = np.array([0.1, -np.inf, 0.3], dtype=np.float32)  # user 2
+    emb[2] = np.array([np.nan, 0.5])  # user 3: wrong length (only the length rule reports it, not the NaN)
+    users["user_emb"] = emb
+    users.index = [0, 0, 1, 1]
+    items = ds.items.copy()
+    items["genre"] = ["g1", "g2", 7, "g2"]  # item 12: an int among strings
+    items["price"] = [1.0, 2.0, np.inf, np.nan]  # item 12: +inf (item 13's NaN is a missing value: allowed)
+    items["tags"] = [["t1"], "t1 t2", [], ["t3", 5]]  # item 11: text, not a list; item 13: an int among strings
+    vectors = list(items["text_emb"])
+    vectors[0] = np.array([np.nan, 0.2, 0.3], dtype=np.float32)  # item 10
+    vectors[1] = [0.1, 0.2, np.inf]  # item 11 (a plain list)
+    vectors[3] = None  # item 13: no vector is a missing value: allowed
+    items["text_emb"] = vectors
+    return _with(ds, users=users, items=items)
+
+
+PROFILE_RULES = {
+    ("users", "gender", "gender must hold a value in at least one row (it is null, NaN or empty in every row)"),
+    ("users", "age", "age is a numeric field: it must be stored as numbers (an int or float dtype), not object"),
+    ("users", "user_emb", "user_emb must be a vector of length 3 (examples are lengths; -1 = not a vector)"),
+    (
+        "users",
+        "user_emb",
+        "every element of user_emb must be a finite number: one NaN or ±inf inside a vector makes training diverge "
+        "(a missing vector is allowed)",
+    ),
+    (
+        "items",
+        "genre",
+        "genre is categorical: its values must be scalars of one type (mostly str here); mixed types collide or "
+        "split once written as text",
+    ),
+    (
+        "items",
+        "price",
+        "price must be finite: ±inf breaks its quantile buckets (NaN is a missing value and is allowed)",
+    ),
+    ("items", "tags", "tags is a sequence field: each cell must be a list (or missing)"),
+    ("items", "tags", "the elements of tags must all be of one type (mostly str here)"),
+    (
+        "items",
+        "text_emb",
+        "every element of text_emb must be a finite number: one NaN or ±inf inside a vector makes training diverge "
+        "(a missing vector is allowed)",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def profile_report(tmp_path_factory) -> tuple[ValidationReport, Dataset, dict]:
+    bad = _profile_values_corrupted()
+    before = snapshot(bad)
+    report = validate_dataset(
+        bad, tmp_path_factory.mktemp("profile"), now=NOW, warn_null_share=0.5, raise_on_failure=False
+    )
+    return report, bad, before
+
+
+def test_profile_group_breaks_exactly_the_planted_rules(profile_report):
+    report, bad, before = profile_report
+    assert set(_rules(report)) == PROFILE_RULES and len(report.failures) == len(PROFILE_RULES)
+    assert not any(f["error"] for f in report.failures), "a rule crashed instead of reporting"
+    assert_unchanged(bad, before)
+
+
+@pytest.mark.parametrize(
+    "start,expected",
+    [
+        ("users.gender:", ["4 of 4 rows broke it"]),
+        ("users.age:", ["3 of 4 rows broke it", "examples: user_id 1 ('20'), user_id 2 ('30'), user_id 4 ('n/a')"]),
+        ("users.user_emb: user_emb must be a vector", ["1 of 4 rows broke it", "examples: 2"]),
+        ("users.user_emb: every element", ["1 of 4 rows broke it", "examples: user_id 2 (-inf at [1])"]),
+        ("items.genre:", ["1 of 4 rows broke it", "examples: item_id 12 (7 is int)"]),
+        ("items.price:", ["1 of 4 rows broke it", "examples: item_id 12 (inf)"]),
+        ("items.tags: tags is a sequence", ["1 of 4 rows broke it", "examples: item_id 11 ('t1 t2' is not a list)"]),
+        ("items.tags: the elements", ["1 of 4 rows broke it", "examples: item_id 13 (5 at [1] is int)"]),
+        (
+            "items.text_emb: every element",
+            ["2 of 4 rows broke it", "examples: item_id 10 (nan at [0]), item_id 11 (inf at [2])"],
+        ),
+    ],
+    ids=[
+        "all_null",
+        "numeric_as_text",
+        "vector_length",
+        "user_vector_inf",
+        "mixed_categorical",
+        "inf_numeric",
+        "sequence_not_list",
+        "sequence_mixed_elements",
+        "item_vector_nan",
+    ],
+)
+def test_profile_kind_is_named_with_its_row_count(profile_report, start, expected):
+    line = _line(profile_report[0], start)
+    for text in expected:
+        assert text in line, f"{text!r} not in {line!r}"
+
+
+def test_mostly_missing_field_warns_but_passes(profile_report):
+    report = profile_report[0]
+    assert _rules(report, warnings=True) == [
+        (
+            "users",
+            "region",
+            "region should be missing (null, NaN or empty) in at most 50% of rows: this much missing often means a "
+            "broken join upstream",
+        )
+    ]
+    assert "3 of 4 rows broke it" in _line(report, "users.region:", warning=True)
+    saved = json.loads(report.json_path.read_text())
+    assert [w["column"] for w in saved["warnings"]] == ["region"] and len(saved["failures"]) == len(PROFILE_RULES)
+
+
+def test_structure_repeated_columns_wrong_key_dtype_text_timestamps(tmp_path):
+    """Repeated column names, a uint64 key beyond int64, and text timestamps that do not parse."""
+    ds = small_dataset()
+    users = pd.concat([ds.users, ds.users[["gender"]]], axis=1)  # 'gender' twice
+    users["user_id"] = np.array([1, 2, 3, 2**63 + 5], dtype=np.uint64)  # out of int64 range (not referenced)
+    inter = ds.interactions.copy()
+    inter = inter[inter.user_id != 4].reset_index(drop=True)  # 30 rows
+    text = inter["event_timestamp"].map(lambda t: t.isoformat()).astype(object)
+    text[0] = "not a date"
+    text[1] = "1736000000000"  # epoch milliseconds, as text
+    text[2] = "1850-01-01T00:00:00+00:00"  # parses, before min_timestamp
+    inter["event_timestamp"] = text
+    bad = _with(ds, interactions=inter, users=users)
+    before = snapshot(bad)
+    report = validate_dataset(bad, tmp_path, now=NOW, raise_on_failure=False)
+    assert {(f["table"], f["column"], f["expectation"]) for f in report.failures} == {
+        ("users", "gender", "expect_table_columns_to_match_set"),
+        ("users", "user_id", "expect_column_type_to_be"),
+        ("interactions", "event_timestamp", "expect_column_type_to_be"),
+        ("interactions", "event_timestamp", "expect_column_values_to_be_null"),
+    }
+    assert "column name 'gender' must appear once; it appears 2 times" in _line(report, "users.gender:")
+    assert "observed: uint64" in _line(report, "users.user_id:")
+    line = _line(report, "interactions.event_timestamp: event_timestamp must be a timestamp")
+    assert "text must be an ISO 8601 date-time" in line and "3 of 30 rows broke it" in line
+    assert "1 are numbers as text; the likely unit is epoch milliseconds (1 of the 1 rows" in line
+    assert "examples: 'not a date', '1736000000000', '1850-01-01T00:00:00+00:00'" in line
+    assert not any(f["error"] for f in report.failures)
+    assert_unchanged(bad, before)
+
+
+def test_labels_without_a_click_and_splits_that_come_out_empty(tmp_path):
+    """No positive at all, every event at one instant (the temporal split puts all in test), and no items."""
+    ds = small_dataset()
+    inter = ds.interactions.copy()
+    inter["label"] = 0
+    inter["event_timestamp"] = pd.Series(SMALL_START, index=inter.index).astype("datetime64[us, UTC]")
+    inter["item_id"] = 10 + np.arange(40, dtype=np.int64) // 4  # (user, item, time) stays unique: 10 items
+    bad = _with(ds, interactions=inter, items=ds.items.iloc[:0])
+    report = validate_dataset(bad, tmp_path, now=NOW, raise_on_failure=False)
+    assert {(f["table"], f["column"], f["expectation"]) for f in report.failures} == {
+        ("interactions", "label", "expect_column_distinct_values_to_contain_set"),
+        ("interactions", "split", "expect_column_distinct_values_to_contain_set"),
+        ("interactions", "item_id", "expect_column_values_to_be_null"),
+        ("items", "", "expect_table_row_count_to_be_between"),
+    }
+    label = _line(report, "interactions.label:")
+    assert "both classes" in label and "(0: 40 rows, 1: 0 rows)" in label and "missing: 1" in label
+    split = _line(report, "interactions.split:")
+    assert "data.split=temporal: train 0, valid 0, test 40 rows" in split and "missing: 'train', 'valid'" in split
+    assert "40 of 40 rows broke it" in _line(report, "interactions.item_id:")
+    assert "observed: 0 rows" in _line(report, "items:")
+    assert report.warnings == []  # no class at all is a failure; per-split warnings would only repeat it
+
+
+def test_random_split_with_an_empty_split_fails(tmp_path):
+    """5 events split 8:1:1 at random: round(0.5) = 0 rows for valid."""
+    ds = small_dataset()
+    inter = ds.interactions.iloc[[0, 2, 3, 4, 6]].reset_index(drop=True)
+    report = validate_dataset(
+        _with(ds, interactions=inter), tmp_path, now=NOW, split_method="random", seed=0, raise_on_failure=False
+    )
+    assert [(f["table"], f["column"]) for f in report.failures] == [("interactions", "split")]
+    line = _line(report, "interactions.split:")
+    assert "data.split=random, data.seed=0: train 4, valid 0, test 1 rows" in line and "missing: 'valid'" in line
+
+
+def test_one_class_in_a_split_or_a_scenario_warns(tmp_path):
+    """Test (rows 36-39) holds no click, scenario b never clicks, scenario a clicks in every valid row, scenario c
+    has no rows: warnings, not failures."""
+    ds = small_dataset()
+    ds = _with(ds, spec=dataclasses.replace(ds.spec, scenarios=["a", "b", "c"]))
+    inter = ds.interactions.copy()
+    inter.loc[32:, "label"] = 0
+    inter.loc[(inter.index < 32) & (inter.scenario == "b"), "label"] = 0
+    inter.loc[[32, 34], "label"] = 1  # valid: clicks in scenario a only (rows 32, 34), none in b (33, 35)
+    report = validate_dataset(_with(ds, interactions=inter), tmp_path, now=NOW)
+    assert report.success and report.failures == []
+    assert len(report.warnings) == 3, report.warning_lines()
+    split = _line(report, "interactions.label: each split (data.split=temporal) should hold both classes", warning=True)
+    assert "AUC is undefined there (test holds 4 rows, all 0); missing: 'test:1'" in split
+    scenario = _line(report, "interactions.label: each scenario should hold both classes of label", warning=True)
+    assert "(b holds 20 rows, all 0; c holds no rows); missing: 'b:1', 'c:0', 'c:1'" in scenario
+    within = _line(report, "interactions.label: each scenario within the valid and test splits should", warning=True)
+    assert "(a in valid holds 2 rows, all 1); missing: 'a in valid:0'" in within
+    # b within valid/test and a within test hold one class too: said once, by the split and scenario lines
+    summary = report.summary()
+    assert summary.splitlines()[0].endswith("3 warnings:") and "passed" in summary.splitlines()[0]
+    saved = json.loads(report.json_path.read_text())
+    assert saved["success"] is True and len(saved["warnings"]) == 3
+
+
+def test_loaders_keep_a_timestamp_column_they_cannot_convert():
+    """parse_timestamps never raises: it converts what converts and leaves the rest for validation to explain."""
+    from ctrflow.data.tables import TS_DTYPE, parse_timestamps
+
+    seconds = pd.Series([1_735_689_600, 1_735_693_200], dtype=np.int64)
+    assert str(parse_timestamps(seconds).dtype) == TS_DTYPE
+    assert parse_timestamps(seconds)[0] == pd.Timestamp("2025-01-01", tz="UTC")
+    text = pd.Series(["2025-01-01T00:00:00Z", "2025-01-01 01:00:00+01:00"])
+    assert (parse_timestamps(text) == pd.Timestamp("2025-01-01", tz="UTC")).all()
+    for raw in (seconds * 1_000, seconds * 1_000_000, pd.Series(["2025-01-01", "yesterday"])):
+        kept = parse_timestamps(raw)
+        assert kept is raw  # untouched: validation sees the values as they came
+
+
+@pytest.mark.parametrize(
+    "factor,unit",
+    [(1, None), (1_000, "milliseconds"), (1_000_000, "microseconds"), (1_000_000_000, "nanoseconds")],
+)
+def test_epoch_numbers_name_their_likely_unit(factor, unit):
+    """Epoch numbers in s/ms/us/ns (as the loader leaves them) break the rule row by row, naming the unit."""
+    from ctrflow.data.validation import _unparsed_timestamps
+
+    col = pd.Series([1_735_689_600 * factor, 1_735_693_200 * factor, None, 42], dtype="Int64")
+    lo, hi = pd.Timestamp("1990-01-01", tz="UTC"), NOW
+    rule, values = _unparsed_timestamps(col, "event_timestamp", lo, hi)
+    assert rule.startswith("event_timestamp holds numbers, read as epoch seconds, which must fall between 1990-01-01")
+    broken = values.dropna().tolist()
+    if unit is None:
+        assert broken == [42] and "no epoch unit (seconds, milliseconds, microseconds, nanoseconds)" in rule
+    else:
+        assert broken == [1_735_689_600 * factor, 1_735_693_200 * factor, 42]  # the null is the not-null rule's
+        assert f"the likely unit is epoch {unit} (2 of the 3 rows outside fall in range read as {unit})" in rule
+
+
+def _write_user_data(ds: Dataset, data) -> None:
+    """The dataset as the user's Parquet files + schema.yaml (README, 'Your own data')."""
+    import yaml
+
+    data.mkdir()
+    ds.interactions.to_parquet(data / "interactions.parquet", index=False)
+    ds.users.to_parquet(data / "users.parquet", index=False)
+    ds.items.to_parquet(data / "items.parquet", index=False)
+    schema = {"name": "small", "scenarios": ds.spec.scenarios, "behaviour_max_len": 5, "fields": SMALL_FIELDS}
+    (data / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
+
+
+def test_validate_step_passes_the_split_settings_and_returns_warnings(tmp_path):
+    """validate_step reads data.split/data.seed (the features step's split) and validation.warn_null_share; a warning
+    does not stop it: the dataset is written and the warning lines are returned."""
+    from ctrflow.config import load_params
+    from ctrflow.steps import validate_step
+
+    ds = small_dataset()
+    inter = ds.interactions.copy()
+    inter.loc[inter.scenario == "b", "label"] = 0  # scenario b never clicks
+    _write_user_data(_with(ds, interactions=inter), tmp_path / "data")
+    overrides = {"data.source": "parquet", "data.path": str(tmp_path / "data"), "data.split": "random"}
+    params = load_params(None, {**overrides, "data.seed": 3, "validation.min_rows": 10})
+    result = validate_step(params, tmp_path / "ds", tmp_path / "rep")
+    assert (tmp_path / "ds" / "interactions.parquet").exists()
+    assert any(w.startswith("interactions.label: each scenario should hold both") for w in result["warnings"])
+    assert any("(b holds 20 rows, all 0)" in w for w in result["warnings"])
+    saved = json.loads(Path(result["report_json"]).read_text())
+    assert saved["split"] == {"method": "random", "seed": 3} and saved["success"] is True
+
+
+def test_cli_epoch_milliseconds_exit_2_with_the_report_written(tmp_path, monkeypatch, capsys):
+    """The whole way a user meets it: Parquet with epoch-ms timestamps -> `ctrflow validate` -> exit 2, one line per
+    rule naming interactions.event_timestamp, the unit and the rows; the report written; no dataset written."""
+    from ctrflow import cli
+
+    ds = small_dataset()
+    data = tmp_path / "data"
+    inter = ds.interactions.copy()
+    inter["event_timestamp"] = inter["event_timestamp"].astype("int64") // 1_000  # us -> ms
+    _write_user_data(_with(ds, interactions=inter), data)
+    out, rep = tmp_path / "ds", tmp_path / "rep"
+    argv = ["ctrflow", "--set", "data.source=parquet", "--set", f"data.path={data}", "--set", "validation.min_rows=10"]
+    monkeypatch.setattr("sys.argv", [*argv, "validate", "--out", str(out), "--report", str(rep)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Out of bounds" not in err
+    lines = [x for x in err.splitlines() if x.startswith("  - interactions.event_timestamp: ")]
+    assert len(lines) == 2, err
+    unit = [x for x in lines if "holds numbers" in x]
+    assert unit and "the likely unit is epoch milliseconds" in unit[0] and "40 of 40 rows broke it" in unit[0]
+    assert "examples: 1735689600000, 1735693200000" in unit[0]
+    assert not out.exists()  # nothing written downstream
+    saved = json.loads((rep / "validation.json").read_text())
+    assert saved["success"] is False and len(saved["failures"]) == 2
+    assert (rep / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").exists()

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
-from ctrflow.data.tables import Dataset, standard_fields, to_utc_us
+from ctrflow.data.tables import Dataset, parse_timestamps, standard_fields
 
 SCENARIOS = ["<25", "25-34", ">=35"]
 AGE_BUCKETS = [(0, 18, "<18"), (18, 25, "18-24"), (25, 35, "25-34"), (35, 45, "35-44"), (45, 56, "45-55"), (56, 200, "56+")]
@@ -98,6 +98,6 @@ def load_movielens(max_len: int = 50, path: str | Path | None = None) -> Dataset
     )
     interactions["scenario"] = scenario_by_user.loc[interactions.user_id].to_numpy()
     interactions["label"] = (inter.rating.astype(float) > 3).astype(np.int64)
-    interactions["event_timestamp"] = to_utc_us(inter.timestamp.astype(np.int64))
+    interactions["event_timestamp"] = parse_timestamps(inter.timestamp.astype(np.int64))
     interactions = interactions.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
     return Dataset("ml-100k", interactions, users_out, items_out, movielens_spec(max_len))

@@ -15,11 +15,14 @@ def temporal_split(interactions: pd.DataFrame, valid_frac: float = 0.1, test_fra
     two splits.
     """
     ts = interactions["event_timestamp"]
-    order = np.sort(ts.to_numpy())
+    if isinstance(ts.dtype, pd.DatetimeTZDtype):
+        # UTC datetime64 instead of an object array of Timestamps: the same order, ~30x faster to sort and compare
+        ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
+    raw = ts.to_numpy()
+    order = np.sort(raw)
     n = len(order)
     test_cut = order[int(np.floor(n * (1 - test_frac)))]
     valid_cut = order[int(np.floor(n * (1 - test_frac - valid_frac)))]
-    raw = ts.to_numpy()
     split = np.where(raw >= test_cut, "test", np.where(raw >= valid_cut, "valid", "train"))
     return pd.Series(split, index=interactions.index, name="split")
 

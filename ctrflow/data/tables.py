@@ -55,12 +55,36 @@ class Dataset:
 
 
 def to_utc_us(ts: pd.Series) -> pd.Series:
-    """Timestamps as microsecond UTC: DuckDB-backed Feast fails on nanosecond tz-aware columns."""
+    """Timestamps as microsecond UTC: DuckDB-backed Feast fails on nanosecond tz-aware columns.
+
+    Numbers are read as epoch seconds, text as date-times (naive ones as UTC). Raises pandas' errors
+    (ValueError, OverflowError, TypeError) on values that do not convert; loaders use `parse_timestamps`.
+    """
     if pd.api.types.is_numeric_dtype(ts):
         ts = pd.to_datetime(ts, unit="s", utc=True)
     else:
         ts = pd.to_datetime(ts, utc=True)
     return ts.astype(TS_DTYPE)
+
+
+def parse_timestamps(raw: pd.Series) -> pd.Series:
+    """`raw` as datetime64[us, UTC] when every value converts (epoch seconds, date-time text), else `raw` unchanged.
+
+    Never raises: a column that does not convert (epoch milliseconds read as seconds, text that is no date) goes
+    to validation as it is, which names the table, the column, the likely unit and how many rows, and writes its
+    report; a bare pandas error here would name nothing. Text is tried as pandas infers it, then as ISO 8601 (the
+    format validation checks text against).
+    """
+    try:
+        return to_utc_us(raw)
+    except (ValueError, OverflowError, TypeError):
+        pass
+    if not pd.api.types.is_numeric_dtype(raw):
+        try:
+            return pd.to_datetime(raw, utc=True, format="ISO8601").astype(TS_DTYPE)
+        except (ValueError, OverflowError, TypeError):
+            pass
+    return raw
 
 
 def standard_fields(max_len: int, count_buckets: int = 10) -> list[FieldSpec]:

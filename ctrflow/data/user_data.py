@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from ctrflow.data.spec import FeatureSpec, FieldSpec
-from ctrflow.data.tables import Dataset, standard_fields, to_utc_us
+from ctrflow.data.tables import Dataset, parse_timestamps, standard_fields
 
 
 class SchemaError(ValueError):
@@ -59,5 +59,5 @@ def load_user_data(directory: str | Path) -> Dataset:
         tables[name] = pd.read_parquet(path)
     inter = tables["interactions"]
     if "event_timestamp" in inter.columns:
-        inter["event_timestamp"] = to_utc_us(inter["event_timestamp"])
+        inter["event_timestamp"] = parse_timestamps(inter["event_timestamp"])
     return Dataset(str(schema.get("name", directory.name)), inter, tables["users"], tables["items"], spec)
