@@ -74,14 +74,21 @@ def _hint(key: str, valid: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(valid)})"
 
 
-def _problems(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str, str]]:
-    """Pydantic's errors as (path, kind, text), our own `_Issues` unpacked with their paths completed."""
+def _problems(exc: ValidationError, prefix: tuple[str, ...] = (), cls: Any = None) -> list[tuple[tuple[str, ...], str, str]]:
+    """Pydantic's errors as (path, kind, text), our own `_Issues` unpacked with their paths completed.
+
+    `cls`: what was validated (a Section class), to name the nearest valid key for an unknown one.
+    """
     out: list[tuple[tuple[str, ...], str, str]] = []
     for err in exc.errors():
-        loc = prefix + tuple(str(p) for p in err["loc"])
+        rel = tuple(str(p) for p in err["loc"])
+        loc = prefix + rel
         inner = (err.get("ctx") or {}).get("error")
         if isinstance(inner, _Issues):
             out.extend((loc + p, k, t) for p, k, t in inner.items)
+        elif err["type"] == "extra_forbidden":
+            valid = _fields_at(cls, rel[:-1])
+            out.append((loc, "unknown", _hint(rel[-1], valid) if valid else ""))
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
@@ -90,23 +97,33 @@ def _problems(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[tuple[
     return out
 
 
+def _fields_at(cls: Any, loc: tuple[str, ...]) -> list[str] | None:
+    """The valid keys of the section reached from class `cls` along `loc` (None: not a section)."""
+    current = cls
+    for part in loc:
+        if _section_type(current) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        else:
+            return None
+    return list(current.model_fields) if _section_type(current) else None
+
+
 # ---- sections ---------------------------------------------------------------------------------------------
 class Section(BaseModel):
     """A params.yaml section: unknown keys rejected with the nearest valid name; an empty (null) section = defaults."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
-    def _known_keys(cls, data: Any) -> Any:
+    def _null_section_is_defaults(cls, data: Any) -> Any:
+        # `gate:` with nothing under it is YAML null: the section's defaults apply, as when it is absent
         if not isinstance(data, Mapping):
             return data
         fields = cls.model_fields
-        unknown = [k for k in data if k not in fields]
-        if unknown:
-            raise _Issues([((str(k),), "unknown", _hint(k, fields)) for k in unknown])
-        # `gate:` with nothing under it is YAML null: the section's defaults apply, as when it is absent
-        return {k: v for k, v in data.items() if not (v is None and _section_type(fields[k].annotation))}
+        return {k: v for k, v in data.items() if not (v is None and k in fields and _section_type(fields[k].annotation))}
 
 
 def _section_type(annotation: Any) -> type[Section] | None:
@@ -282,9 +299,10 @@ class EmbeddingsParams(Section):
         for name, options in value.items():
             options = dict(options or {})
             try:
-                out[str(name)] = modality_type(str(name), options).model_validate(options).model_dump()
+                kind = modality_type(str(name), options)
+                out[str(name)] = kind.model_validate(options).model_dump()
             except ValidationError as exc:
-                issues.extend(_problems(exc, (str(name),)))
+                issues.extend(_problems(exc, (str(name),), kind))
         if issues:
             raise _Issues(issues)
         return out
@@ -361,7 +379,7 @@ def _model_issues(name: str, section: Mapping[str, Any] | None) -> dict[str, Any
         try:
             checked = _adapter(args[key]).validate_python({} if sub and value is None else value)
         except ValidationError as exc:
-            issues.extend(((name, str(key), *p), k, t) for p, k, t in _problems(exc))
+            issues.extend(((name, str(key), *p), k, t) for p, k, t in _problems(exc, (), args[key]))
             continue
         out[key] = checked.model_dump() if isinstance(checked, BaseModel) else _plain(checked)
     if name == "gsvr" and section.get("backbone") is not None and section["backbone"] not in known_model_names():
@@ -442,7 +460,7 @@ def validate(params: Mapping[str, Any] | None, source: str = "params") -> Params
     try:
         return Params.model_validate(dict(params or {}))
     except ValidationError as exc:
-        raise ConfigError([_render(p, k, t) for p, k, t in _problems(exc)], source) from None
+        raise ConfigError([_render(p, k, t) for p, k, t in _problems(exc, (), Params)], source) from None
 
 
 def validate_params(params: Mapping[str, Any] | None, source: str = "params") -> dict[str, Any]:
@@ -501,7 +519,7 @@ def typed(cls: type[SectionT], data: Mapping[str, Any] | None, path: str) -> Sec
     try:
         return cls.model_validate(data or {})
     except ValidationError as exc:
-        raise ConfigError([_render((*path.split("."), *p), k, t) for p, k, t in _problems(exc)]) from None
+        raise ConfigError([_render((*path.split("."), *p), k, t) for p, k, t in _problems(exc, (), cls)]) from None
 
 
 # ---- files and overrides ----------------------------------------------------------------------------------
@@ -616,6 +634,8 @@ def annotation_at(key: str, params: Mapping[str, Any] | None = None) -> Any:
         else:
             raise ConfigError([f"'{'.'.join(here)}' is a value, not a section: cannot set '{key}'"], "--set")
     # a whole mapping (`--set models.dcnv2={mlp: [8]}`): parsed as a mapping here, its keys checked on validation
+    if current == _Mapping("modalities"):
+        return dict[str, Any] | list[str]  # names alone take each modality's defaults
     return dict[str, Any] if isinstance(current, _Mapping) else current
 
 
@@ -648,7 +668,7 @@ def parse_value(key: str, text: str, params: Mapping[str, Any] | None = None) ->
             errors.append(exc)
     # explain with the reading the user most likely meant: a list/mapping as such, a scalar as the text typed
     structured = [e for v, e in zip(candidates, errors) if isinstance(v, list | dict)]
-    reason = _problems((structured or errors[-1:])[0])[0][2]
+    reason = _problems((structured or errors[-1:])[0], (), annotation)[0][2]
     raise ConfigError([f"{key}={text}: {reason}"], "--set")
 
 
