@@ -73,7 +73,10 @@ def _covered(key: str, declared: list[str]) -> bool:
 def _declared_params(stage: dict) -> list[str]:
     out = []
     for entry in stage.get("params", []):
-        out.extend(entry if isinstance(entry, str) else [k for v in entry.values() for k in v])  # {file: [keys]}
+        if isinstance(entry, str):
+            out.append(entry)
+        else:  # {params file: [keys]}
+            out.extend(k for keys in entry.values() for k in keys)
     return out
 
 
@@ -98,18 +101,14 @@ def test_params_cover_every_key_a_stage_reads(reads, stages):
     assert not {n: m for n, m in missing.items() if m}, "dvc.yaml params miss keys the step reads"
 
 
-def test_declared_params_are_read(reads, stages):
-    stale = {}
-    for name, stage in stages.items():
-        got = reads[name]["params"]
-        unread = [d for d in _declared_params(stage) if not any(_covered(k, [d]) or _covered(d, [k]) for k in got)]
-        if unread:
-            stale[name] = unread
-    assert not stale, "dvc.yaml params that the step never reads (a change would re-run it for nothing)"
+def _has_code(path: str) -> bool:
+    return bool((REPO_ROOT / path).read_text().strip())  # an empty __init__.py holds nothing to depend on
 
 
 def test_deps_cover_the_code_each_stage_imports(reads, stages):
-    missing = {name: [m for m in reads[name]["modules"] if not _dep_covers(m, _deps(stage))] for name, stage in stages.items()}
+    missing = {
+        name: [m for m in reads[name]["modules"] if _has_code(m) and not _dep_covers(m, _deps(stage))] for name, stage in stages.items()
+    }
     assert not {n: m for n, m in missing.items() if m}, "dvc.yaml deps miss project code the command imports"
 
 
