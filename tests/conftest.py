@@ -12,6 +12,14 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # a pytest-xdist worker's __main__ (execnet's) has neither __spec__ nor __file__: pyspark, imported by Great
+    # Expectations, takes that for a doctest run and calls sys.exit(0) on import (pyspark.sql.connect.utils)
+    import __main__
+
+    if getattr(__main__, "__spec__", None) is None and not hasattr(__main__, "__file__"):
+        __main__.__file__ = "pytest-xdist-worker"
+
 
 # ---- test levels: `make test-quick` runs unit + component (not slow) ------------------------------------------
 LEVELS = ("unit", "component", "pipeline", "serving")
@@ -63,3 +71,19 @@ def tiny_frame(tiny_dataset):
     from ctrflow.data.frames import point_in_time_frame
 
     return point_in_time_frame(tiny_dataset)
+
+
+@pytest.fixture(scope="session")
+def tiny_training_set(tmp_path_factory, tiny_dataset, tiny_frame):
+    """A training set folder as the features step writes it (frame.parquet with its split + spec.json), from the
+    pandas point-in-time join, which equals Feast's (tests/test_features.py)."""
+    from ctrflow.data.splits import make_split
+    from ctrflow.steps import SPEC_FILE, TRAINING_FRAME
+
+    out = tmp_path_factory.mktemp("training_set") / "training_set"
+    out.mkdir()
+    frame = tiny_frame.copy()
+    frame["split"] = make_split(frame, "temporal").to_numpy()
+    frame.to_parquet(out / TRAINING_FRAME, index=False)
+    tiny_dataset.spec.save(out / SPEC_FILE)
+    return out

@@ -18,7 +18,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 import components
 from ctrflow.config import REPO_ROOT, load_params, to_struct
 from ctrflow.publish import publish_training
-from ctrflow.steps import SPEC_FILE, TRAINING_FRAME
+from ctrflow.steps import TRAINING_FRAME
 
 TINY = {
     "data.source": "synthetic",
@@ -63,17 +63,8 @@ def dataset_dir(tmp_path_factory, tiny_dataset) -> Path:
 
 
 @pytest.fixture(scope="module")
-def training_set(tmp_path_factory, tiny_dataset, tiny_frame) -> Path:
-    """A training set folder as the features step writes it (the pandas point-in-time join equals Feast's)."""
-    from ctrflow.data.splits import make_split
-
-    out = tmp_path_factory.mktemp("training_set") / "training_set"
-    out.mkdir()
-    frame = tiny_frame.copy()
-    frame["split"] = make_split(frame, "temporal").to_numpy()
-    frame.to_parquet(out / TRAINING_FRAME, index=False)
-    tiny_dataset.spec.save(out / SPEC_FILE)
-    return out
+def training_set(tiny_training_set) -> Path:
+    return tiny_training_set
 
 
 @pytest.fixture(scope="module")

@@ -206,13 +206,17 @@ def test_a_non_integral_float_for_an_int_is_rejected():
 
 # ---- the CLI ---------------------------------------------------------------------------------------------------
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """The `ctrflow` entry point in this process: (exit code, stdout + stderr)."""
     from ctrflow.cli import main
 
     monkeypatch.setattr(sys, "argv", ["ctrflow", *args])
-    with pytest.raises(SystemExit) as exit_:
+    code = 0
+    try:
         main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
     out = capsys.readouterr()
-    return exit_.value.code, out.out + out.err
+    return code, out.out + out.err
 
 
 def test_cli_misspelt_set_exits_2_naming_the_nearest_key(monkeypatch, capsys, tmp_path):
@@ -239,3 +243,14 @@ def test_library_defaults_are_the_typed_sections():
     assert pre["seed"] == 3 and pre["threads"] == 1 and pre["epochs"] == config.DGenCTRPretrain().epochs
     with pytest.raises(ConfigError, match="models.dgenctr.pretrain.epoch.*'epochs'"):
         dgenctr_settings({"pretrain": {"epoch": 2}})
+
+
+@pytest.mark.component
+def test_cli_set_lr_in_scientific_notation_trains_with_that_float(monkeypatch, capsys, tmp_path, tiny_training_set):
+    tiny = ["train.epochs=1", "train.threads=1", "train.progress=off", "train.embedding_dim=4", "models.dcnv2.mlp=[8]", "models.dcnv2.cross_layers=1"]
+    sets = [a for pair in ["train.lr=1e-3", *tiny] for a in ("--set", pair)]
+    code, text = run_main(monkeypatch, capsys, *sets, "train", "--training-set", str(tiny_training_set), "--out", str(tmp_path / "m"))
+    assert code == 0, text
+    saved = json.loads((tmp_path / "m" / "params.json").read_text())
+    assert saved["train"]["lr"] == 0.001 and isinstance(saved["train"]["lr"], float)
+    assert saved["train"]["epochs"] == 1
