@@ -340,17 +340,10 @@ def _adapter(annotation: Any) -> TypeAdapter:
     return TypeAdapter(annotation)
 
 
-def validate_model_section(name: str, section: Mapping[str, Any] | None) -> dict[str, Any]:
-    """`models.<name>` checked against model `name`'s constructor: only the keys given (the constructor holds the
-    defaults), values coerced to the argument's type; typed sub-sections come back default-filled.
-    Raises `ConfigError` (paths relative to `models`)."""
-    issues = _model_issues(name, section)
-    if isinstance(issues, list):
-        raise ConfigError([_render(("models", *p), k, t) for p, k, t in issues])
-    return issues
-
-
 def _model_issues(name: str, section: Mapping[str, Any] | None) -> dict[str, Any] | list:
+    """`models.<name>` checked against model `name`'s constructor: the checked dict (only the keys given, values
+    coerced to the argument's type: the constructor holds the defaults; typed sub-sections default-filled), or the
+    list of faults (paths relative to `models`)."""
     if section is None:
         section = {}
     if not isinstance(section, Mapping):
