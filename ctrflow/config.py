@@ -316,7 +316,10 @@ def model_arguments(name: str) -> tuple[dict[str, Any], bool]:
 
     cls = discover_models()[name]
     signature = inspect.signature(cls.__init__)
-    hints = typing.get_type_hints(cls.__init__)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except (NameError, TypeError):  # a hint only importable under TYPE_CHECKING: keys are still checked, types not
+        hints = {}
     args: dict[str, Any] = {}
     takes_any = False
     for arg, p in signature.parameters.items():
