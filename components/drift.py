@@ -12,10 +12,10 @@ def check_drift(params: dict, training_set: Input[Dataset], model: Input[Model],
     import shutil
     import tempfile
 
-    from ctrflow.config import from_struct
+    from ctrflow.config import validate_params
     from ctrflow.steps import drift_step
 
-    params = from_struct(params)
+    params = validate_params(params, "pipeline params")  # typed: undoes the struct round trip (50.0 -> 50)
     out_dir = tempfile.mkdtemp(prefix="ctrflow-drift-")
     result = drift_step(params, training_set.path, current, out_dir, model_dir=model.path)
     shutil.copyfile(result.html_path, drift_report.path)

@@ -11,10 +11,10 @@ def embed_items(params: dict, dataset: Input[Dataset], embedded: Output[Dataset]
     """Returns the modalities added, as JSON."""
     import json
 
-    from ctrflow.config import from_struct
+    from ctrflow.config import validate_params
     from ctrflow.steps import embed_step
 
-    params = from_struct(params)
+    params = validate_params(params, "pipeline params")  # typed: undoes the struct round trip (50.0 -> 50)
     result = embed_step(params, dataset.path, embedded.path)
     embedded.metadata["modalities"] = result["modalities"]
     return json.dumps(result["modalities"])

@@ -12,8 +12,8 @@ def promotion_gate(params: dict, tag: str) -> bool:
     A single bool output on purpose: the KFP local runner resolves `dsl.If` conditions only on a task's
     single `Output`, not on named NamedTuple outputs (kfp 2.17).
     """
-    from ctrflow.config import from_struct
+    from ctrflow.config import validate_params
     from ctrflow.steps import gate_step
 
-    params = from_struct(params)
+    params = validate_params(params, "pipeline params")  # typed: undoes the struct round trip (50.0 -> 50)
     return bool(gate_step(params, tag)["gate_passed"])

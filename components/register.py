@@ -9,8 +9,8 @@ from components import BASE_IMAGE
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def register_model(params: dict, model: Input[Model], dataset: Input[Dataset]) -> str:
     """Returns the registered model's tag."""
-    from ctrflow.config import from_struct
+    from ctrflow.config import validate_params
     from ctrflow.steps import register_step
 
-    params = from_struct(params)
+    params = validate_params(params, "pipeline params")  # typed: undoes the struct round trip (50.0 -> 50)
     return register_step(params, model.path, dataset.path)["tag"]

