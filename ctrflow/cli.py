@@ -254,18 +254,33 @@ def models_rollback(ctx: click.Context, name: str | None, reason: str) -> None:
 @click.option("--request-log", default=None, type=click.Path(file_okay=False), help="Default: request_log/ beside deployment.json.")
 @click.pass_context
 def serve(ctx: click.Context, deployment_file: str, port: int | None, request_log: str | None) -> None:
-    """Serve the deployed model with `bentoml serve` in the foreground (Ctrl-C stops it)."""
-    import subprocess
+    """Serve the deployed model with `bentoml serve` in the foreground.
 
-    from ctrflow.server import SERVICE, service_env
+    The model must fit the deployment's feature repository (checked first; a mismatch is named and nothing starts).
+    SIGTERM, SIGINT (Ctrl-C) or SIGHUP stop the whole server: in-flight requests are answered, the request log is
+    flushed, and the command returns once no server process is left and the port is free.
+    """
+    from ctrflow import registry
+    from ctrflow.fit_check import check_model_fits
+    from ctrflow.request_log import recover_request_log
+    from ctrflow.server import SERVICE, serve_foreground, service_env
 
     params = _params(ctx)
     deployment = json.loads(Path(deployment_file).read_text())
     log_dir = request_log or str(Path(deployment_file).parent / "request_log")
     s = params.get("serving", {})
     env = service_env(deployment, log_dir, s.get("threads", 1))
+    os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
+    tag = deployment.get("model_tag") or registry.production_model(env["CTRFLOW_MODEL_NAME"])
+    if not tag:
+        raise click.ClickException(f"no model to serve: '{env['CTRFLOW_MODEL_NAME']}' has no production model and {deployment_file} names none")
+    check_model_fits(tag, deployment["feature_repo"], env["CTRFLOW_FEATURE_SERVICE"])  # before anything starts
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", s.get("host", "127.0.0.1"), "--port", str(port or s.get("port", 3000))]
-    sys.exit(subprocess.call(cmd, env=env))
+    code = serve_foreground(cmd, env)
+    recovered = recover_request_log(log_dir)  # rows a killed worker left in its segment, compacted now
+    if recovered:
+        click.echo(f"request log: recovered {recovered} rows left by a stopped worker", err=True)
+    sys.exit(code)
 
 
 # ---- monitor --------------------------------------------------------------------------------------------
