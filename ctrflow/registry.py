@@ -808,7 +808,7 @@ def gate(
     candidate_tag: str,
     *,
     min_valid_auc: float | None = None,
-    tolerance: float = 0.0,
+    tolerance: float = 0.005,
     reference_model: str | None = None,
     reference_metrics: dict | None = None,
     min_lift_over_reference: float = 0.0,
@@ -847,7 +847,8 @@ def gate(
     if reference_model:
         if reference_metrics is None:
             passed = False
-            reasons.append(f"the reference model '{reference_model}' was not trained in this run (no training set given)")
+            reasons.append(f"the reference model '{reference_model}' was not trained in this run (no training set given: pass the "
+                "training set, e.g. `ctrflow register --training-set`, or set gate.reference_model to null)")
         elif ref_auc is None:
             passed = False
             reasons.append(f"the reference model '{reference_model}' has no validation AUC")
