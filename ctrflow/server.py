@@ -63,13 +63,23 @@ def service_env(deployment: dict[str, Any], request_log: str | Path, threads: in
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a live (non-zombie) process is left in the process group: a zombie waiting for a reaper (in a container
+    whose PID 1 does not reap) serves nothing and holds no port."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # a member we may not signal is still a member
         return True
-    return True
+    import psutil
+
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return False
 
 
 def _signal_group(pgid: int, sig: int) -> None:
