@@ -150,21 +150,36 @@ def embed(ctx: click.Context, dataset_dir: str, out_dir: str) -> None:
 @cli.command()
 @click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--dataset", "dataset_dir", default=None, type=click.Path(exists=True, file_okay=False), help="For the data fingerprint.")
+@click.option(
+    "--training-set", "training_set", default=None, type=click.Path(exists=True, file_okay=False),
+    help="The training set the model was trained on: the gate trains its reference model (gate.reference_model) on "
+    "it, and the item-side fingerprint is taken from it.",
+)  # fmt: skip
 @click.option("--deploy/--no-deploy", default=False, help="Promote to production when the gate passes.")
 @click.option("--repo", "repo_dir", default=None, type=click.Path(file_okay=False), help="Feast repo the deployment serves from.")
 @click.option("--deployment", "deployment_file", default=None, type=click.Path(dir_okay=False), help="Where to write deployment.json.")
 @click.pass_context
-def register(ctx: click.Context, model_dir: str, dataset_dir: str | None, deploy: bool, repo_dir: str | None, deployment_file: str | None) -> None:
-    """Register a trained model (candidate) and run the promotion gate from params.yaml."""
+def register(
+    ctx: click.Context, model_dir: str, dataset_dir: str | None, training_set: str | None, deploy: bool,
+    repo_dir: str | None, deployment_file: str | None,
+) -> None:  # fmt: skip
+    """Register a trained model (candidate) and run the promotion gate from params.yaml.
+
+    Exit code 1 when --deploy was asked for and the gate failed (nothing deployed; the reasons are printed).
+    """
     from ctrflow.steps import deploy_step, gate_step, register_step
 
     params = _params(ctx)
-    result = gate_step(params, register_step(params, model_dir, dataset_dir)["tag"])
+    if deploy and not (repo_dir and deployment_file):
+        raise click.UsageError("--deploy needs --repo and --deployment")
+    result = gate_step(params, register_step(params, model_dir, dataset_dir, training_set)["tag"], training_set)
     if deploy and result["gate_passed"]:
-        if not (repo_dir and deployment_file):
-            raise click.UsageError("--deploy needs --repo and --deployment")
         result["deployment"] = deploy_step(params, result["tag"], repo_dir, deployment_file)
     _echo_json(result)
+    if deploy and not result["gate_passed"]:
+        click.echo(result["summary"], err=True)
+        click.echo("nothing deployed: the promotion gate failed", err=True)
+        sys.exit(1)
 
 
 # ---- models ---------------------------------------------------------------------------------------------
@@ -177,15 +192,18 @@ def models(ctx: click.Context) -> None:
     use_bentoml_home(_params(ctx))
 
 
-def _model_name(ctx: click.Context, name: str | None) -> str:
-    return name or _params(ctx)["registry"]["model_name"]
+def _model_name(ctx: click.Context, name: str | None) -> str | None:
+    """--name, else registry.model_name; None (every name) when both are unset (names are per data set)."""
+    return name or _params(ctx)["registry"]["model_name"] or None
 
 
 @models.command("list")
-@click.option("--name", default=None, help="Model name (default: registry.model_name).")
+@click.option("--name", default=None, help="Model name (default: registry.model_name; unset: every name).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def models_list(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    """Registered models, newest first, with data set, family and stage (`unrecorded`: in the store, not in the
+    stage ledger: never a candidate)."""
     from ctrflow import registry
 
     rows = registry.list_models(_model_name(ctx, name))
@@ -195,11 +213,12 @@ def models_list(ctx: click.Context, name: str | None, as_json: bool) -> None:
     if not rows:
         click.echo("no models registered")
         return
-    click.echo(f"{'tag':44} {'stage':11} {'family':10} {'valid_auc':>9} {'test_auc':>9}  created")
+    click.echo(f"{'tag':40} {'dataset':16} {'family':14} {'stage':11} {'valid_auc':>9} {'test_auc':>9}  created")
     for r in rows:
         m = r.get("metrics", {}) or {}
         click.echo(
-            f"{r['tag']:44} {r['stage']:11} {str(r.get('family', '')):10} {_fmt(m.get('valid_auc')):>9} {_fmt(m.get('test_auc')):>9}  {r.get('created', '')}"
+            f"{r['tag']:40} {str(r.get('dataset') or '-'):16} {str(r.get('model_family') or '-'):14} {r['stage']:11} "
+            f"{_fmt(m.get('valid_auc')):>9} {_fmt(m.get('test_auc')):>9}  {r.get('created', '')}"
         )
 
 
@@ -225,7 +244,13 @@ def models_promote(ctx: click.Context, tag: str, reason: str) -> None:
 def models_rollback(ctx: click.Context, name: str | None, reason: str) -> None:
     from ctrflow import registry
 
-    tag = registry.rollback(_model_name(ctx, name), reason=reason)
+    name = _model_name(ctx, name)
+    if name is None:
+        names = sorted(registry.production_models())
+        if len(names) != 1:
+            raise click.UsageError(f"say which model to roll back: --name (names with a production model: {names or 'none'})")
+        name = names[0]
+    tag = registry.rollback(name, reason=reason)
     click.echo(f"rolled back: {tag} is production again")
 
 
@@ -236,18 +261,33 @@ def models_rollback(ctx: click.Context, name: str | None, reason: str) -> None:
 @click.option("--request-log", default=None, type=click.Path(file_okay=False), help="Default: request_log/ beside deployment.json.")
 @click.pass_context
 def serve(ctx: click.Context, deployment_file: str, port: int | None, request_log: str | None) -> None:
-    """Serve the deployed model with `bentoml serve` in the foreground (Ctrl-C stops it)."""
-    import subprocess
+    """Serve the deployed model with `bentoml serve` in the foreground.
 
-    from ctrflow.server import SERVICE, service_env
+    The model must fit the deployment's feature repository (checked first; a mismatch is named and nothing starts).
+    SIGTERM, SIGINT (Ctrl-C) or SIGHUP stop the whole server: in-flight requests are answered, the request log is
+    flushed, and the command returns once no server process is left and the port is free.
+    """
+    from ctrflow import registry
+    from ctrflow.fit_check import check_model_fits
+    from ctrflow.request_log import recover_request_log
+    from ctrflow.server import SERVICE, serve_foreground, service_env
 
     params = _params(ctx)
     deployment = json.loads(Path(deployment_file).read_text())
     log_dir = request_log or str(Path(deployment_file).parent / "request_log")
     s = params["serving"]
     env = service_env(deployment, log_dir, s["threads"])
+    os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
+    tag = deployment.get("model_tag") or registry.production_model(env["CTRFLOW_MODEL_NAME"])
+    if not tag:
+        raise click.ClickException(f"no model to serve: '{env['CTRFLOW_MODEL_NAME']}' has no production model and {deployment_file} names none")
+    check_model_fits(tag, deployment["feature_repo"], env["CTRFLOW_FEATURE_SERVICE"])  # before anything starts
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", s["host"], "--port", str(port or s["port"])]
-    sys.exit(subprocess.call(cmd, env=env))
+    code = serve_foreground(cmd, env)
+    recovered = recover_request_log(log_dir)  # rows a killed worker left in its segment, compacted now
+    if recovered:
+        click.echo(f"request log: recovered {recovered} rows left by a stopped worker", err=True)
+    sys.exit(code)
 
 
 # ---- monitor --------------------------------------------------------------------------------------------
@@ -284,13 +324,18 @@ def pipeline() -> None:
 @click.option("--family", type=click.Choice(FAMILIES), default=None, help="DAG to run (default: pipeline.family).")
 @click.pass_context
 def pipeline_run(ctx: click.Context, workdir: str, model_name: str, family: str | None) -> None:
-    """Run the training pipeline with the KFP local runner (SubprocessRunner, this venv)."""
+    """Run the training pipeline with the KFP local runner (SubprocessRunner, this venv); exit 1 when the gate fails."""
     from ctrflow.steps import use_bentoml_home
     from pipelines.runner import run_training_local
 
     params = _params(ctx)
     use_bentoml_home(params)
-    _echo_json(run_training_local(params, workdir, model_name, family))
+    run = run_training_local(params, workdir, model_name, family)
+    _echo_json(run)
+    if not run["gate_passed"]:
+        click.echo((run.get("gate") or {}).get("summary", "promotion gate failed"), err=True)
+        click.echo("nothing deployed: the promotion gate failed", err=True)
+        sys.exit(1)
 
 
 @pipeline.command("compile")
@@ -326,10 +371,18 @@ def pipeline_submit(ctx: click.Context, host: str, feature_repo: str, pipeline_r
 @click.option("--requests", "n_requests", default=200, show_default=True, help="Rank requests sent to the deployed service.")
 @click.pass_context
 def run_all(ctx: click.Context, workdir: str, n_requests: int) -> None:
-    """`make run`: the training pipeline, requests to the deployed service, the drift report; prints every path."""
-    from ctrflow.demo import run_everything
+    """`make run`: the training pipeline, requests to the deployed service, the drift report; prints every path.
 
-    summary = run_everything(_params(ctx), Path(workdir), n_requests=n_requests)
+    Exit code 1, with the gate's reasons and the metrics of the models it compared, when the gate fails (then
+    nothing new is deployed and nothing is served)."""
+    from ctrflow.demo import run_everything
+    from ctrflow.registry import GateFailedError
+
+    try:
+        summary = run_everything(_params(ctx), Path(workdir), n_requests=n_requests)
+    except GateFailedError as exc:
+        click.echo("\n" + str(exc), err=True)
+        sys.exit(1)
     click.echo("\n" + summary)
 
 

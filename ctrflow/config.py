@@ -215,8 +215,12 @@ MODEL_SUBSECTIONS: dict[str, dict[str, type[Section]]] = {"dgenctr": {"pretrain"
 
 
 class GateParams(Section):
-    min_valid_auc: float = Field(0.65, ge=0, le=1)  # never promote below this
-    tolerance: float = Field(0.005, ge=0)  # nor worse than production's validation AUC minus this
+    """Every criterion that is set must hold on validation AUC (ctrflow.registry.gate)."""
+
+    reference_model: str | None = "lr"  # trained in the same run on the same training set; None: no reference
+    min_lift_over_reference: float = 0.0  # the candidate must reach the reference's AUC plus this
+    tolerance: float = Field(0.005, ge=0)  # nor be worse than production of the same data set by more than this
+    min_valid_auc: float | None = Field(None, ge=0, le=1)  # an optional fixed floor (data-set specific)
 
 
 class ServingParams(Section):
@@ -233,7 +237,7 @@ class DriftParams(Section):
 
 
 class RegistryParams(Section):
-    model_name: str = "ctrflow-ranker"
+    model_name: str | None = None  # None: one name per data set, ctrflow-<dataset>
     bentoml_home: str = "runs/bentoml"  # the BentoML model store ($BENTOML_HOME wins when set)
 
 

@@ -37,6 +37,9 @@ def demo_requests(training_set_dir: str | Path, n_requests: int, candidates: int
 
 
 def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200) -> str:
+    """The training pipeline, then (only when its gate passed) the new model served and the drift report; returns the
+    summary. Raises `registry.GateFailedError` (its message: the summary, the gate's reasons and both models'
+    metrics) when the gate fails: nothing new is deployed and nothing is served."""
     from ctrflow import registry
     from ctrflow.server import rank, start_server
     from ctrflow.steps import drift_step, use_bentoml_home
@@ -44,7 +47,7 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     workdir = workdir.resolve()
-    home = use_bentoml_home(params)
+    use_bentoml_home(params)
     t0 = time.monotonic()
     run = run_training_local(params, workdir)
     lines = [f"pipeline (KFP local runner) finished in {time.monotonic() - t0:.0f}s; run record: {workdir / 'run.json'}"]
@@ -55,15 +58,17 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     ir = compile_pipeline("training", workdir / "training_pipeline.yaml")
     lines.append(f"pipeline IR YAML:       {ir}")
 
-    if run.get("deployment"):
-        deployment = json.loads(Path(run["deployment"]).read_text())
-    else:
-        tag = registry.production_model(params["registry"]["model_name"])
-        if tag is None:
-            lines.append("no production model: the gate failed and nothing was deployed before; skipping serve and drift")
-            return "\n".join(lines)
-        deployment = {"model_tag": str(tag), "feature_repo": run["feature_repo"], "bentoml_home": home}
-        lines.append(f"gate failed: serving the current production model {tag}")
+    gate = run.get("gate") or {}
+    if not run["gate_passed"] or not run.get("deployment"):
+        # never fall back to whatever production model the store holds: it may be of another data set, and this
+        # run's feature repository was rebuilt for this data set
+        lines.append("GATE FAILED: the candidate was not promoted; nothing new is deployed and nothing is served")
+        lines.append(gate.get("summary") or f"(no gate decision recorded for {run['model_tag']})")
+        if run.get("removed_stale_deployment"):
+            lines.append(f"removed the stale {run['removed_stale_deployment']} (it served this workdir's old feature repository)")
+        raise registry.GateFailedError("\n".join(lines))
+    lines.append(gate.get("summary", ""))
+    deployment = json.loads(Path(run["deployment"]).read_text())
     (workdir / "deployment.json").write_text(json.dumps(deployment, indent=2))
 
     request_log = workdir / "request_log"

@@ -469,6 +469,39 @@ def materialize(store: FeatureStore, end: datetime | None = None) -> None:
     log.info("materialized online up to %s (%.1fs)", end.isoformat(), time.perf_counter() - started)
 
 
+def service_features(store: FeatureStore, service: str = "ctr_ranking") -> dict[str, dict[str, str]]:
+    """The features a feature service serves: {column: {"view", "type", "dataset"}} (dataset: the view's tag).
+
+    Raises KeyError naming the service when the repository does not register it.
+    """
+    _, columns = _service(store, service)
+    datasets = {}
+    for view in {v for v, _, _ in columns}:
+        try:
+            datasets[view] = str((store.get_feature_view(view).tags or {}).get("dataset", ""))
+        except Exception:  # noqa: BLE001 - a view without tags (or of another kind) just has no recorded data set
+            datasets[view] = ""
+    return {name: {"view": view, "type": type_name, "dataset": datasets[view]} for view, name, type_name in columns}
+
+
+def online_item_features(store: FeatureStore, item_ids: list, service: str = "ctr_ranking") -> pd.DataFrame:
+    """The item-profile features of a feature service for `item_ids`, one online read: one row per id (key column
+    `item_id`), values normalised as `online_frame` serves them (missing items: NaN / None)."""
+    from feast.type_map import feast_value_type_to_python_type
+
+    _, columns = _service(store, service)
+    items = [c for c in columns if c[0] == "item_profile"]
+    frame: dict[str, object] = {"item_id": np.asarray(item_ids, dtype=np.int64).reshape(-1)}
+    if items and len(item_ids):
+        proto = store.get_online_features(
+            features=[f"item_profile:{name}" for _, name, _ in items], entity_rows=[{"item_id": int(i)} for i in item_ids]
+        ).proto
+        results = dict(zip(proto.metadata.feature_names.val, proto.results))
+        for _, name, type_name in items:
+            frame[name] = _normalise(name, type_name, [feast_value_type_to_python_type(v) for v in results[name].values])
+    return pd.DataFrame(frame)
+
+
 def online_frame(
     store: FeatureStore, user_id: int, item_ids: list[int], scenario: str, service: str = "ctr_ranking"
 ) -> pd.DataFrame:

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from ctrflow.data.spec import FeatureSpec, FieldKind, FieldSpec
+from ctrflow.request_log import SEGMENTS
+from ctrflow.request_log import read_request_log as read_logged_requests
 
 HTML_NAME = "drift_report.html"
 JSON_NAME = "drift_report.json"
@@ -89,10 +91,22 @@ class DriftResult:
 
 
 def read_request_log(path: str | Path) -> pd.DataFrame:
-    """Read the serving request log (one Parquet file, or a directory of them, hive partitions included)."""
+    """Read the serving request log (one Parquet file, or a directory of them, hive partitions included).
+
+    A ctrflow request-log folder (it has `_segments/`) is read with `ctrflow.request_log.read_request_log`: the
+    compacted parts plus the rows not compacted yet, ids kept int64.
+    """
     path = Path(path)
     if not path.exists():
         raise DriftInputError(f"request log: {path} does not exist")
+    if path.is_dir() and (path / SEGMENTS).is_dir():  # ctrflow's own log: parts plus un-compacted segments, ids exact
+        try:
+            frame = read_logged_requests(path)
+        except Exception as exc:  # noqa: BLE001 - the user needs the path and the cause
+            raise DriftInputError(f"request log: cannot read {path}: {exc}") from exc
+        if frame.empty:
+            raise DriftInputError(f"request log: {path} holds no rows")
+        return frame
     if path.is_dir() and not any(path.rglob("*.parquet")):
         raise DriftInputError(f"request log: no *.parquet file under {path}")
     try:

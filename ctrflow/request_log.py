@@ -3,11 +3,28 @@
 It is what drift monitoring compares with the training data, and what a later training run can join labels to,
 so it keeps the features *as served* (lists and vectors as Parquet lists), not a re-computation.
 
-Layout: a directory of Parquet part files ``part-<utc time>-<pid>-<seq>.parquet``, one row per (request, candidate).
-Each worker process writes its own parts, so several workers never share a file; a part is written under a hidden
-temporary name and renamed, so a reader (``read_request_log``, ``pd.read_parquet(dir)``, DuckDB, Spark) never sees
-half a file. Rows are buffered in memory and flushed by a background thread when ``flush_rows`` rows are waiting or
-every ``flush_seconds``, and on ``close()`` (the service's shutdown hook; also registered with ``atexit``).
+Durability: an answered request is on disk before its response is sent. `log_request` appends the request's rows to
+the worker's own segment file (``_segments/seg-<utc>-<pid>-<id>.arrows``) with one ``write()`` before it returns, so
+a kill -9 of the worker (or an out-of-memory kill) loses nothing that was answered: the bytes are in the kernel's
+page cache and reach the disk without the process (``fsync=True`` also survives a power loss, at a cost per request).
+A record is one Arrow IPC stream (schema + one batch) framed as ``magic | length | crc32 | payload``, so a record cut
+short by a crash mid-write is detected and dropped, never misread.
+
+Compaction: a background thread rotates the segment every ``flush_seconds`` or ``flush_rows`` rows and compacts
+the closed one into a Parquet part ``part-<utc>-<pid>-<id>.parquet`` (written under a hidden temporary name, fsynced
+and renamed, then the segment is deleted), so the folder is an ordinary Parquet data set (``pd.read_parquet(dir)``,
+DuckDB and Spark skip ``_segments``); a part is named after its segment, so compacting one twice writes the same
+file, never duplicate rows. A live writer holds an exclusive flock on its segment; at start (``recover_request_log``)
+segments nobody holds (left by a crashed worker) are compacted and hidden temporary files of dead compactions are
+removed. A graceful stop (``close()``, the service's shutdown hook) compacts everything; a request answered after
+that is still written (to a new segment, recovered at the next start), never refused.
+
+A backlog of rows waiting for compaction beyond ``max_backlog_rows`` (compaction falling behind, or failing) is
+counted (``backlog_full``) and warned about: the rows are safe in their segments. `stats()` has every counter; with
+``metrics=True`` they are also Prometheus counters on the worker's ``/metrics`` (``ctrflow_request_log_*``).
+
+``read_request_log`` reads the compacted parts and the segments not compacted yet, with ids kept int64 (an int
+column with missing values becomes pandas' nullable Int64, never float64: an id of 2^63-1 survives).
 
 Column types come from the model's feature spec (``schema_for_spec``), so every part file has the same schema even
 when a part only holds unknown users (all-null user features) and a directory reads back as one table.
@@ -17,10 +34,14 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
+import fcntl
 import logging
 import os
+import struct
 import threading
+import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +67,19 @@ BASE_TYPES = {
     "fallback_user": pa.bool_(),
     "fallback_item": pa.bool_(),
 }
+SEGMENTS = "_segments"  # a leading underscore: Parquet dataset readers skip it
+SEGMENT_SUFFIX = ".arrows"
+MAGIC = b"CFRL"
+HEADER = struct.Struct("<4sQI")  # magic, payload length, crc32 of the payload
+COUNTERS = (
+    "requests", "rows", "write_errors", "late_requests", "compactions", "compacted_rows", "compaction_errors",
+    "backlog_full", "recovered_segments", "recovered_rows", "torn_records",
+)  # fmt: skip
+
+
+class RequestLogError(OSError):
+    """A request could not be written to the request log (the message says where and why)."""
+
 
 
 def _value_type(values: list | None) -> pa.DataType | None:
@@ -83,15 +117,47 @@ def schema_for_spec(spec: FeatureSpec, vocabs: dict[str, list] | None = None) ->
     return types
 
 
-def _is_missing(v: Any) -> bool:
-    return v is None or (np.isscalar(v) and pd.isna(v))
+def _missing_cell(v: Any) -> bool:
+    """None, NaN or pd.NA in an object cell (cheap: this runs per cell on the request path)."""
+    return v is None or v is pd.NA or (isinstance(v, float) and v != v)
 
 
-def _to_arrow(name: str, col: pd.Series, type_: pa.DataType | None) -> pa.Array:
-    """One column as Arrow: list cells as lists, the declared type when it fits, else inferred (with a warning)."""
-    values: Any = col
-    if col.dtype == object:
-        values = [None if _is_missing(v) else (v.tolist() if isinstance(v, np.ndarray) else v) for v in col]
+def _list_array(values: np.ndarray, type_: pa.DataType) -> pa.Array | None:
+    """A list column from object cells (numpy arrays, lists, None/NaN) without a Python object per element: one
+    concatenation and an offsets array. None when the cells do not fit `type_` (the caller falls back)."""
+    n = len(values)
+    missing = np.fromiter(map(_missing_cell, values), dtype=bool, count=n)
+    present = list(values[~missing]) if missing.any() else list(values)
+    lengths = np.zeros(n, dtype=np.int64)
+    lengths[~missing] = np.fromiter(map(len, present), dtype=np.int64, count=len(present))
+    try:
+        flat = np.concatenate(present) if present and lengths.any() else np.array([])
+        child = pa.array(flat, type=type_.value_type, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        return None
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), child, type=type_, mask=pa.array(missing) if missing.any() else None)
+
+
+def _to_arrow(name: str, col: pd.Series | np.ndarray | list, type_: pa.DataType | None) -> pa.Array:
+    """One column as Arrow, the declared type when it fits, else inferred (with a warning). Vectorised where it can
+    be: numeric and datetime columns go straight through, list cells are concatenated, strings are converted by
+    Arrow; a Python pass per cell only when that fails (this runs on the request path)."""
+    if isinstance(col, pd.Series) and col.dtype != object:
+        values: Any = col
+    else:
+        values = col.to_numpy() if isinstance(col, pd.Series) else col
+        if isinstance(values, np.ndarray) and values.dtype == object and type_ is not None and pa.types.is_list(type_):
+            out = _list_array(values, type_)
+            if out is not None:
+                return out
+    try:
+        return pa.array(values, type=type_, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        pass
+    if isinstance(values, np.ndarray) and values.dtype == object:  # numpy cells, odd scalars: one pass, then retry
+        values = [None if _missing_cell(v) else (v.tolist() if isinstance(v, np.ndarray) else v) for v in values]
     if type_ is None:
         return pa.array(values, from_pandas=True)
     try:
@@ -101,8 +167,155 @@ def _to_arrow(name: str, col: pd.Series, type_: pa.DataType | None) -> pa.Array:
         return pa.array(values, from_pandas=True)
 
 
+# ---- segments: framing, reading, compaction -------------------------------------------------------------------
+def _frame(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    payload = sink.getvalue().to_pybytes()
+    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def _read_segment(path: Path | int) -> tuple[list[pa.Table], int]:
+    """The records of a segment (a path, or an open file descriptor read from its start) and the number of bytes
+    after the last whole record (a record torn by a crash, or one being appended right now)."""
+    if isinstance(path, int):
+        data = os.pread(path, os.fstat(path).st_size, 0)
+    else:
+        data = Path(path).read_bytes()
+    tables, pos = [], 0
+    while pos + HEADER.size <= len(data):
+        magic, length, crc = HEADER.unpack_from(data, pos)
+        start, end = pos + HEADER.size, pos + HEADER.size + length
+        if magic != MAGIC or end > len(data) or zlib.crc32(data[start:end]) != crc:
+            break
+        tables.append(pa.ipc.open_stream(data[start:end]).read_all())
+        pos = end
+    return tables, len(data) - pos
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """One table from tables whose schemas differ only in all-null or absent columns (the usual case)."""
+    tables = [t.replace_schema_metadata(None) for t in tables]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _stem(path: Path) -> str:
+    """seg-X.arrows, part-X.parquet and .part-X.parquet.<pid>.tmp all share the stem X."""
+    name = path.name.lstrip(".")
+    for prefix in ("seg-", "part-"):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name.split(".")[0]
+
+
+def _part_path(directory: Path, stem: str) -> Path:
+    return directory / f"part-{stem}.parquet"
+
+
+def _write_part(directory: Path, stem: str, tables: list[pa.Table]) -> tuple[Path | None, int]:
+    """Compact records into part-<stem>.parquet (hidden temporary file, fsync, rename); (path, rows)."""
+    if not tables:
+        return None, 0
+    try:
+        groups = [_concat(tables)]
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # a column changed type between requests: one part per schema
+        log.warning("request log: records of %s do not share one schema (%s); written as several parts", stem, exc)
+        by_schema: dict[pa.Schema, list[pa.Table]] = {}
+        for t in tables:
+            by_schema.setdefault(t.schema, []).append(t)
+        groups = [_concat(g) for g in by_schema.values()]
+    path = None
+    rows = 0
+    for k, table in enumerate(groups):
+        path = _part_path(directory, stem if k == 0 else f"{stem}_{k}")
+        tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        rows += table.num_rows
+    return path, rows
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def recover_request_log(directory: str | Path) -> int:
+    """Compact the segments no live writer holds (left by a killed worker) and remove hidden temporary files of dead
+    compactions; returns the number of rows recovered. Safe while other workers write to the same folder."""
+    directory = Path(directory)
+    seg_dir = directory / SEGMENTS
+    recovered = 0
+    if seg_dir.is_dir():
+        for seg in sorted(seg_dir.glob(f"seg-*{SEGMENT_SUFFIX}")):
+            try:
+                fd = os.open(seg, os.O_RDONLY)
+            except FileNotFoundError:  # compacted by another worker meanwhile
+                continue
+            try:
+                if not _try_lock(fd):
+                    continue  # a live writer's segment
+                stem = _stem(seg)
+                if not _part_path(directory, stem).exists():
+                    tables, torn = _read_segment(fd)
+                    if torn:
+                        log.warning("request log: %s ends with %d bytes of a record cut short by a crash; dropped", seg, torn)
+                    _, rows = _write_part(directory, stem, tables)
+                    recovered += rows
+                    log.warning("request log: recovered %d rows left in %s by a stopped worker", rows, seg.name)
+                seg.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+    for tmp in directory.glob(".part-*.tmp"):
+        seg = seg_dir / f"seg-{_stem(tmp)}{SEGMENT_SUFFIX}"
+        if seg.exists():
+            try:
+                fd = os.open(seg, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = None
+            if fd is not None:
+                try:
+                    if not _try_lock(fd):
+                        continue  # its compaction may be running right now
+                finally:
+                    os.close(fd)
+        tmp.unlink(missing_ok=True)
+        log.warning("request log: removed %s, a temporary file of a compaction that did not finish", tmp.name)
+    return recovered
+
+
+# ---- the writer ------------------------------------------------------------------------------------------------
+_PROMETHEUS: dict[str, Any] = {}
+
+
+def _prometheus_counters() -> dict[str, Any]:
+    """ctrflow_request_log_<counter>_total, created once per process (in a BentoML worker: after it set up
+    multiprocess metrics, so they show on /metrics)."""
+    if not _PROMETHEUS:
+        import prometheus_client
+
+        for name in COUNTERS:
+            _PROMETHEUS[name] = prometheus_client.Counter(
+                f"ctrflow_request_log_{name}", f"ctrflow request log: {name.replace('_', ' ')}"
+            )
+    return _PROMETHEUS
+
+
 class RequestLogger:
-    """Buffered, thread-safe Parquet writer of served requests (one per worker process)."""
+    """Durable, thread-safe request log writer (one per worker process): see the module docstring.
+
+    `flush_rows` / `flush_seconds`: compact the current segment into a Parquet part after this many rows / seconds.
+    `max_backlog_rows`: rows waiting for compaction above which `backlog_full` is counted and warned about.
+    `fsync`: fsync each request's write (power-loss safe; a kill -9 is survived without it).
+    `metrics`: also count in Prometheus counters (`ctrflow_request_log_*_total`) for the worker's /metrics.
+    `recover`: compact leftovers of crashed workers in `directory` first (`recover_request_log`).
+    """
 
     def __init__(
         self,
@@ -111,26 +324,68 @@ class RequestLogger:
         column_types: dict[str, pa.DataType] | None = None,
         flush_rows: int = 2000,
         flush_seconds: float = 5.0,
+        max_backlog_rows: int = 1_000_000,
+        fsync: bool = False,
+        metrics: bool = False,
+        recover: bool = True,
     ):
-        if flush_rows < 1 or flush_seconds <= 0:
-            raise ValueError(f"RequestLogger: flush_rows must be >= 1 and flush_seconds > 0 (got {flush_rows}, {flush_seconds})")
+        if flush_rows < 1 or flush_seconds <= 0 or max_backlog_rows < 1:
+            raise ValueError(
+                f"RequestLogger: flush_rows and max_backlog_rows must be >= 1 and flush_seconds > 0 "
+                f"(got {flush_rows}, {max_backlog_rows}, {flush_seconds})"
+            )
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.segments = self.directory / SEGMENTS
+        self.segments.mkdir(parents=True, exist_ok=True)
         self.types = {**BASE_TYPES, **(column_types or {})}
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
-        self._buffer: list[dict[str, Any]] = []
-        self._rows = 0
-        self._seq = 0
-        self._lock = threading.Lock()  # guards the buffer
-        self._write_lock = threading.Lock()  # one writer at a time
+        self.max_backlog_rows = max_backlog_rows
+        self.fsync = fsync
+        self.counts = dict.fromkeys(COUNTERS, 0)
+        self._prometheus = _prometheus_counters() if metrics else None
+        self._lock = threading.Lock()  # the current segment
+        self._count_lock = threading.Lock()
+        self._compact_lock = threading.Lock()  # one compaction at a time
+        self._fd: int | None = None
+        self._seg: Path | None = None
+        self._seg_rows = 0
+        self._opened_at = 0.0
+        self._closed_segments: list[tuple[Path, int, int]] = []  # rotated, not compacted yet: (path, fd, rows)
         self._wake = threading.Event()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="request-log-flush", daemon=True)
+        if recover:
+            self._count("recovered_rows", recover_request_log(self.directory))
+        self._thread = threading.Thread(target=self._run, name="request-log-compactor", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
+    # ---- counters --------------------------------------------------------------------------------------
+    def _count(self, name: str, n: int = 1) -> None:
+        if not n:
+            return
+        with self._count_lock:
+            self.counts[name] += n
+        if self._prometheus is not None:
+            self._prometheus[name].inc(n)
+
+    def stats(self) -> dict[str, int]:
+        """Every counter (requests, rows, write_errors, late_requests, compactions, compacted_rows,
+        compaction_errors, backlog_full, recovered_segments, recovered_rows, torn_records) plus `backlog_rows`: rows
+        written but not yet compacted into Parquet."""
+        with self._lock:
+            backlog = self._seg_rows + sum(r for _, _, r in self._closed_segments)
+        with self._count_lock:
+            return {**self.counts, "backlog_rows": backlog}
+
     # ---- writing ---------------------------------------------------------------------------------------
+    def _open_segment(self) -> None:
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
+        path = self.segments / f"seg-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}{SEGMENT_SUFFIX}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)  # read back at compaction
+        fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we live: recovery leaves a held segment alone
+        self._fd, self._seg, self._seg_rows, self._opened_at = fd, path, 0, time.monotonic()
+
     def log_request(
         self,
         *,
@@ -144,98 +399,151 @@ class RequestLogger:
         ts: dt.datetime | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        """Buffer one request: a row per candidate with its features (as served) and prediction.
+        """Write one request durably before returning: a row per candidate with its features (as served) and its
+        prediction. `extra` maps column names to a scalar or a per-candidate sequence (e.g. rank, fallback flags).
 
-        `extra` maps column names to a scalar or a per-candidate sequence (e.g. rank, fallback flags).
+        Raises ValueError for mismatched lengths, RequestLogError when the write fails (counted in write_errors):
+        the caller must not answer as if the request had been logged.
         """
         n = len(features)
         if len(predictions) != n:
             raise ValueError(f"request log: {n} feature rows but {len(predictions)} predictions")
         if item_ids is not None and len(item_ids) != n:
             raise ValueError(f"request log: {n} feature rows but {len(item_ids)} item ids")
-        entry = {
-            "request_id": request_id,
-            "ts": ts or dt.datetime.now(dt.UTC),
-            "user_id": int(user_id),
-            "item_id": item_ids,
-            "scenario": scenario,
-            "model": model,
-            "features": features,
-            "prediction": predictions,
-            "extra": extra or {},
-        }
-        with self._lock:  # only a reference is kept here: the frame is built off the request path, at flush
+        table = self._table_of(request_id, ts, user_id, item_ids, scenario, model, features, predictions, extra or {})
+        record = _frame(table)
+        with self._lock:
+            try:
+                if self._fd is None:
+                    self._open_segment()
+                view = memoryview(record)
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+                if self.fsync:
+                    os.fsync(self._fd)
+            except OSError as exc:
+                self._count("write_errors")
+                raise RequestLogError(f"request log {self.directory}: request {request_id} not written: {exc}") from exc
+            self._seg_rows += n
+            self._count("requests")
+            self._count("rows", n)
             if self._closed:
-                raise RuntimeError(f"request log {self.directory} is closed")
-            self._buffer.append(entry)
-            self._rows += n
-            full = self._rows >= self.flush_rows
-        if full:
+                self._count("late_requests")
+            due = self._seg_rows >= self.flush_rows
+        if due and not self._closed:
             self._wake.set()
 
-    @staticmethod
-    def _rows_of(entry: dict[str, Any]) -> pd.DataFrame:
-        features: pd.DataFrame = entry["features"].reset_index(drop=True)
-        ts = pd.Timestamp(entry["ts"])
-        base = {
-            "request_id": entry["request_id"],
-            "ts": ts.tz_convert("UTC") if ts.tzinfo else ts.tz_localize("UTC"),
-            "user_id": entry["user_id"],
-            "item_id": np.asarray(entry["item_id"] if entry["item_id"] is not None else features["item_id"], dtype=np.int64),
-            "scenario": entry["scenario"],
-            "model": entry["model"],
+    def _table_of(
+        self, request_id: str, ts: dt.datetime | None, user_id: int, item_ids: list[int] | None, scenario: str,
+        model: str, features: pd.DataFrame, predictions: np.ndarray, extra: dict[str, Any],
+    ) -> pa.Table:  # fmt: skip
+        """The request's rows as Arrow, column by column (no intermediate pandas frame): base columns, the features
+        as served, the prediction, then `extra` (scalars repeated, sequences per candidate)."""
+        n = len(features)
+        stamp = pd.Timestamp(ts or dt.datetime.now(dt.UTC))
+        stamp = stamp.tz_convert("UTC") if stamp.tzinfo else stamp.tz_localize("UTC")
+        ids = np.asarray(item_ids if item_ids is not None else features["item_id"], dtype=np.int64)
+        columns: dict[str, Any] = {
+            "request_id": [request_id] * n,
+            "ts": np.full(n, stamp.to_datetime64()).astype("datetime64[us]"),
+            "user_id": np.full(n, int(user_id), dtype=np.int64),
+            "item_id": ids,
+            "scenario": [scenario] * n,
+            "model": [model] * n,
         }
-        rows = pd.concat(
-            [pd.DataFrame(base, index=features.index), features.drop(columns=[c for c in BASE_COLUMNS if c in features.columns])],
-            axis=1,
-        )
-        rows["prediction"] = np.asarray(entry["prediction"], dtype=np.float32)
-        for key, value in entry["extra"].items():
-            rows[key] = value
-        return rows
+        for c in features.columns:
+            if c not in BASE_COLUMNS:
+                columns[str(c)] = features[c]
+        columns["prediction"] = np.asarray(predictions, dtype=np.float32)
+        for key, value in extra.items():
+            if isinstance(value, str) or np.isscalar(value) or value is None:
+                columns[key] = [value] * n
+            elif len(value) != n:
+                raise ValueError(f"request log: extra column '{key}' has {len(value)} values for {n} candidates")
+            else:
+                columns[key] = value if isinstance(value, np.ndarray | pd.Series) else list(value)
+        arrays = []
+        for name, values in columns.items():
+            type_ = self.types.get(name)
+            if name == "ts":
+                arrays.append(pa.array(values, type=pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")))
+            else:
+                arrays.append(_to_arrow(name, values, type_))
+        return pa.Table.from_arrays(arrays, names=list(columns))
+
+    # ---- compaction ------------------------------------------------------------------------------------
+    def _rotate(self) -> None:
+        """Close the current segment for writing (it stays locked until compacted); the next request opens another."""
+        with self._lock:
+            if self._fd is not None and self._seg_rows:
+                self._closed_segments.append((self._seg, self._fd, self._seg_rows))
+                self._fd, self._seg, self._seg_rows = None, None, 0
 
     def flush(self) -> Path | None:
-        """Write what is buffered as one part file now; returns its path (None when nothing was buffered)."""
-        with self._write_lock:
-            with self._lock:
-                buffer, self._buffer, self._rows = self._buffer, [], 0
-            if not buffer:
-                return None
-            frame = pd.concat([self._rows_of(e) for e in buffer], ignore_index=True)
-            table = pa.Table.from_arrays(
-                [_to_arrow(c, frame[c], self.types.get(c)) for c in frame.columns], names=[str(c) for c in frame.columns]
-            )
-            self._seq += 1
-            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
-            name = f"part-{stamp}-{os.getpid()}-{self._seq:06d}-{uuid.uuid4().hex[:6]}.parquet"
-            tmp = self.directory / f".{name}.tmp"
-            pq.write_table(table, tmp)
-            path = self.directory / name
-            os.replace(tmp, path)
-            log.debug("request log: %d rows -> %s", table.num_rows, path)
-            return path
-
-    def close(self) -> None:
-        """Stop the flusher and write what is left (idempotent)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._wake.set()
-        self._thread.join(timeout=10)
-        self.flush()
-        atexit.unregister(self.close)
+        """Compact what was written so far into Parquet now; returns the last part written (None when nothing was
+        waiting). Rows stay in their segment until their part is on disk."""
+        self._rotate()
+        last = None
+        with self._compact_lock:
+            while True:
+                with self._lock:
+                    if not self._closed_segments:
+                        break
+                    seg, fd, rows = self._closed_segments[0]
+                try:
+                    tables, torn = _read_segment(fd)
+                    if torn:
+                        self._count("torn_records")
+                    path, written = _write_part(self.directory, _stem(seg), tables)
+                except Exception:
+                    self._count("compaction_errors")
+                    raise
+                seg.unlink(missing_ok=True)
+                os.close(fd)  # releases the lock only once the segment is gone
+                with self._lock:
+                    self._closed_segments.pop(0)
+                    self._count("compactions")
+                    self._count("compacted_rows", written)
+                last = path or last
+        return last
 
     def _run(self) -> None:
-        while True:
+        while not self._closed:
             self._wake.wait(self.flush_seconds)
             self._wake.clear()
-            try:
-                self.flush()
-            except Exception:  # a full disk must not kill serving; the rows stay lost but the error is logged
-                log.exception("request log: flush to %s failed", self.directory)
             if self._closed:
                 return
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a full disk must not kill serving; the rows stay in their segments
+                log.exception("request log: compaction into %s failed; the rows stay in %s", self.directory, self.segments)
+            backlog = self.stats()["backlog_rows"]
+            if backlog > self.max_backlog_rows:
+                self._count("backlog_full")
+                log.warning(
+                    "request log: %d rows wait for compaction (more than %d); they are safe in %s",
+                    backlog, self.max_backlog_rows, self.segments,
+                )  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the compactor and compact everything written (idempotent; a request logged after close is still
+        written, to a new segment, and compacted by a later close or the next start)."""
+        with self._lock:
+            first = not self._closed
+            self._closed = True
+        if first:
+            self._wake.set()
+            self._thread.join(timeout=30)
+            atexit.unregister(self.close)
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - the rows stay in their segments; the next start recovers them
+            log.exception("request log: final compaction into %s failed; the next start recovers %s", self.directory, self.segments)
+        with self._lock:  # the segment of late requests (none normally) is compacted: nothing stays open
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def __enter__(self) -> RequestLogger:
         return self
@@ -244,13 +552,45 @@ class RequestLogger:
         self.close()
 
 
-def read_request_log(directory: str | Path) -> pd.DataFrame:
-    """Every logged row of a request-log directory, oldest first (an empty frame when nothing was flushed yet)."""
+# ---- reading ---------------------------------------------------------------------------------------------------
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    """Arrow -> pandas keeping integers exact: an int column with missing values becomes nullable Int64 (pandas'
+    default, float64, rounds ids above 2^53)."""
+    frame = table.to_pandas()
+    for name, column in zip(table.column_names, table.columns):
+        if pa.types.is_integer(column.type) and column.null_count:
+            frame[name] = column.to_pandas(types_mapper=lambda t: pd.Int64Dtype() if pa.types.is_integer(t) else None)
+    return frame
+
+
+def read_request_log_table(directory: str | Path) -> pa.Table | None:
+    """Every row of a request-log folder as one Arrow table: the Parquet parts, plus the segments not compacted yet
+    (a segment whose part exists is skipped: never a row twice). None when nothing was written."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"request log: {directory} is not a directory")
-    parts = sorted(p for p in directory.rglob("part-*.parquet") if not p.name.startswith("."))
-    if not parts:
+    parts = {p for p in directory.rglob("*.parquet") if not any(s.startswith((".", "_")) for s in p.relative_to(directory).parts)}
+    tables: list[pa.Table] = [pq.read_table(p) for p in sorted(parts)]
+    part_stems = {_stem(p) for p in parts}
+    for seg in sorted((directory / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}")):
+        stem = _stem(seg)
+        if stem in part_stems:
+            continue
+        try:
+            records, _ = _read_segment(seg)
+        except FileNotFoundError:  # compacted between the listing and now: read its part instead
+            part = _part_path(directory, stem)
+            records = [pq.read_table(part)] if part.exists() else []
+        tables.extend(records)
+    if not tables:
+        return None
+    return _concat(tables)
+
+
+def read_request_log(directory: str | Path) -> pd.DataFrame:
+    """Every logged row of a request-log directory, oldest first (an empty frame when nothing was written yet):
+    compacted Parquet parts and un-compacted segments alike, ids as int64 (nullable Int64 where values are missing)."""
+    table = read_request_log_table(directory)
+    if table is None:
         return pd.DataFrame(columns=[*BASE_COLUMNS, "prediction"])
-    frame = pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
-    return frame.sort_values("ts", kind="stable").reset_index(drop=True)
+    return _to_pandas(table).sort_values("ts", kind="stable").reset_index(drop=True)

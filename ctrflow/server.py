@@ -1,9 +1,17 @@
-"""Start, probe and stop a real `bentoml serve` process for a deployment (used by the CLI, make run, tests)."""
+"""Start, probe and stop a real `bentoml serve` process for a deployment (used by the CLI, make run, tests).
+
+`bentoml serve` runs in its own process group (its arbiter and workers), so stopping it means signalling the group:
+a SIGTERM to the parent alone leaves the workers serving under PID 1 with the port bound (PITFALLS.md). Both the
+background server (`start_server`) and the foreground one (`serve_foreground`, what `ctrflow serve` runs) stop the
+whole group, wait for it to be gone, and only then return.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +25,9 @@ import httpx
 from ctrflow.config import REPO_ROOT
 
 SERVICE = "serving.service:RankingService"
+STOP_TIMEOUT_S = 30.0  # graceful stop (answer what is in flight, flush the request log) before SIGKILL
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -40,6 +51,7 @@ def service_env(deployment: dict[str, Any], request_log: str | Path, threads: in
             "BENTOML_HOME": str(deployment["bentoml_home"]),
             "CTRFLOW_FEATURE_REPO": str(deployment["feature_repo"]),
             "CTRFLOW_MODEL_NAME": deployment.get("model_name") or str(tag).split(":")[0],
+            "CTRFLOW_FEATURE_SERVICE": str(deployment.get("feature_service") or env.get("CTRFLOW_FEATURE_SERVICE") or "ctr_ranking"),
             "CTRFLOW_REQUEST_LOG": str(Path(request_log).resolve()),
             "OMP_NUM_THREADS": str(threads),
             "BENTOML_DO_NOT_TRACK": "true",
@@ -50,6 +62,85 @@ def service_env(deployment: dict[str, Any], request_log: str | Path, threads: in
     return env
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (non-zombie) process is left in the process group: a zombie waiting for a reaper (in a container
+    whose PID 1 does not reap) serves nothing and holds no port."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member we may not signal is still a member
+        return True
+    import psutil
+
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_group(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM to the process group `process` leads (it was started with start_new_session), wait until every
+    member is gone (BentoML answers what is in flight and runs shutdown hooks: the request log flushes there), then
+    SIGKILL whatever is left after `timeout`. Reaps `process`."""
+    pgid = process.pid
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None and not _group_alive(pgid):
+            return
+        time.sleep(0.1)
+    log.warning("bentoml serve (process group %d) still running %.0fs after SIGTERM: killing it", pgid, timeout)
+    _signal_group(pgid, signal.SIGKILL)
+    process.wait(timeout=10)
+    while _group_alive(pgid) and time.monotonic() < deadline + 10:
+        time.sleep(0.1)
+
+
+def serve_foreground(cmd: list[str], env: dict[str, str], *, stop_timeout: float = STOP_TIMEOUT_S, cwd: str | Path | None = None) -> int:
+    """Run `bentoml serve` (`cmd`) in its own process group until it exits or this process gets SIGTERM, SIGINT or
+    SIGHUP; the signal is forwarded to the whole group as SIGTERM and this returns only once every process of the
+    group is gone (SIGKILL after `stop_timeout`), so no worker is left serving and the port is free.
+
+    Returns 0 after a stop asked for by a signal, else the server's own exit code.
+    """
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+    stopping: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if not stopping:
+            log.info("received %s: stopping bentoml serve (process group %d)", signal.Signals(signum).name, proc.pid)
+        stopping.append(signum)
+        _signal_group(proc.pid, signal.SIGTERM)
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in handled}
+    try:
+        while proc.poll() is None and not stopping:
+            try:
+                proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        if stopping or _group_alive(proc.pid):  # the arbiter may exit before its workers
+            stop_group(proc, stop_timeout)
+    finally:
+        if proc.poll() is None or _group_alive(proc.pid):
+            stop_group(proc, stop_timeout)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0 if stopping else int(proc.returncode or 0)
+
+
 @dataclass
 class RunningServer:
     process: subprocess.Popen
@@ -57,14 +148,10 @@ class RunningServer:
     log_path: Path
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM lets BentoML run shutdown hooks (the request log flushes there)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        """SIGTERM to the server's whole process group lets BentoML run shutdown hooks (the request log flushes
+        there); returns once no process of the group is left."""
+        if self.process.poll() is None or _group_alive(self.process.pid):
+            stop_group(self.process, timeout)
 
     def __enter__(self) -> RunningServer:
         return self
@@ -96,7 +183,7 @@ def start_server(
     env["CTRFLOW_SERVING_WORKERS"] = str(workers)
     env.update(extra_env or {})
     log_file = open(log_path, "w")  # noqa: SIM115 - handed to the child process
-    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
     server = RunningServer(proc, f"http://{host}:{port}", log_path)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:

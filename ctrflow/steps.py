@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -230,51 +231,114 @@ def embed_step(params: dict[str, Any], dataset_dir: str | Path, dataset_out: str
 
 
 # ---- register + gate ------------------------------------------------------------------------------------
-def register_step(params: dict[str, Any], model_dir: str | Path, dataset_dir: str | Path | None = None) -> dict[str, Any]:
-    """Register the trained model in the model store as a candidate (its data fingerprint and code version with it)."""
+def model_name(params: dict[str, Any], dataset: str | None) -> str:
+    """The registry name: registry.model_name when set, else one per data set (`ctrflow-<dataset>`)."""
+    from ctrflow.registry import model_name_for
+
+    return model_name_for(params, dataset)
+
+
+def register_step(
+    params: dict[str, Any],
+    model_dir: str | Path,
+    dataset_dir: str | Path | None = None,
+    training_set_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Register the trained model in the model store as a candidate, with what it needs from the feature repository.
+
+    Recorded with it: the data fingerprint (of `dataset_dir`'s tables, else the encoder), the code version, and its
+    inputs (data set, feature service, feature columns and, when `training_set_dir` is given, the fingerprint of the
+    item features it was trained with), which `ctrflow.fit_check` compares with a feature repository before serving.
+    """
     use_bentoml_home(params)
     from ctrflow import registry
+    from ctrflow.data.encoding import FeatureEncoder
     from ctrflow.data.spec import FeatureSpec
 
     model_dir = Path(model_dir)
     metrics = json.loads((model_dir / "metrics.json").read_text())
     mparams = json.loads((model_dir / "params.json").read_text())
-    enc = json.loads((model_dir / "encoder.json").read_text())
+    encoder = FeatureEncoder.load(model_dir / "encoder.json")
+    spec = FeatureSpec.from_dict(encoder.spec.to_dict())
+    dataset = str(spec.extra.get("dataset", ""))
     fingerprint_inputs = sorted(Path(dataset_dir).glob("*.parquet")) if dataset_dir else [model_dir / "encoder.json"]
+    items = None
+    if training_set_dir is not None:
+        frame = pd.read_parquet(Path(training_set_dir) / TRAINING_FRAME)
+        key_field = next((f.name for f in spec.fields if f.column == spec.item_key), None)
+        vocab = encoder.vocabs.get(key_field, []) if key_field else []
+        items = registry.item_fingerprint(frame, spec, vocab or frame[spec.item_key].unique())
+    service = params["features"]["service"]
     tag = registry.register_model(
         model_dir,
-        name=section(params, "registry").model_name,
+        name=model_name(params, dataset),
         metrics=metrics,
         params=mparams,
-        feature_spec=FeatureSpec.from_dict(enc["spec"]).to_dict(),
+        feature_spec=spec.to_dict(),
         data_fingerprint=registry.data_fingerprint(fingerprint_inputs),
         code_version=registry.code_version(),
-        labels={"model_family": str(mparams.get("model", "")), "dataset": str(enc["spec"].get("extra", {}).get("dataset", ""))},
+        labels={"model_family": str(mparams.get("model", "")), "dataset": dataset},
+        inputs=registry.model_inputs(spec, feature_service=service, item_fingerprint=items),
     )
     log.info("registered %s", tag)
-    return {"tag": str(tag)}
+    return {"tag": str(tag), "dataset": dataset}
 
 
-def gate_step(params: dict[str, Any], tag: str) -> dict[str, Any]:
-    """The promotion gate from params.yaml: a minimum validation AUC, and no worse than production beyond a tolerance."""
+def gate_step(params: dict[str, Any], tag: str, training_set_dir: str | Path | None = None) -> dict[str, Any]:
+    """The promotion gate from params.yaml (gate section): better than a reference model trained here on the same
+    training set (gate.reference_model, plus gate.min_lift_over_reference), not worse than the production model of the
+    same data set beyond gate.tolerance, and at least gate.min_valid_auc when that is set.
+
+    The reference (a logistic regression by default: cheap, and meaningful on any data set) is trained into a
+    temporary folder and kept only as metrics in the gate decision. Without `training_set_dir` it cannot be trained,
+    and the gate fails saying so (set gate.reference_model to null to gate without one).
+    """
     use_bentoml_home(params)
     from ctrflow import registry
 
     g = section(params, "gate")  # a params file without `gate:` gets the typed defaults, never "promote anything"
-    decision = registry.gate(tag, min_valid_auc=g.min_valid_auc, tolerance=g.tolerance)
-    log.info("gate for %s %s: %s", tag, "passed" if decision.passed else "failed", "; ".join(decision.reasons))
-    return {"tag": str(tag), "gate_passed": bool(decision.passed), "reasons": list(decision.reasons)}
+    reference_metrics = None
+    if g.reference_model and training_set_dir is not None:
+        with tempfile.TemporaryDirectory(prefix="ctrflow-reference-") as tmp:
+            quiet = {**params, "train": {**params["train"], "progress": False}}
+            reference_metrics = train_step(quiet, training_set_dir, Path(tmp) / "model", g.reference_model)["metrics"]
+    decision = registry.gate(
+        tag,
+        min_valid_auc=g.min_valid_auc,
+        tolerance=g.tolerance,
+        reference_model=g.reference_model or None,
+        reference_metrics=reference_metrics,
+        min_lift_over_reference=g.min_lift_over_reference,
+    )
+    log.info("%s", decision.summary())
+    return {
+        "tag": str(tag),
+        "gate_passed": bool(decision.passed),
+        "reasons": list(decision.reasons),
+        "summary": decision.summary(),
+        "metrics": {
+            "candidate": decision.candidate_metrics,
+            "reference": decision.reference_metrics,
+            "production": decision.production_metrics,
+        },
+    }
 
 
 def deploy_step(params: dict[str, Any], tag: str, repo_dir: str | Path, deployment_file: str | Path) -> dict[str, Any]:
-    """Promote the model to production and record what the service must load (model tag, feature repo)."""
+    """Check that the model fits the feature repository, promote it to production and record what the service must
+    load (model tag, feature repo). A model that does not fit is never promoted (`ModelDoesNotFitError`)."""
     home = use_bentoml_home(params)
     from ctrflow import registry
+    from ctrflow.fit_check import check_model_fits
 
+    service = params["features"]["service"]
+    check_model_fits(tag, repo_dir, service)
     registry.promote(tag, reason="promotion gate passed in the training pipeline")
     deployment = {
         "model_tag": str(tag),
+        "model_name": str(tag).split(":")[0],
         "feature_repo": str(Path(repo_dir).resolve()),
+        "feature_service": service,
         "bentoml_home": home,
         "host": section(params, "serving").host,
         "port": section(params, "serving").port,

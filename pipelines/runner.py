@@ -47,7 +47,9 @@ def compile_pipeline(name: str, package_path: str | Path, family: str = "standar
 def run_training_local(params: dict[str, Any], workdir: str | Path, model_name: str = "", family: str | None = None) -> dict[str, Any]:
     """Run the training pipeline with the KFP local SubprocessRunner in this interpreter.
 
-    Returns the artifact paths and gate outcome, and writes them to `workdir/run.json`.
+    Returns the artifact paths and gate outcome (`gate`: the decision with its reasons and the metrics of every model
+    compared), and writes them to `workdir/run.json`. When the gate fails nothing is deployed, and a deployment.json
+    an earlier run left in `workdir` is removed (it would pair an old model with this run's feature repository).
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -77,12 +79,31 @@ def run_training_local(params: dict[str, Any], workdir: str | Path, model_name: 
     deployment = run_dir / "deploy-model" / "deployment"
     if run["gate_passed"] and deployment.exists():
         run["deployment"] = str(deployment)
+    run["gate"] = _gate_record(run["model_tag"])
+    if not run["gate_passed"]:
+        # a deployment.json left in this workdir by an earlier run points at this workdir's feature repository, which
+        # this run rebuilt: never leave it for `ctrflow serve` to pick up (it may be of another data set)
+        stale = workdir / "deployment.json"
+        if stale.exists():
+            stale.unlink()
+            run["removed_stale_deployment"] = str(stale)
     report = run_dir / "validate-data" / "validation_report"
     run["validation_report_json"] = str(report / "validation.json")
     html = sorted(report.glob("gx/uncommitted/data_docs/local_site/index.html"))
     run["validation_report_html"] = str(html[0]) if html else str(report)
     (workdir / "run.json").write_text(json.dumps(run, indent=2))
     return run
+
+
+def _gate_record(tag: str) -> dict[str, Any] | None:
+    """The gate decision the pipeline's gate step recorded for `tag` (reasons, every compared model's metrics)."""
+    from ctrflow import registry
+
+    try:
+        decision = registry.last_gate(tag)
+    except registry.RegistryError:
+        return None
+    return {**decision.to_dict(), "summary": decision.summary()} if decision else None
 
 
 def run_monitoring_local(params: dict[str, Any], workdir: str | Path, training_set: str, model_dir: str, current: str, fail_on_breach: bool = True) -> Any:

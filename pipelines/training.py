@@ -1,5 +1,9 @@
 """The training pipeline: validate → [embed items] → features → train → register → gate → (if passed) deploy.
 
+The gate trains a reference model (gate.reference_model, a logistic regression by default) on the same training set
+and compares the candidate with it and with the production model of the same data set; deploy checks that the model
+fits the run's feature repository before promoting it.
+
 One DAG per model family, chosen when the pipeline is built (`build_training_pipeline(family)`):
 - `standard`: one training step for any registered model (`train.model` or the `model_name` argument; DCNv2 default)
 - `dgenctr`: diffusion pre-training, then CTR fine-tuning; the checkpoint passes between them as an artifact
@@ -71,10 +75,12 @@ def build_training_pipeline(family: str = "standard"):  # noqa: ANN201 - a KFP p
         else:
             trained = train_model(params=params, training_set=training_set, model_name=model_name).set_display_name("train")
 
-        registered = register_model(params=params, model=trained.outputs["model"], dataset=validated.outputs["dataset"])
+        registered = register_model(
+            params=params, model=trained.outputs["model"], dataset=validated.outputs["dataset"], training_set=training_set
+        )
         registered.set_display_name("register").set_caching_options(False)
 
-        gate = promotion_gate(params=params, tag=registered.output)
+        gate = promotion_gate(params=params, tag=registered.output, training_set=training_set)
         gate.set_display_name("promotion gate").set_caching_options(False)
 
         with dsl.If(gate.output == True, name="gate-passed"):  # noqa: E712 (KFP condition)

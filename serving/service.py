@@ -83,6 +83,10 @@ class RankingService:
                 "(promote one, or set CTRFLOW_MODEL_TAG)"
             )
         self.tag = registry.resolve_tag(tag)
+        from ctrflow.fit_check import check_model_fits
+
+        # refuse to start, naming the mismatch, when the model does not fit this feature repository
+        check_model_fits(self.tag, repo, os.environ.get("CTRFLOW_FEATURE_SERVICE") or "ctr_ranking")
         loaded = load_model_artifact(registry.model_path(self.tag))
         self.scorer = Scorer(loaded.model, loaded.encoder)
         self.family = loaded.name
@@ -102,6 +106,7 @@ class RankingService:
                 column_types=schema_for_spec(spec, loaded.encoder.vocabs),
                 flush_rows=_env_int("CTRFLOW_REQUEST_LOG_FLUSH_ROWS", 2000),
                 flush_seconds=float(os.environ.get("CTRFLOW_REQUEST_LOG_FLUSH_SECONDS") or 5.0),
+                metrics=True,  # ctrflow_request_log_*_total on /metrics
             )
         else:
             log.warning("CTRFLOW_REQUEST_LOG is not set: requests are not logged (drift monitoring needs them)")

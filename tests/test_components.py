@@ -136,22 +136,20 @@ def test_train_multiscenario(params, training_set, tmp_path):
     assert 0.0 < auc < 1.0 and model.metadata["model"] == "gsvr-star" and metrics.metadata["valid_auc"] == auc
 
 
-def test_register_gate_deploy(params, trained, dataset_dir, tmp_path):
+def test_register_gate_deploy(params, trained, dataset_dir, training_set, tmp_path):
     from ctrflow import registry
 
     model, _, _ = trained
-    tag = components.register_model.python_func(params=params, model=model, dataset=Dataset(uri=str(dataset_dir)))
+    ts = Dataset(uri=str(training_set))
+    tag = components.register_model.python_func(params=params, model=model, dataset=Dataset(uri=str(dataset_dir)), training_set=ts)
     assert registry.stage(tag) == registry.CANDIDATE
-    strict = {**params, "gate": {**params["gate"], "min_valid_auc": 0.99}}
-    assert components.promotion_gate.python_func(params=strict, tag=tag) is False
-    assert components.promotion_gate.python_func(params=params, tag=tag) is True
+    strict = {**params, "gate": {**params["gate"], "reference_model": None, "min_valid_auc": 0.99}}
+    assert components.promotion_gate.python_func(params=strict, tag=tag, training_set=ts) is False
+    lenient = {**params, "gate": {**params["gate"], "reference_model": None, "min_valid_auc": 0.0}}
+    assert components.promotion_gate.python_func(params=lenient, tag=tag, training_set=ts) is True
     deployment = Artifact(uri=str(tmp_path / "deployment.json"))
     assert components.deploy_model.python_func(params=params, tag=tag, feature_repo=str(tmp_path / "repo"), deployment=deployment) == tag
-    assert json.loads(Path(deployment.path).read_text())["model_tag"] == tag and registry.production_model(registry_name(params)) == tag
-
-
-def registry_name(params: dict) -> str:
-    return params["registry"]["model_name"]
+    assert json.loads(Path(deployment.path).read_text())["model_tag"] == tag and registry.production_model(tag.split(":")[0]) == tag
 
 
 def test_check_drift(params, trained, training_set, tmp_path):

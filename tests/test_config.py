@@ -50,16 +50,17 @@ def test_committed_params_validate_and_keep_every_value():
 def test_missing_sections_get_the_typed_defaults(tmp_path):
     params = load_params(write(tmp_path, {"train": {"epochs": 1}}))
     assert params["train"]["epochs"] == 1 and params["train"]["batch_size"] == 1024
-    # the defaults that disagreed in code: gate minimum 0.0, drift threshold 0.05
-    assert params["gate"] == {"min_valid_auc": 0.65, "tolerance": 0.005}
+    # the defaults that disagreed in code (gate minimum 0.0, drift threshold 0.05) now come from one place: a
+    # candidate must beat a reference model trained in the same run
+    assert params["gate"] == {"reference_model": "lr", "min_lift_over_reference": 0.0, "tolerance": 0.005, "min_valid_auc": None}
     assert params["drift"]["stattest_threshold"] == 0.1
     assert set(params) == set(config.Params.model_fields)
 
 
 def test_an_empty_section_is_its_defaults_never_promote_anything(tmp_path):
     params = load_params(write(tmp_path, "gate:\ndrift:\n"))
-    assert params["gate"]["min_valid_auc"] == 0.65
-    assert section({}, "gate").min_valid_auc == 0.65  # the typed accessor on a dict without `gate`
+    assert params["gate"]["reference_model"] == "lr"  # a candidate must still beat the reference
+    assert section({}, "gate").reference_model == "lr"  # the typed accessor on a dict without `gate`
 
 
 def test_an_empty_file_is_all_defaults(tmp_path):

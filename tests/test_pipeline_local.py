@@ -37,6 +37,7 @@ def small_params(**overrides) -> dict:
             "train.progress": False,
             "models.dcnv2": {"cross_layers": 2, "mlp": [32, 32], "dropout": 0.0},
             "gate.min_valid_auc": 0.5,
+            "gate.min_lift_over_reference": -1.0,  # the reference (lr) is trained, but 2 epochs need not beat it
             **overrides,
         },
     )
@@ -44,6 +45,9 @@ def small_params(**overrides) -> dict:
 
 def test_from_struct_restores_ints():
     assert from_struct({"a": 50.0, "b": [1.0, 0.5], "c": {"d": 2.0}, "e": "x"}) == {"a": 50, "b": [1, 0.5], "c": {"d": 2}, "e": "x"}
+
+
+NAME = "ctrflow-synthetic"  # registry.model_name is null: one name per data set
 
 
 def test_pipeline_trains_registers_and_deploys_only_through_the_gate(tmp_path, bentoml_home):
@@ -54,7 +58,7 @@ def test_pipeline_trains_registers_and_deploys_only_through_the_gate(tmp_path, b
     assert run["gate_passed"] is True
     deployment = json.loads(Path(run["deployment"]).read_text())
     assert deployment["model_tag"] == run["model_tag"]
-    assert registry.production_model("ctrflow-ranker") == run["model_tag"]
+    assert registry.production_model(NAME) == run["model_tag"]
     frame = pd.read_parquet(Path(run["training_set"]) / "frame.parquet")
     assert set(frame["split"]) == {"train", "valid", "test"}
     metrics = json.loads((Path(run["model_dir"]) / "metrics.json").read_text())
@@ -62,13 +66,24 @@ def test_pipeline_trains_registers_and_deploys_only_through_the_gate(tmp_path, b
     assert Path(run["validation_report_html"]).name == "index.html"
     assert (Path(run["feature_repo"]) / "data" / "online_store.db").stat().st_size > 0  # materialised online
 
-    # a gate no model can pass: registered as a candidate, not deployed, production unchanged
-    again = run_training_local(small_params(**{"gate.min_valid_auc": 0.999}), tmp_path / "run2")
-    assert again["gate_passed"] is False
+    # a gate no model can pass, through `run-all`: registered as a candidate, not deployed, nothing served, the
+    # reasons and both models' metrics said, production unchanged
+    from ctrflow.demo import run_everything
+
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "deployment.json").write_text(json.dumps(deployment))  # left by an earlier run here
+    with pytest.raises(registry.GateFailedError) as failed:
+        run_everything(small_params(**{"gate.min_valid_auc": 0.999}), tmp_path / "run2")
+    message = str(failed.value)
+    assert "GATE FAILED" in message and "below the minimum 0.9990" in message
+    assert {"candidate", "reference", "production"} <= {line.split()[0] for line in message.splitlines() if line.strip()}
+    assert not (tmp_path / "run2" / "deployment.json").exists() and not (tmp_path / "run2" / "request_log").exists()
+    again = json.loads((tmp_path / "run2" / "run.json").read_text())
+    assert again["gate_passed"] is False and again["gate"]["passed"] is False
     assert "deployment" not in again
     assert not (Path(again["run_dir"]) / "deploy-model").exists()
-    assert registry.production_model("ctrflow-ranker") == run["model_tag"]
-    stages = {m["tag"]: m["stage"] for m in registry.list_models("ctrflow-ranker")}
+    assert registry.production_model(NAME) == run["model_tag"]
+    stages = {m["tag"]: m["stage"] for m in registry.list_models(NAME)}
     assert stages == {run["model_tag"]: "production", again["model_tag"]: "candidate"}
 
 
@@ -88,7 +103,7 @@ def test_invalid_data_stops_the_pipeline_before_anything_is_registered(tmp_path,
 
     with pytest.raises(RuntimeError, match="validate-data"):
         run_training_local(small_params(**{"data.source": "parquet", "data.path": str(data)}), tmp_path / "run")
-    assert registry.list_models("ctrflow-ranker") == []
+    assert registry.list_models() == []
     assert not list((tmp_path / "run" / "kfp").glob("*/build-features/training_set/*"))
 
 
@@ -103,7 +118,7 @@ def test_dgenctr_pretrain_finetune_pipeline_registers_a_servable_model(tmp_path,
 
     params = small_params(**{"models.dgenctr.pretrain.epochs": 1, "models.dgenctr.d_model": 16, "models.dgenctr.layers": 1})
     run = run_training_local(params, tmp_path / "run", family="dgenctr")
-    assert run["gate_passed"] is True and registry.production_model("ctrflow-ranker") == run["model_tag"]
+    assert run["gate_passed"] is True and registry.production_model(NAME) == run["model_tag"]
     assert (Path(run["run_dir"]) / "pretrain-model" / "pretrained" / "pretrained.pt").exists()
     loaded = load_model_artifact(registry.model_path(run["model_tag"]))
     assert loaded.name == "dgenctr"

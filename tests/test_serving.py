@@ -234,13 +234,17 @@ def test_request_log_parts_share_one_schema_and_close_flushes(tmp_path, tiny_dat
     assert pq.read_schema(parts[0]).remove_metadata() == pq.read_schema(parts[1]).remove_metadata()
 
     logger.log_request(request_id="c", user_id=1, scenario="home", model="m:1", features=known, predictions=np.zeros(3))
-    logger.close()  # flushes what is buffered, like the service's shutdown hook
-    with pytest.raises(RuntimeError, match="closed"):
-        logger.log_request(request_id="d", user_id=1, scenario="home", model="m:1", features=known, predictions=np.zeros(3))
+    logger.close()  # compacts what was written, like the service's shutdown hook
+    assert len(pd.read_parquet(tmp_path)) == 9  # one table for any Parquet reader (the drift check reads it so)
+    # a request answered after the graceful stop began is still written, never refused
+    logger.log_request(request_id="d", user_id=1, scenario="home", model="m:1", features=known, predictions=np.zeros(3))
+    assert logger.stats()["late_requests"] == 1
+    assert list(read_request_log(tmp_path)["request_id"]) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["d"] * 3
+    logger.close()
 
     log = read_request_log(tmp_path)
-    assert list(log["request_id"]) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
-    assert len(pd.read_parquet(tmp_path)) == 9  # one table for any Parquet reader (the drift check reads it so)
+    assert list(log["request_id"]) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["d"] * 3
+    assert len(pd.read_parquet(tmp_path)) == 12
     assert list(log["hist_item_ids"].iloc[0]) == list(known["hist_item_ids"].iloc[0])
     assert log["prediction"].dtype == np.float32
     with pytest.raises(ValueError, match="predictions"):

@@ -1,0 +1,172 @@
+"""The durable request log on its own (no server): a killed writer loses nothing it returned from, crash leftovers
+are recovered, ids stay int64, a compaction that falls behind is counted, and nothing is ever read twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from ctrflow.config import REPO_ROOT
+from ctrflow.request_log import SEGMENTS, RequestLogger, read_request_log, recover_request_log
+
+BIG = 2**63 - 1  # the largest int64 id: float64 cannot hold it
+TYPES = {"genre": pa.int64(), "price": pa.float64(), "vec": pa.list_(pa.float32())}
+
+
+def _features(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    genre = np.empty(n, dtype=object)
+    genre[:] = [None if i % 3 == 0 else BIG - i for i in range(n)]  # an int feature with missing values
+    vec = np.empty(n, dtype=object)
+    vec[:] = [rng.random(4, dtype=np.float32) for _ in range(n)]
+    return pd.DataFrame({"user_id": 7, "item_id": np.arange(BIG - n + 1, BIG + 1, dtype=np.int64) if n else [],
+                         "genre": genre, "price": rng.random(n), "vec": vec})  # fmt: skip
+
+
+def _log(logger: RequestLogger, rid: str, n: int = 5, user_id: int = 7) -> pd.DataFrame:
+    features = _features(n)
+    logger.log_request(
+        request_id=rid, user_id=user_id, scenario="home", model="m:1", features=features,
+        predictions=np.linspace(0, 1, n), item_ids=features["item_id"].tolist(), extra={"rank": list(range(1, n + 1))},
+    )  # fmt: skip
+    return features
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from tests.test_request_log import RequestLogger, TYPES, _log
+    logger = RequestLogger(sys.argv[1], column_types=TYPES, flush_rows=40, flush_seconds=0.05)
+    for i in range(100000):
+        _log(logger, f"r{i}")
+        print(f"r{i}", flush=True)  # "answered": printed only after log_request returned
+    """
+)
+
+
+def test_kill_9_of_a_writer_loses_no_request_it_returned_from(tmp_path):
+    log_dir = tmp_path / "log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(log_dir), str(REPO_ROOT)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    answered: list[str] = []
+    deadline = time.monotonic() + 120
+    while len(answered) < 300 and time.monotonic() < deadline:  # long enough for several compactions
+        line = proc.stdout.readline()
+        if not line:
+            break
+        answered.append(line.strip())
+    proc.send_signal(signal.SIGKILL)
+    answered += [line.strip() for line in proc.stdout.read().splitlines()]  # printed before the kill landed
+    proc.wait(timeout=30)
+    assert len(answered) >= 300, "the writer did not get going"
+
+    # before any recovery: compacted parts plus the dead writer's segments
+    before = read_request_log(log_dir)
+    assert set(answered) <= set(before["request_id"])
+    assert before.groupby("request_id").size().eq(5).all()  # never a row twice, never half a request
+    assert list((log_dir / SEGMENTS).glob("seg-*")), "the kill should leave a segment behind"
+
+    # the next writer recovers the leftovers into Parquet, once
+    with RequestLogger(log_dir, column_types=TYPES) as logger:
+        assert logger.stats()["recovered_rows"] >= 5
+    assert not list((log_dir / SEGMENTS).glob("seg-*"))
+    after = read_request_log(log_dir)
+    assert set(answered) <= set(after["request_id"]) and len(after) == len(before)
+    assert len(pd.read_parquet(log_dir)) == len(after)  # every row is in the Parquet parts now
+
+
+def test_a_record_torn_by_a_crash_and_a_dead_temp_file_are_cleaned_up(tmp_path):
+    logger = RequestLogger(tmp_path, column_types=TYPES, flush_seconds=3600)
+    _log(logger, "whole")
+    seg = next((tmp_path / SEGMENTS).glob("seg-*"))
+    stem = seg.name[len("seg-") : -len(".arrows")]
+    # what a kill in the middle of a write and in the middle of a compaction leave
+    with open(seg, "ab") as fh:
+        fh.write(seg.read_bytes()[:40])
+    (tmp_path / f".part-{stem}.parquet.999.tmp").write_bytes(b"PAR1 half a file")
+    (tmp_path / ".part-20200101T000000000000-1-deadbeef.parquet.tmp").write_bytes(b"old format temp file")
+    assert read_request_log(tmp_path)["request_id"].tolist() == ["whole"] * 5  # the torn tail is never misread
+    os.close(logger._fd)  # the worker dies: its lock goes with it
+    logger._fd = None
+    logger._closed = True
+
+    assert recover_request_log(tmp_path) == 5
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / SEGMENTS).glob("seg-*"))
+    assert read_request_log(tmp_path)["request_id"].tolist() == ["whole"] * 5
+
+
+def test_ids_stay_int64_end_to_end(tmp_path):
+    from ctrflow.monitoring import read_request_log as monitoring_read
+
+    with RequestLogger(tmp_path, column_types=TYPES, flush_seconds=3600) as logger:
+        features = _log(logger, "a", user_id=BIG)
+        logger.flush()
+        _log(logger, "b", user_id=BIG)  # left in its segment until close: read from both at once
+        mixed = read_request_log(tmp_path)
+    for frame in (mixed, read_request_log(tmp_path), monitoring_read(tmp_path)):
+        assert frame["item_id"].dtype == np.int64 and frame["user_id"].dtype == np.int64
+        assert frame["item_id"].max() == BIG and (frame["user_id"] == BIG).all()
+        assert frame["item_id"].iloc[:5].tolist() == features["item_id"].tolist()
+        assert str(frame["genre"].dtype) == "Int64"  # missing values: nullable, not float64
+        assert frame["genre"].iloc[:5].tolist() == [pd.NA if v is None else v for v in features["genre"]]
+
+
+def test_two_workers_share_a_folder_and_recovery_leaves_a_live_segment_alone(tmp_path):
+    a = RequestLogger(tmp_path, column_types=TYPES, flush_seconds=3600)
+    _log(a, "from-a")
+    b = RequestLogger(tmp_path, column_types=TYPES, flush_seconds=3600)  # recovers at start: a is alive
+    assert b.stats()["recovered_rows"] == 0
+    _log(b, "from-b")
+    assert len(list((tmp_path / SEGMENTS).glob("seg-*"))) == 2
+    a.close()
+    b.close()
+    log = read_request_log(tmp_path)
+    assert sorted(log["request_id"].unique()) == ["from-a", "from-b"] and len(log) == 10
+
+
+def test_a_compaction_that_falls_behind_is_counted_and_loses_nothing(tmp_path, monkeypatch):
+    import prometheus_client
+
+    from ctrflow import request_log
+
+    def before(name: str) -> float:
+        return prometheus_client.REGISTRY.get_sample_value(f"ctrflow_request_log_{name}_total") or 0.0
+
+    start = {n: before(n) for n in ("requests", "backlog_full", "compaction_errors")}
+    real = request_log._write_part
+    monkeypatch.setattr(request_log, "_write_part", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    logger = RequestLogger(tmp_path, column_types=TYPES, flush_rows=5, flush_seconds=0.05, max_backlog_rows=8, metrics=True)
+    for i in range(4):
+        _log(logger, f"r{i}")
+    deadline = time.monotonic() + 30
+    while logger.stats()["backlog_full"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = logger.stats()
+    assert stats["backlog_full"] >= 1 and stats["compaction_errors"] >= 1 and stats["backlog_rows"] == 20
+    assert before("backlog_full") > start["backlog_full"] and before("requests") == start["requests"] + 4
+    assert read_request_log(tmp_path)["request_id"].nunique() == 4  # safe in the segments meanwhile
+    monkeypatch.setattr(request_log, "_write_part", real)  # the disk has room again
+    logger.close()
+    assert logger.stats()["backlog_rows"] == 0
+    assert pd.read_parquet(tmp_path)["request_id"].nunique() == 4
+
+
+def test_bad_arguments_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match="flush_rows"):
+        RequestLogger(tmp_path, flush_rows=0)
+    with RequestLogger(tmp_path) as logger, pytest.raises(ValueError, match="predictions"):
+        logger.log_request(
+            request_id="x", user_id=1, scenario="home", model="m:1", features=_features(3), predictions=np.zeros(2)
+        )
