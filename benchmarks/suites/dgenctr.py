@@ -39,6 +39,7 @@ import torch
 from benchmarks.harness import RESULTS, BenchContext, Experiment, mean_std, merge_records, train_and_evaluate
 from ctrflow.config import load_params, merge
 from ctrflow.models import build_model, known_models
+from ctrflow.training.recipe import model_params
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def dgenctr_experiment(
 
 def scarce_baseline(name: str) -> Experiment:
     def run(ctx: BenchContext, seed: int) -> dict[str, Any]:
-        params = {"embedding_dim": 16, **(load_params().get("models", {}).get(name) or {})}
+        params = model_params(load_params(), name)
         return train_and_evaluate(
             ctx, lambda: build_model(name, ctx.encoder, params), seed, train=scarce_train(ctx, seed)
         )

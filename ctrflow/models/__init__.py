@@ -17,7 +17,7 @@ from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models.base import CTRModel, to_tensors
 
 MODELS: dict[str, type[CTRModel]] = {}
-_NOT_MODELS = {"base", "layers"}
+_NOT_MODELS = {"base", "blocks"}
 _discovered = False
 
 

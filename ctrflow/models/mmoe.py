@@ -1,7 +1,7 @@
 """MMoE for scenarios (Ma et al., KDD 2018): shared experts, a softmax gate and a tower per scenario.
 
 Each row is mixed by its own scenario's gate and scored by its scenario's tower. Slot 0 holds a shared gate and
-tower, the fallback for a scenario unseen in training (trained by `scenario_dropout`, see multiscenario.py).
+tower, the fallback for a scenario unseen in training (trained by `scenario_dropout`, see `MultiScenarioModel` in ctrflow/models/base.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from torch import nn
 
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import register_model
-from ctrflow.models.layers import MLP
-from ctrflow.models.multiscenario import MultiScenarioModel, ScenarioTowers, _module_params
+from ctrflow.models.base import MultiScenarioModel
+from ctrflow.models.blocks.mlp import MLP
+from ctrflow.models.blocks.scenario import ScenarioTowers, module_params
 
 
 @register_model
@@ -69,4 +70,4 @@ class MMoE(MultiScenarioModel):
     def slot_parameters(self, slot: int) -> list[tuple[nn.Parameter, int | None]]:
         rows = range(slot * self.n_experts, (slot + 1) * self.n_experts)
         gate = [(self.gates.weight, r) for r in rows] + [(self.gates.bias, r) for r in rows]
-        return self._embedding_slot_parameters(slot) + gate + _module_params(self.towers.towers[slot])
+        return self._embedding_slot_parameters(slot) + gate + module_params(self.towers.towers[slot])

@@ -7,7 +7,7 @@ scenario's tower scores the row. Only the row's own scenario experts run (routin
 the number of scenarios.
 
 Slot 0 (an unknown scenario) has no specific experts: its gate sees the shared experts only and its tower is the
-shared tower (trained by `scenario_dropout`, see multiscenario.py).
+shared tower (trained by `scenario_dropout`, see `MultiScenarioModel` in ctrflow/models/base.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from torch import nn
 
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import register_model
-from ctrflow.models.layers import MLP
-from ctrflow.models.multiscenario import MultiScenarioModel, ScenarioTowers, _module_params, route
+from ctrflow.models.base import MultiScenarioModel
+from ctrflow.models.blocks.mlp import MLP
+from ctrflow.models.blocks.scenario import ScenarioTowers, module_params, route
 
 
 class _ExpertGroup(nn.Module):
@@ -140,10 +141,10 @@ class PLE(MultiScenarioModel):
         return self.towers(t, s)
 
     def slot_parameters(self, slot: int) -> list[tuple[nn.Parameter, int | None]]:
-        out = self._embedding_slot_parameters(slot) + _module_params(self.towers.towers[slot])
+        out = self._embedding_slot_parameters(slot) + module_params(self.towers.towers[slot])
         for level in self.levels:
             n = level.n_specific + level.n_shared
             rows = range(slot * n, (slot + 1) * n)
             out += [(level.task_gates.weight, r) for r in rows] + [(level.task_gates.bias, r) for r in rows]
-            out += _module_params(level.specific[slot])
+            out += module_params(level.specific[slot])
         return out

@@ -2,7 +2,7 @@
 
 The simplest multi-scenario baseline (Caruana 1997, used with scenarios as tasks in Scenario-Wise Rec): every
 scenario shares the bottom, each has its own tower. Slot 0 is the shared tower that an unknown scenario falls back
-to at serving; `scenario_dropout` trains it (see `ctrflow/models/multiscenario.py`).
+to at serving; `scenario_dropout` trains it (see `MultiScenarioModel` in `ctrflow/models/base.py`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from torch import nn
 
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import register_model
-from ctrflow.models.layers import MLP
-from ctrflow.models.multiscenario import MultiScenarioModel, ScenarioTowers, _module_params
+from ctrflow.models.base import MultiScenarioModel
+from ctrflow.models.blocks.mlp import MLP
+from ctrflow.models.blocks.scenario import ScenarioTowers, module_params
 
 
 @register_model
@@ -57,4 +58,4 @@ class SharedBottom(MultiScenarioModel):
         return self.towers(self.bottom(self.inputs(batch, extra)), self.slots(batch))
 
     def slot_parameters(self, slot: int) -> list[tuple[nn.Parameter, int | None]]:
-        return self._embedding_slot_parameters(slot) + _module_params(self.towers.towers[slot])
+        return self._embedding_slot_parameters(slot) + module_params(self.towers.towers[slot])

@@ -9,7 +9,7 @@
 
 Slot 0, an unknown scenario, uses the centre only: W, b, γ, β and the global moving statistics, with a zero
 scenario embedding in the auxiliary network. `scenario_dropout` sends some training rows through that path so the
-centre alone is a trained model (see multiscenario.py).
+centre alone is a trained model (see `MultiScenarioModel` in ctrflow/models/base.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import nn
 
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import register_model
-from ctrflow.models.layers import MLP
-from ctrflow.models.multiscenario import MultiScenarioModel
+from ctrflow.models.base import MultiScenarioModel
+from ctrflow.models.blocks.mlp import MLP
 
 
 class PartitionedNorm(nn.Module):
