@@ -100,44 +100,39 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.slow
-def test_killed_train_resumes_to_the_weights_of_an_uninterrupted_run(training_set, tmp_path) -> None:
+def _full_then_killed_then_resumed(tmp_path: Path, command: tuple[str, ...], checkpoint: str, artifact: str) -> tuple:
+    """`ctrflow <command> --out full` uninterrupted; `--out cut` SIGKILLed after its first checkpoint
+    (cut/<checkpoint>), then run again to the end. Returns (epoch the kill left, stdout of the resumed run)."""
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(_params()))
-    train = ("train", "--training-set", str(training_set))
-    _run(_ctrflow(params_file, *train, "--out", str(tmp_path / "full")))
-
+    _run(_ctrflow(params_file, *command, "--out", str(tmp_path / "full")))
     cut = tmp_path / "cut"
-    killed_at = _kill_after_first_checkpoint(
-        _ctrflow(params_file, *train, "--out", str(cut)), cut / "checkpoints" / "last.pt"
-    )
-    assert 1 <= killed_at < TINY["train.epochs"], "the kill came after the last epoch: nothing left to resume"
-    assert not (cut / "model.pt").exists()  # the killed run saved no artifact
-    out = json.loads(_run(_ctrflow(params_file, *train, "--out", str(cut))).stdout)
+    killed_at = _kill_after_first_checkpoint(_ctrflow(params_file, *command, "--out", str(cut)), cut / checkpoint)
+    assert not (cut / artifact).exists()  # the killed run got no further than its checkpoints
+    out = _run(_ctrflow(params_file, *command, "--out", str(cut))).stdout
+    _assert_same_weights(tmp_path / "full" / artifact, cut / artifact)
+    return killed_at, out
 
-    _assert_same_weights(tmp_path / "full" / "model.pt", cut / "model.pt")
-    meta = json.loads((cut / "model.json").read_text())
+
+@pytest.mark.slow
+def test_killed_train_resumes_to_the_weights_of_an_uninterrupted_run(training_set, tmp_path) -> None:
+    command = ("train", "--training-set", str(training_set))
+    killed_at, out = _full_then_killed_then_resumed(tmp_path, command, "checkpoints/last.pt", "model.pt")
+    assert 1 <= killed_at < TINY["train.epochs"], "the kill came after the last epoch: nothing left to resume"
+    meta = json.loads((tmp_path / "cut" / "model.json").read_text())
     assert meta["extra"]["resumed_from"] == killed_at
     assert len(meta["extra"]["history"]) == TINY["train.epochs"]
-    assert out["valid_auc"] == json.loads((tmp_path / "full" / "metrics.json").read_text())["valid"]["auc"]
+    full_metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert json.loads(out)["valid_auc"] == full_metrics["valid"]["auc"]
 
 
 @pytest.mark.slow
 def test_killed_pretrain_resumes_to_the_weights_of_an_uninterrupted_run(training_set, tmp_path) -> None:
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(_params()))
-    pre = ("pretrain", "--training-set", str(training_set))
-    _run(_ctrflow(params_file, *pre, "--out", str(tmp_path / "full")))
-
-    cut = tmp_path / "cut"
-    killed_at = _kill_after_first_checkpoint(_ctrflow(params_file, *pre, "--out", str(cut)), cut / "last.pt")
+    command = ("pretrain", "--training-set", str(training_set))
+    killed_at, _ = _full_then_killed_then_resumed(tmp_path, command, "last.pt", "pretrained.pt")
     assert 1 <= killed_at < TINY["models.dgenctr.pretrain"]["epochs"]
-    assert not (cut / "pretrained.pt").exists()
-    _run(_ctrflow(params_file, *pre, "--out", str(cut)))
-
-    _assert_same_weights(tmp_path / "full" / "pretrained.pt", cut / "pretrained.pt")
     full = json.loads((tmp_path / "full" / "pretrain.json").read_text())["history"]
-    resumed = json.loads((cut / "pretrain.json").read_text())["history"]
+    resumed = json.loads((tmp_path / "cut" / "pretrain.json").read_text())["history"]
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed] == [
         {k: v for k, v in r.items() if k != "seconds"} for r in full
     ]

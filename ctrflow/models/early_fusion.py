@@ -2,9 +2,8 @@
 [id embedding ; W_m v_m for each modality m] for the target and for every behaviour (the modality vectors
 concatenated into the item embedding), i.e. fusion at the item-feature level, before any interest modelling.
 
-The behaviour items' vectors come from the frozen per-item table (`ItemModalityTable`, ctrflow/models/blocks/modality.py,
-filled by `prepare(train_tensors)` or, failing that, by each training batch), so serving needs nothing but the online
-features the service already reads. Same item-id space, modality table and head as DMAE (`MultimodalBase`).
+Built on `MultimodalBase` (ctrflow/models/base.py): DMAE's item-id space and frozen modality table, so the
+behaviours' vectors are projected from that table and serving reads only the features it already reads.
 """
 
 from __future__ import annotations

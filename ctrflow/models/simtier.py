@@ -3,9 +3,8 @@ histogram of target-vs-behaviour similarities over N_B buckets (the share of the
 tier) is fed, as a feature, to the head MLP beside DIN's id attention. No learned encoding of the similarities, no
 fusion, no decoder.
 
-The behaviour items' vectors come from the frozen per-item table (`ItemModalityTable`, ctrflow/models/blocks/modality.py,
-filled by `prepare(train_tensors)` or, failing that, by each training batch), so serving needs nothing but the online
-features the service already reads. Same item-id space, modality table and head as DMAE (`MultimodalBase`).
+The similarities come from DMAE's frozen item modality table (`MultimodalBase`, ctrflow/models/base.py), filled
+by `prepare(train_tensors)` before training.
 """
 
 from __future__ import annotations

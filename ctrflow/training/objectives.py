@@ -30,6 +30,7 @@ from ctrflow.training.metrics import auc, logloss, predict
 
 class Objective(Protocol):
     name: str
+    metrics: tuple[str, ...]  # the keys `validate` returns: what `TrainConfig.monitor` may name
     loss_metric: str  # a validation metric that is always defined (the fallback when AUC is not)
     log_skip: tuple[str, ...]  # record keys left out of the epoch log line (still in the history)
 
@@ -46,6 +47,7 @@ class CTR:
     """Click-through-rate training: the model's `loss(batch)` (BCE plus whatever terms the model adds)."""
 
     name = "ctr"
+    metrics = ("valid_auc", "valid_logloss")
     loss_metric = "valid_logloss"
     log_skip: tuple[str, ...] = ()
 
@@ -66,6 +68,7 @@ class Denoising:
     """
 
     name = "denoising"
+    metrics = ("valid_loss", "valid_zero_shot_auc")
     loss_metric = "valid_loss"
     log_skip: tuple[str, ...] = ("train_field_",)  # per-field losses: in the history, too many for a log line
 

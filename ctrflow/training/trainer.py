@@ -91,11 +91,17 @@ class TrainConfig:
         if self.grad_clip is not None and self.grad_clip < 0:
             raise ValueError(f"train config: grad_clip must be >= 0 or null, got {self.grad_clip}")
         if self.monitor != "none":
-            mode = self.monitor_mode or monitor_direction(self.monitor)
+            implied = monitor_direction(self.monitor)
+            mode = self.monitor_mode or implied
             if mode not in MONITOR_MODES:
                 raise ValueError(
                     f"train config: monitor_mode must be one of {MONITOR_MODES} (it cannot be read from the name "
                     f"'{self.monitor}'), got {self.monitor_mode!r}"
+                )
+            if implied is not None and mode != implied:
+                raise ValueError(
+                    f"train config: monitor '{self.monitor}' improves towards {implied}, but monitor_mode is "
+                    f"'{mode}'; set monitor_mode: {implied}"
                 )
             self.monitor_mode = mode
         if self.checkpoint_dir is not None:
@@ -258,6 +264,11 @@ class Trainer:
 
     def _resolve_monitor(self, valid: dict[str, torch.Tensor] | None) -> str:
         cfg = self.config
+        if cfg.monitor != "none" and cfg.monitor not in self.objective.metrics:
+            raise ValueError(
+                f"train config: monitor '{cfg.monitor}' is not a validation metric of the {self.objective.name} "
+                f"objective (one of {list(self.objective.metrics)}, or 'none')"
+            )
         if cfg.monitor == "none" or valid is None:
             return "none"
         if cfg.monitor.endswith("auc"):
