@@ -73,6 +73,9 @@ class MultiScenarioModel(CTRModel):
     training rows' scenario ids by 0 (the same trick as a "null" class in classifier-free guidance): those rows
     train the shared path (`drop_scenarios`). See `ctrflow.models.blocks.scenario` for slots and checks.
 
+    The arguments every backbone shares are taken here (a backbone's `**common`): `embedding_dim`, `fields` (the
+    fields embedded; None = all), `sparse`, `scenario_dropout`, `scenarios` (those the train split must hold; None =
+    every declared one) and `extra_dim` (width of the plug-in inputs).
     Subclasses build their network on `self.input_dim` (flattened field embeddings + `extra_dim`) and implement
     `score(batch, extra)`, where `extra` ([B, extra_dim] or None) is what a plug-in such as GSVR adds next to the
     usual inputs; and `slot_parameters(slot)`, the parameters (or slices) only that slot uses.

@@ -7,6 +7,7 @@ tower, the fallback for a scenario unseen in training (trained by `scenario_drop
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,32 +26,22 @@ class MMoE(MultiScenarioModel):
     def __init__(
         self,
         encoder: FeatureEncoder,
-        embedding_dim: int = 16,
         experts: int = 4,
         expert: Sequence[int] = (128, 64),
         tower: Sequence[int] = (64,),
         dropout: float = 0.1,
-        scenario_dropout: float = 0.05,
-        scenarios: Sequence[str] | None = None,
-        sparse: bool = False,
-        fields: Sequence[str] | None = None,
-        extra_dim: int = 0,
+        **common: Any,
     ):
         expert, tower = [int(h) for h in expert], [int(h) for h in tower]
         if int(experts) < 1 or not expert:
             raise ValueError(f"mmoe: needs experts >= 1 and a non-empty expert MLP, got {experts}, {expert}")
         super().__init__(
             encoder,
-            embedding_dim=embedding_dim,
-            fields=fields,
-            sparse=sparse,
-            scenario_dropout=scenario_dropout,
-            scenarios=scenarios,
-            extra_dim=extra_dim,
             experts=int(experts),
             expert=expert,
             tower=tower,
             dropout=float(dropout),
+            **common,
         )
         self.n_experts = int(experts)
         self.experts = nn.ModuleList(MLP(self.input_dim, expert, dropout=float(dropout)) for _ in range(self.n_experts))

@@ -13,6 +13,7 @@ shared tower (trained by `scenario_dropout`, see `MultiScenarioModel` in ctrflow
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,18 +85,13 @@ class PLE(MultiScenarioModel):
     def __init__(
         self,
         encoder: FeatureEncoder,
-        embedding_dim: int = 16,
         levels: int = 2,
         shared_experts: int = 2,
         specific_experts: int = 1,
         expert: Sequence[int] = (64,),
         tower: Sequence[int] = (64,),
         dropout: float = 0.1,
-        scenario_dropout: float = 0.05,
-        scenarios: Sequence[str] | None = None,
-        sparse: bool = False,
-        fields: Sequence[str] | None = None,
-        extra_dim: int = 0,
+        **common: Any,
     ):
         expert, tower = [int(h) for h in expert], [int(h) for h in tower]
         if int(levels) < 1 or int(shared_experts) < 1 or int(specific_experts) < 1 or not expert:
@@ -105,18 +101,13 @@ class PLE(MultiScenarioModel):
             )
         super().__init__(
             encoder,
-            embedding_dim=embedding_dim,
-            fields=fields,
-            sparse=sparse,
-            scenario_dropout=scenario_dropout,
-            scenarios=scenarios,
-            extra_dim=extra_dim,
             levels=int(levels),
             shared_experts=int(shared_experts),
             specific_experts=int(specific_experts),
             expert=expert,
             tower=tower,
             dropout=float(dropout),
+            **common,
         )
         self.levels = nn.ModuleList(
             _Level(

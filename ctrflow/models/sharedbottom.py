@@ -8,6 +8,7 @@ to at serving; `scenario_dropout` trains it (see `MultiScenarioModel` in `ctrflo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,30 +27,20 @@ class SharedBottom(MultiScenarioModel):
     def __init__(
         self,
         encoder: FeatureEncoder,
-        embedding_dim: int = 16,
         bottom: Sequence[int] = (256, 128),
         tower: Sequence[int] = (64,),
         dropout: float = 0.1,
-        scenario_dropout: float = 0.05,
-        scenarios: Sequence[str] | None = None,
-        sparse: bool = False,
-        fields: Sequence[str] | None = None,
-        extra_dim: int = 0,
+        **common: Any,
     ):
         bottom, tower = [int(h) for h in bottom], [int(h) for h in tower]
         if not bottom:
             raise ValueError("sharedbottom: bottom needs at least one layer")
         super().__init__(
             encoder,
-            embedding_dim=embedding_dim,
-            fields=fields,
-            sparse=sparse,
-            scenario_dropout=scenario_dropout,
-            scenarios=scenarios,
-            extra_dim=extra_dim,
             bottom=bottom,
             tower=tower,
             dropout=float(dropout),
+            **common,
         )
         self.bottom = MLP(self.input_dim, bottom, dropout=float(dropout))
         self.towers = ScenarioTowers(self.num_slots, self.bottom.output_dim, tower, dropout=float(dropout))
