@@ -201,7 +201,8 @@ def _check_scenarios(name: str, mparams: Mapping[str, Any], data: SplitData) -> 
     else:
         return
     spec = data.encoder.spec
-    check_training_scenarios(data.encoder, data.tensors["train"][spec.scenario_field], required)
+    if spec.scenario_field in data.tensors["train"]:  # else the model's constructor names the missing field
+        check_training_scenarios(data.encoder, data.tensors["train"][spec.scenario_field], required)
 
 
 def train_model(

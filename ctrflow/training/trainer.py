@@ -256,7 +256,7 @@ class Trainer:
                 "grad_clip": cfg.grad_clip or None,
                 "monitor": monitor,
                 "n_train": len(train["label"]),
-                "train_clicks": float(train["label"].sum()),
+                "train_clicks": float(train["label"].double().sum()),  # a cheap check that the rows are the same
                 "train_labels_known": int(train["label_known"].sum()) if "label_known" in train else None,
                 "n_valid": n_valid,
             }
