@@ -1,7 +1,8 @@
 """Shared machinery of the quality benchmark: data preparation, one training run, records, result files.
 
 A suite (benchmarks/suites/<name>.py) lists experiments; each experiment is a function
-`run(ctx: BenchContext, seed: int) -> dict` returning the metric fields of one record. The harness adds the
+`run(ctx: BenchContext, seed: int) -> dict` returning the metric fields of one record, trained and scored by the
+pipeline's own recipe (`ctrflow.training.recipe.train_evaluate_save`, through `train_and_evaluate`). The harness adds the
 identifying fields, merges the records into benchmarks/results/quality.json (replacing records with the same
 key) and re-renders quality.md as mean ± std over seeds.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,8 +25,9 @@ from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.frames import point_in_time_frame
 from ctrflow.data.splits import make_split
 from ctrflow.data.tables import Dataset
-from ctrflow.models.base import CTRModel, to_tensors
-from ctrflow.training.metrics import auc, gauc, logloss, predict, scenario_auc
+from ctrflow.models.base import CTRModel
+from ctrflow.training.recipe import SplitData, train_evaluate_save
+from ctrflow.training.trainer import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEY = ("model", "variant", "dataset", "protocol", "split", "seed")
@@ -64,12 +65,17 @@ class BenchContext:
         return self.frame[self.frame["split"] == name].reset_index(drop=True)
 
     @cached_property
-    def encoder(self) -> FeatureEncoder:
-        return FeatureEncoder(self.dataset.spec).fit(self.part("train"))
+    def data(self) -> SplitData:
+        """The splits as tensors, the encoder fitted on train, raw user ids: what the training recipe takes."""
+        return SplitData.from_frame(self.frame, self.dataset.spec, where=f"{self.dataset.name}/{self.split}")
 
-    @cached_property
+    @property
+    def encoder(self) -> FeatureEncoder:
+        return self.data.encoder
+
+    @property
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {s: to_tensors(self.encoder.transform(self.part(s))) for s in ("train", "valid", "test")}
+        return self.data.tensors
 
     @cached_property
     def cold_item_mask(self) -> np.ndarray:
@@ -77,47 +83,20 @@ class BenchContext:
         counts = self.part("train")["item_id"].value_counts()
         return self.part("test")["item_id"].map(counts).fillna(0).to_numpy() < COLD_ITEM_THRESHOLD
 
-    def train_config(self, seed: int, **overrides: Any) -> Any:
-        from ctrflow.training.trainer import TrainConfig
-
+    def train_config(self, seed: int, **overrides: Any) -> TrainConfig:
         values = {"epochs": self.epochs, "patience": self.patience, "batch_size": self.batch_size, "seed": seed, "threads": self.threads, "progress": False}
         values.update(overrides)
         return TrainConfig(**values)
 
-    def fit(self, model: CTRModel, seed: int, train: dict[str, torch.Tensor] | None = None, **config: Any) -> Any:
-        from ctrflow.training.trainer import Trainer
-
-        return Trainer(model, self.train_config(seed, **config)).fit(train or self.tensors["train"], self.tensors["valid"])
-
-    def evaluate_test(self, model: CTRModel) -> dict[str, Any]:
-        """The record's metric fields on the test split (cold-item AUC included)."""
-        test = self.part("test")
-        y = test["label"].to_numpy()
-        p = predict(model, self.tensors["test"])
-        out = {
-            "auc": auc(y, p),
-            "logloss": logloss(y, p),
-            "gauc": gauc(y, p, test["user_id"].to_numpy()),
-            "scenario_auc": scenario_auc(y, p, test["scenario"].to_numpy()),
-        }
-        cold = self.cold_item_mask
-        if cold.sum() > 0:
-            out["cold_item_auc"] = auc(y[cold], p[cold])
-            out["cold_item_rows"] = int(cold.sum())
-        return out
-
 
 def train_and_evaluate(ctx: BenchContext, build: Callable[[], CTRModel], seed: int, train: dict[str, torch.Tensor] | None = None, **config: Any) -> dict[str, Any]:
-    """Seed, build, fit with early stopping on valid AUC, evaluate on test: the common experiment body."""
-    from ctrflow.training.trainer import seed_everything
-
-    seed_everything(seed)
-    model = build()
-    t0 = time.perf_counter()
-    result = ctx.fit(model, seed, train=train, **config)
-    record = ctx.evaluate_test(model)
-    rows = next(iter((train or ctx.tensors["train"]).values())).shape[0]
-    record.update({"train_rows": int(rows), "epochs": result.epochs, "train_seconds": round(time.perf_counter() - t0, 1)})
+    """One record's metric fields: the pipeline's recipe (seed, build, fit with early stopping on the validation
+    split, evaluate) with the test split's metrics (cold-item AUC included), no artifact saved."""
+    run = train_evaluate_save(
+        build, ctx.data, ctx.train_config(seed, **config), train=train, evaluate_splits=("test",), subsets={"test": {"cold_item": ctx.cold_item_mask}}
+    )
+    record = {k: v for k, v in run.metrics["test"].items() if k != "n"}
+    record.update({"train_rows": run.metrics["train_rows"], "epochs": run.fit.epochs, "train_seconds": round(run.seconds, 1)})
     return record
 
 

@@ -136,9 +136,9 @@ def measure_ctrflow(job: dict[str, Any]) -> list[dict[str, Any]]:
     name = job["model"]
     params = {"embedding_dim": job["embedding_dim"], **(load_params().get("models", {}).get(name) or {})}
     if name.startswith("gsvr-"):  # the plug-in around a backbone, with params.yaml's global prior
-        from ctrflow.models.gsvr import gsvr_model_params
+        from ctrflow.training.recipe import model_params
 
-        name, params = "gsvr", {**gsvr_model_params(load_params(), name[5:]), "embedding_dim": job["embedding_dim"]}
+        name, params = "gsvr", {**model_params(load_params(), "gsvr", name[5:]), "embedding_dim": job["embedding_dim"]}
     if job["model"] == "deepfm":
         params.update(mlp=job["mlp"], dropout=0.0)
     if job["model"] == "dgenctr":

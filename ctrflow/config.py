@@ -182,7 +182,9 @@ class TrainParams(Section):
     batch_size: int = Field(1024, ge=1)
     lr: float = Field(0.001, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    patience: int = Field(2, ge=1)  # early stopping on validation AUC
+    patience: int = Field(2, ge=1)  # epochs without a better monitored value before stopping
+    monitor: Literal["valid_auc", "valid_logloss", "none"] = "valid_auc"  # picks the best epoch, stops early
+    monitor_mode: Literal["max", "min"] | None = None  # the direction it improves in; None: from the metric's name
     threads: int = Field(2, ge=1)  # torch intra-op threads
     embedding_dim: int = Field(16, ge=1)  # every model's embedding width unless its section sets its own
     progress: bool = True  # progress bars
@@ -316,24 +318,36 @@ class EmbeddingsParams(Section):
 # ---- models.<name>: each registered model's constructor arguments ------------------------------------------
 @functools.cache
 def model_arguments(name: str) -> tuple[dict[str, Any], bool]:
-    """(argument -> type hint, whether the constructor also takes **kwargs) of registered model `name`."""
-    from ctrflow.models import discover_models
+    """(argument -> type hint, whether the constructor also takes any other keyword) of registered model `name`.
 
-    cls = discover_models()[name]
-    signature = inspect.signature(cls.__init__)
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except (NameError, TypeError):  # a hint only importable under TYPE_CHECKING: keys are still checked, types not
-        hints = {}
+    A constructor ending in `**common` hands those to its family base (ctrflow.models.constructor_parameters), so
+    the bases' named arguments count too, up to CTRModel, whose `**params` only records what build_model checked.
+    """
+    from ctrflow.models import discover_models
+    from ctrflow.models.base import CTRModel
+
     args: dict[str, Any] = {}
     takes_any = False
-    for arg, p in signature.parameters.items():
-        if arg in ("self", "encoder") or p.kind is p.VAR_POSITIONAL:
+    for klass in discover_models()[name].__mro__:
+        if klass is CTRModel or not issubclass(klass, CTRModel):
+            break
+        if "__init__" not in vars(klass):
             continue
-        if p.kind is p.VAR_KEYWORD:
-            takes_any = True
-            continue
-        args[arg] = MODEL_SUBSECTIONS.get(name, {}).get(arg) or hints.get(arg, Any)
+        try:
+            hints = typing.get_type_hints(klass.__init__)
+        except (NameError, TypeError):  # a hint only importable under TYPE_CHECKING: keys are still checked, types not
+            hints = {}
+        forwards = False
+        for arg, p in inspect.signature(klass.__init__).parameters.items():
+            if arg in ("self", "encoder", *args) or p.kind is p.VAR_POSITIONAL:
+                continue
+            if p.kind is p.VAR_KEYWORD:
+                forwards = True
+                continue
+            args[arg] = MODEL_SUBSECTIONS.get(name, {}).get(arg) or hints.get(arg, Any)
+        if not forwards:
+            break
+    # build_model accepts exactly these names (a `**` that reaches CTRModel only records them), never any other
     return args, takes_any
 
 

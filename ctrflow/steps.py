@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from ctrflow.config import REPO_ROOT, DGenCTRFinetune, section
+from ctrflow.config import REPO_ROOT, section
 
 log = logging.getLogger("ctrflow")
 
@@ -113,69 +113,21 @@ def load_training_set(training_set_dir: str | Path) -> tuple[pd.DataFrame, Any]:
 
 
 # ---- train ----------------------------------------------------------------------------------------------
-def model_params(params: dict[str, Any], model_name: str) -> dict[str, Any]:
-    """The model's own section of params.yaml, plus the shared embedding size (GSVR: with its backbone's section
-    nested, as the train-gsvr step builds it, so `ctrflow train --model gsvr` trains the same model)."""
-    if model_name == "gsvr":
-        from ctrflow.models.gsvr import gsvr_model_params
+# Every training step resumes from its checkpoints (<out>/checkpoints, or the pre-training folder) when run again
+# after an interruption; the recipe (ctrflow/training/recipe.py) is the one the benchmarks use too.
+def split_data(training_set_dir: str | Path, encoder: Any = None) -> Any:
+    """The training set's splits as tensors, with the encoder fitted on its train split (unless given)."""
+    from ctrflow.training.recipe import SplitData
 
-        return gsvr_model_params(params)
-    out = {"embedding_dim": section(params, "train").embedding_dim}
-    out.update(params.get("models", {}).get(model_name, {}) or {})
-    return out
-
-
-class Prepared:
-    """A training set split into train/valid/test, the encoder fitted on train, and the tensors of each split."""
-
-    def __init__(self, training_set_dir: str | Path, encoder: Any = None):
-        from ctrflow.data.encoding import FeatureEncoder
-        from ctrflow.models.base import to_tensors
-
-        frame, spec = load_training_set(training_set_dir)
-        self.parts = {s: frame[frame["split"] == s] for s in ("train", "valid", "test")}
-        for s, part in self.parts.items():
-            if part.empty:
-                raise ValueError(f"training set {training_set_dir}: the '{s}' split has 0 rows")
-        self.encoder = encoder or FeatureEncoder(spec).fit(self.parts["train"])
-        self.tensors = {s: to_tensors(self.encoder.transform(p)) for s, p in self.parts.items()}
-
-    def evaluate(self, model: Any) -> dict[str, Any]:
-        from ctrflow.training.metrics import evaluate
-
-        return {s: evaluate(model, self.tensors[s], self.encoder, user_ids=self.parts[s]["user_id"].to_numpy()) for s in ("valid", "test")}
-
-
-def fit_and_save(params: dict[str, Any], data: Prepared, model: Any, name: str, model_dir: str | Path, mparams: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The shared tail of every training step: fit with early stopping, evaluate valid/test, save the artifact."""
-    from ctrflow.training.artifact import save_model_artifact
-    from ctrflow.training.trainer import TrainConfig, Trainer
-
-    tp = section(params, "train").model_dump()
-    model_dir = Path(model_dir)
-    cfg = TrainConfig.from_params(tp, checkpoint_dir=str(model_dir / "checkpoints"))
-    result = Trainer(model, cfg).fit(data.tensors["train"], data.tensors["valid"])
-    metrics = data.evaluate(model)
-    metrics.update({"best_epoch": result.best_epoch, "epochs": len(result.history), "train_rows": len(data.parts["train"])})
-    save_model_artifact(model_dir, model, data.encoder, metrics, {"model": name, **mparams, "train": tp}, extra={"history": result.history, **(extra or {})})
-    log.info("%s: valid AUC %.4f, test AUC %.4f (model in %s)", name, metrics["valid"]["auc"], metrics["test"]["auc"], model_dir)
-    return {"model": name, "model_dir": str(model_dir), "valid_auc": metrics["valid"]["auc"], "test_auc": metrics["test"]["auc"], "metrics": metrics}
+    frame, spec = load_training_set(training_set_dir)
+    return SplitData.from_frame(frame, spec, encoder=encoder, where=f"training set {training_set_dir}")
 
 
 def train_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: str | Path, model_name: str | None = None) -> dict[str, Any]:
     """Fit the encoder on the train split, train with early stopping on valid, evaluate valid and test."""
-    from ctrflow.models import build_model
-    from ctrflow.training.trainer import seed_everything
+    from ctrflow.training.recipe import train_model
 
-    data = Prepared(training_set_dir)
-    train = section(params, "train")
-    name = model_name or train.model
-    mparams = model_params(params, name)
-    seed_everything(train.seed)
-    model = build_model(name, data.encoder, mparams)
-    if hasattr(model, "prepare"):  # e.g. DMAE fills its item-modality table from the training rows before epoch 1
-        model.prepare(data.tensors["train"])
-    return fit_and_save(params, data, model, name, model_dir, mparams)
+    return train_model(params, split_data(training_set_dir), model_dir, model_name or params["train"]["model"]).summary()
 
 
 # ---- DGenCTR: diffusion pre-training, then CTR fine-tuning ---------------------------------------------
@@ -183,43 +135,33 @@ def pretrain_step(params: dict[str, Any], training_set_dir: str | Path, pretrain
     """Discrete-diffusion pre-training on the train split; writes the checkpoint and the encoder it was fitted with."""
     from ctrflow.training.pretrain import pretrain
 
-    data = Prepared(training_set_dir)
-    path = pretrain(params, data.tensors["train"], data.encoder, pretrained_dir, valid_tensors=data.tensors["valid"], progress=section(params, "train").progress)
+    data = split_data(training_set_dir)
+    path = pretrain(params, data.tensors["train"], data.encoder, pretrained_dir, valid_tensors=data.tensors["valid"], resume=True, progress=params["train"]["progress"])
     return {"checkpoint": str(path), "pretrained_dir": str(pretrained_dir)}
 
 
 def finetune_step(params: dict[str, Any], training_set_dir: str | Path, pretrained_dir: str | Path, model_dir: str | Path) -> dict[str, Any]:
     """CTR fine-tuning of the pre-trained network (every parameter transferred, only the label masked)."""
-    import copy
-
     from ctrflow.data.encoding import FeatureEncoder
-    from ctrflow.training.pretrain import CHECKPOINT_NAME, dgenctr_settings, load_pretrained_for_finetune
-    from ctrflow.training.trainer import seed_everything
+    from ctrflow.training.pretrain import CHECKPOINT_NAME
+    from ctrflow.training.recipe import finetune_model
 
     pretrained_dir = Path(pretrained_dir)
-    data = Prepared(training_set_dir, encoder=FeatureEncoder.load(pretrained_dir / "encoder.json"))
-    dgenctr, _ = dgenctr_settings(params)
-    finetune = DGenCTRFinetune.model_validate(dgenctr.get("finetune") or {})
-    seed_everything(section(params, "train").seed)
-    model = load_pretrained_for_finetune(data.encoder, params, pretrained_dir / CHECKPOINT_NAME, finetune.transfer)
-    tuned = copy.deepcopy(params)
-    if finetune.lr is not None:
-        tuned["train"] = {**section(params, "train").model_dump(), "lr": finetune.lr}
-    return fit_and_save(tuned, data, model, "dgenctr", model_dir, model.params, extra={"transferred": len(model.transferred)})
+    data = split_data(training_set_dir, encoder=FeatureEncoder.load(pretrained_dir / "encoder.json"))
+    return finetune_model(params, data, pretrained_dir / CHECKPOINT_NAME, model_dir).summary()
 
 
 # ---- GSVR: the multi-scenario variational model ---------------------------------------------------------
 def gsvr_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: str | Path, init_embeddings: str | Path | None = None) -> dict[str, Any]:
     """Train GSVR around the configured backbone, optionally initialised from diffusion-pretrained embeddings."""
-    from ctrflow.models.gsvr import train_gsvr
+    from ctrflow.training.recipe import train_model
 
-    data = Prepared(training_set_dir)
     init = None
     if init_embeddings:
         from ctrflow.training.pretrain import CHECKPOINT_NAME
 
         init = Path(init_embeddings) / CHECKPOINT_NAME if Path(init_embeddings).is_dir() else Path(init_embeddings)
-    return train_gsvr(params, data.tensors["train"], data.tensors["valid"], data.encoder, model_dir, init_embeddings=init, test_tensors=data.tensors["test"])
+    return train_model(params, split_data(training_set_dir), model_dir, "gsvr", init_embeddings=init).summary()
 
 
 # ---- DMAE: item modalities as features ------------------------------------------------------------------

@@ -9,11 +9,11 @@ import torch
 
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import build_model, to_tensors
-from ctrflow.models.multiscenario import (
+from ctrflow.models.blocks.embedding import load_embedding_init
+from ctrflow.models.blocks.scenario import (
     UnseenScenarioError,
     check_scenarios,
     downsample_scenario,
-    load_embedding_init,
     scenario_counts,
 )
 from ctrflow.models.star import PartitionedNorm, StarLinear
@@ -93,7 +93,7 @@ def test_unknown_scenario_uses_only_the_shared_parameters(name, encoder, batch) 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_scenario_dropout_trains_the_shared_slot(name, encoder, batch) -> None:
     model = _model(name, encoder, scenario_dropout=0.5).train()
-    dropped = model.prepare(batch)["scenario"]
+    dropped = model.drop_scenarios(batch)["scenario"]
     assert 0 < int((dropped == 0).sum()) < len(dropped)
     model.loss(batch)["loss"].backward()
     own = model.slot_parameters(0)
@@ -101,7 +101,7 @@ def test_scenario_dropout_trains_the_shared_slot(name, encoder, batch) -> None:
         assert own == []  # STAR's unknown scenario is the centre itself, trained by every row
     else:
         assert any(p.grad is not None and torch.count_nonzero(p.grad if i is None else p.grad[i]) > 0 for p, i in own)
-    assert torch.equal(model.eval().prepare(batch)["scenario"], batch["scenario"])  # never at inference
+    assert torch.equal(model.eval().drop_scenarios(batch)["scenario"], batch["scenario"])  # never at inference
 
 
 @pytest.mark.parametrize("name", BACKBONES)

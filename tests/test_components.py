@@ -147,8 +147,10 @@ def test_register_gate_deploy(params, trained, dataset_dir, training_set, tmp_pa
     assert components.promotion_gate.python_func(params=strict, tag=tag, training_set=ts) is False
     lenient = {**params, "gate": {**params["gate"], "reference_model": None, "min_valid_auc": 0.0}}
     assert components.promotion_gate.python_func(params=lenient, tag=tag, training_set=ts) is True
+    # deploy checks that the model fits the feature repository it will serve from: a real one, of the same data
+    repo = components.build_features.python_func(params=params, dataset=Dataset(uri=str(dataset_dir)), feature_repo=str(tmp_path / "repo"), training_set=Dataset(uri=str(tmp_path / "ts")))
     deployment = Artifact(uri=str(tmp_path / "deployment.json"))
-    assert components.deploy_model.python_func(params=params, tag=tag, feature_repo=str(tmp_path / "repo"), deployment=deployment) == tag
+    assert components.deploy_model.python_func(params=params, tag=tag, feature_repo=repo, deployment=deployment) == tag
     assert json.loads(Path(deployment.path).read_text())["model_tag"] == tag and registry.production_model(tag.split(":")[0]) == tag
 
 

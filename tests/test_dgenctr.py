@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ctrflow.config import DGenCTRPretrain
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import FieldKind
 from ctrflow.models import build_model, known_models, to_tensors
@@ -160,6 +161,23 @@ def test_pretraining_resumes_to_the_same_weights(tmp_path, encoder, train, valid
     a = torch.load(resumed, weights_only=True)["state_dict"]
     b = torch.load(checkpoint, weights_only=True)["state_dict"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)
+
+
+def test_label_scarce_pretraining_runs_through_the_trainer_with_adamw_and_clipping(tmp_path, encoder, train) -> None:
+    """label_known=False rows never make the label a target; the optimiser is AdamW with the configured decay."""
+    scarce = {**train, "label_known": torch.zeros(len(train["label"]), dtype=torch.bool)}
+    path = pretrain(tiny_params(), scarce, encoder, tmp_path / "none", progress=False)
+    history = torch.load(path, weights_only=True)["history"]
+    assert all("train_field_label" not in r for r in history)  # no known label: never a denoising target
+    known = {**train, "label_known": torch.ones(len(train["label"]), dtype=torch.bool)}
+    history = torch.load(pretrain(tiny_params(), known, encoder, tmp_path / "all", progress=False), weights_only=True)
+    assert all(r["train_field_label"] > 0 for r in history["history"])
+    last = torch.load(tmp_path / "all" / "last.pt", weights_only=True)
+    group = last["optimizers"][0]["param_groups"][0]
+    # AdamW with the typed default decay (tiny_params sets none)
+    assert group["decoupled_weight_decay"] is True and group["weight_decay"] == DGenCTRPretrain().weight_decay
+    assert last["fingerprint"]["grad_clip"] == 1.0 and last["fingerprint"]["objective"] == "denoising"
+    assert last["fingerprint"]["train_labels_known"] == len(train["label"])
 
 
 def test_transfer_all_loads_every_tensor(encoder, checkpoint) -> None:

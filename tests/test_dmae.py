@@ -14,7 +14,7 @@ from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.splits import make_split
 from ctrflow.data.tables import HIST_FIELD
 from ctrflow.models import build_model, to_tensors
-from ctrflow.models.dmae import bucket_histogram
+from ctrflow.models.blocks.modality import bucket_histogram
 from ctrflow.training.trainer import TrainConfig, Trainer, seed_everything
 
 torch.set_num_threads(1)

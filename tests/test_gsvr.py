@@ -1,5 +1,5 @@
 """GSVR: the KL terms, the global prior, determinism at inference, unknown scenarios, training through the standard
-trainer and the `train_gsvr` pipeline function."""
+trainer and the pipeline's recipe (`train_model(..., "gsvr")`, the train-gsvr step)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,23 @@ import torch
 
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import build_model, to_tensors
-from ctrflow.models.gsvr import (
-    GSVR,
-    gaussian_kl,
-    gsvr_model_params,
-    mc_mixture_kl,
-    mixture_moments,
-    train_gsvr,
-)
-from ctrflow.models.multiscenario import UnseenScenarioError, load_embedding_init
+from ctrflow.models.blocks.embedding import load_embedding_init
+from ctrflow.models.blocks.scenario import UnseenScenarioError
+from ctrflow.models.blocks.variational import gaussian_kl, mc_mixture_kl, mixture_moments
+from ctrflow.models.gsvr import GSVR
 from ctrflow.training import TrainConfig, Trainer, seed_everything
 from ctrflow.training.artifact import Scorer, load_model_artifact, save_model_artifact
+from ctrflow.training.recipe import SplitData, model_params, train_model
+
+
+def gsvr_model_params(params: dict, backbone: str | None = None) -> dict:
+    return model_params(params, "gsvr", backbone)
+
+
+def train_gsvr(params, train, valid, encoder, out_dir, init_embeddings=None, test=None) -> dict:
+    """The train-gsvr step's recipe on tensors (the step itself reads a training set folder)."""
+    tensors = {"train": train, "valid": valid, **({"test": test} if test is not None else {})}
+    return train_model(params, SplitData(encoder, tensors), out_dir, "gsvr", init_embeddings).summary()
 
 torch.set_num_threads(1)
 SMALL_BACKBONES = {
@@ -220,9 +226,13 @@ def test_gsvr_model_params_nests_the_backbone_section() -> None:
 
 
 def test_generic_train_step_builds_gsvr_like_its_own_step() -> None:
-    from ctrflow.steps import model_params
-
-    assert model_params(_params(), "gsvr") == gsvr_model_params(_params())
+    # `ctrflow train --model gsvr` and `ctrflow train-gsvr` both run train_model(..., "gsvr"): one params function
+    assert model_params(_params(), "gsvr") == {
+        "embedding_dim": 4,
+        **_params()["models"]["gsvr"],
+        "backbone": "mmoe",
+        "backbone_params": SMALL_BACKBONES["mmoe"],
+    }
 
 
 def test_train_gsvr_saves_a_servable_artifact_and_reads_pretrained_tables(encoder, tensors, tmp_path) -> None:

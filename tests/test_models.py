@@ -10,8 +10,8 @@ import torch
 
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import MODELS, build_model, known_models, to_tensors
+from ctrflow.models.blocks import MLP, FieldEmbedding
 from ctrflow.models.dcnv2 import DCNv2
-from ctrflow.models.layers import MLP, FieldEmbedding
 from ctrflow.training import TrainConfig, Trainer, seed_everything
 from ctrflow.training.artifact import Scorer, load_model_artifact, save_model_artifact
 from ctrflow.training.metrics import auc, predict

@@ -214,3 +214,47 @@ def test_dcnv2_on_movielens_temporal_lands_in_the_sanity_band() -> None:
     out = evaluate(model, tensors["test"], enc, user_ids=frame.loc[split == "test", "user_id"].to_numpy())
     assert out["auc"] > 0.68
     assert set(out["scenario_auc"]) == {"<25", "25-34", ">=35"}
+
+
+# ---- the monitored metric, its direction, gradient clipping -------------------------------------------------
+def test_monitor_logloss_minimises_and_keeps_the_lowest_epoch(data) -> None:
+    enc, t = data
+    model = _model(enc)
+    result = Trainer(model, _cfg(epochs=4, lr=0.02, monitor="valid_logloss", patience=1)).fit(t["train"], t["valid"])
+    assert result.monitor == "valid_logloss"
+    losses = [r["valid_logloss"] for r in result.history]
+    assert result.best_score == min(losses) == losses[result.best_epoch - 1]
+    if result.stopped_early:  # patience 1: stopped right after the first epoch that did not improve
+        assert losses[-1] >= min(losses[:-1])
+    from ctrflow.training.metrics import logloss
+
+    assert logloss(t["valid"]["label"].numpy(), predict(model, t["valid"])) == pytest.approx(min(losses), abs=1e-9)
+
+
+def test_monitor_none_keeps_the_last_epoch_and_never_stops(data) -> None:
+    enc, t = data
+    result = Trainer(_model(enc), _cfg(epochs=3, lr=0.0, monitor="none", patience=1)).fit(t["train"], t["valid"])
+    assert result.best_epoch == 3 and not result.stopped_early and result.monitor == "none"
+
+
+def test_monitor_settings_are_checked(data) -> None:
+    enc, t = data
+    with pytest.raises(ValueError, match="improves towards min.*monitor_mode: min"):
+        TrainConfig(monitor="valid_logloss", monitor_mode="max")
+    with pytest.raises(ValueError, match="monitor_mode must be one of"):
+        TrainConfig(monitor="valid_ndcg")
+    with pytest.raises(ValueError, match=r"monitor 'valid_loss' is not a validation metric of the ctr objective"):
+        Trainer(_model(enc), _cfg(monitor="valid_loss")).fit(t["train"], t["valid"])
+    assert TrainConfig(monitor="valid_auc").monitor_mode == "max"
+
+
+def test_grad_clip_bounds_the_dense_gradient_norm(data) -> None:
+    enc, t = data
+    model = _model(enc)
+    trainer = Trainer(model, _cfg(epochs=1, grad_clip=1e-3))
+    batch = {k: v[:256] for k, v in t["train"].items()}
+    trainer.train_step(batch, epoch=1, step=0)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert norm <= 1e-3 * (1 + 1e-4)
+    with pytest.raises(ValueError, match="grad_clip must be >= 0"):
+        TrainConfig(grad_clip=-1.0)

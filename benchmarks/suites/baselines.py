@@ -7,14 +7,14 @@ from argparse import Namespace
 from benchmarks.harness import BenchContext, Experiment, train_and_evaluate
 from ctrflow.config import load_params
 from ctrflow.models import build_model, known_models
-from ctrflow.steps import model_params
+from ctrflow.training.recipe import model_params
 
 BASELINES = ("lr", "deepfm", "dcnv2", "din")
 
 
 def model_experiment(name: str, variant: str = "full", **overrides: object) -> Experiment:
     def run(ctx: BenchContext, seed: int) -> dict:
-        params = {**model_params(load_params(), name), **overrides}
+        params = model_params(load_params(), name, **overrides)
         return train_and_evaluate(ctx, lambda: build_model(name, ctx.encoder, params), seed)
 
     return Experiment(model=name, variant=variant, run=run)

@@ -39,7 +39,7 @@ import torch
 from benchmarks.harness import RESULTS, BenchContext, Experiment, mean_std, merge_records, train_and_evaluate
 from ctrflow.config import load_params, merge
 from ctrflow.models import build_model, known_models
-from ctrflow.steps import model_params
+from ctrflow.training.recipe import model_params
 
 log = logging.getLogger(__name__)
 

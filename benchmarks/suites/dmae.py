@@ -30,7 +30,7 @@ from ctrflow.config import REPO_ROOT, load_params, section
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import Entity, FieldKind
 from ctrflow.models import build_model
-from ctrflow.steps import model_params
+from ctrflow.training.recipe import model_params
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +82,10 @@ def without_modalities(encoder: FeatureEncoder) -> FeatureEncoder:
 def dmae_experiment(model: str, variant: str, registry_name: str, overrides: dict[str, Any]) -> Experiment:
     def run(ctx: BenchContext, seed: int) -> dict[str, Any]:
         actx = augmented_context(ctx)
-        params = load_params()
-        mparams = {**model_params(params, registry_name), **overrides}
+        mparams = model_params(load_params(), registry_name, **overrides)
         encoder = without_modalities(actx.encoder) if variant == "id-only" else actx.encoder
-
-        def build() -> Any:
-            m = build_model(registry_name, encoder, mparams)
-            if hasattr(m, "prepare"):
-                m.prepare(actx.tensors["train"])
-            return m
-
-        record = train_and_evaluate(actx, build, seed)
+        # the recipe calls the model's prepare(train) (DMAE: its modality table) before training
+        record = train_and_evaluate(actx, lambda: build_model(registry_name, encoder, mparams), seed)
         record["modalities"] = sorted((actx.dataset.spec.extra.get("modalities") or {}).keys())
         return record
 

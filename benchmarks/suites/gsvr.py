@@ -18,7 +18,7 @@ from typing import Any
 from benchmarks.harness import BenchContext, Experiment, train_and_evaluate
 from ctrflow.config import load_params, section
 from ctrflow.models import build_model
-from ctrflow.steps import model_params
+from ctrflow.training.recipe import model_params
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def sparse_settings(dataset: str, params: dict[str, Any] | None = None) -> dict[
 def _train_tensors(ctx: BenchContext, protocol: str, settings: dict[str, Any]) -> Any:
     if protocol == "standard":
         return None
-    from ctrflow.models.multiscenario import downsample_scenario
+    from ctrflow.models.blocks.scenario import downsample_scenario
 
     cache = ctx.__dict__.setdefault("_sparse_train", {})
     key = (settings["scenario"], settings["keep"], settings["seed"])
@@ -61,9 +61,7 @@ def gsvr_experiment(
         if overrides is None:
             name, mparams = backbone, model_params(params, backbone)
         else:
-            from ctrflow.models.gsvr import gsvr_model_params
-
-            name, mparams = "gsvr", gsvr_model_params(params, backbone, **overrides)
+            name, mparams = "gsvr", model_params(params, "gsvr", backbone, **overrides)
         train = _train_tensors(ctx, protocol, settings)
         return train_and_evaluate(ctx, lambda: build_model(name, ctx.encoder, mparams), seed, train=train)
 

@@ -17,7 +17,7 @@ from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models.base import CTRModel, to_tensors
 
 MODELS: dict[str, type[CTRModel]] = {}
-_NOT_MODELS = {"base", "layers"}
+_NOT_MODELS = {"base", "blocks"}
 _discovered = False
 
 
@@ -50,20 +50,40 @@ def known_models() -> list[str]:
     return sorted(discover_models())
 
 
+def constructor_parameters(cls: type[CTRModel]) -> list[str]:
+    """The named constructor arguments a model class takes.
+
+    A model whose `__init__` ends in `**common` hands those to its family base (e.g. `MultiScenarioModel` takes
+    the arguments every multi-scenario backbone shares), so the bases' named arguments count too, up to
+    `CTRModel`, whose `**params` only records them.
+    """
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass is CTRModel or not issubclass(klass, CTRModel):
+            break
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        names += [p.name for p in params if p.kind in named and p.name not in ("self", "encoder", *names)]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
 def build_model(name: str, encoder: FeatureEncoder, params: Mapping[str, object] | None = None) -> CTRModel:
-    """A model by registry name, built from the fitted encoder and its hyper-parameters."""
+    """A model by registry name, built from the fitted encoder and its hyper-parameters (TypeError naming any
+    parameter the model does not take)."""
     if name not in MODELS:
         discover_models()
     if name not in MODELS:
         raise KeyError(f"unknown model '{name}': known models are {known_models()}")
     cls = MODELS[name]
     params = dict(params or {})
-    accepted = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    unknown = sorted(k for k in params if k not in accepted or k in ("self", "encoder"))
-    if unknown and not takes_any:
-        valid = sorted(k for k, p in accepted.items() if k not in ("self", "encoder") and p.kind is not p.VAR_KEYWORD)
-        raise TypeError(f"model '{name}': unknown parameters {unknown} (it takes {valid})")
+    accepted = constructor_parameters(cls)
+    unknown = sorted(k for k in params if k not in accepted)
+    if unknown:
+        raise TypeError(f"model '{name}': unknown parameters {unknown} (it takes {sorted(accepted)})")
     return cls(encoder, **params)
 
 

@@ -14,7 +14,8 @@ from torch import nn
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import register_model
 from ctrflow.models.base import CTRModel
-from ctrflow.models.layers import MLP, FieldEmbedding
+from ctrflow.models.blocks.embedding import FieldEmbedding
+from ctrflow.models.blocks.mlp import MLP
 
 
 class CrossNetV2(nn.Module):

@@ -20,7 +20,8 @@ from torch import nn
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import register_model
 from ctrflow.models.base import CTRModel
-from ctrflow.models.layers import MLP, FieldEmbedding
+from ctrflow.models.blocks.embedding import FieldEmbedding
+from ctrflow.models.blocks.mlp import MLP
 
 
 def fm_interaction(v: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import FieldKind, FieldSpec
 from ctrflow.models import register_model
 from ctrflow.models.base import CTRModel
-from ctrflow.models.layers import FieldEmbedding
+from ctrflow.models.blocks.embedding import FieldEmbedding
 
 SCHEDULES = ("linear", "cosine")
 EMBEDDING_PREFIXES = ("embedding.", "label_embedding.", "position", "mask_token")
@@ -99,6 +99,7 @@ def _first_index(inverse: torch.Tensor, n_unique: int) -> torch.Tensor:
 @register_model
 class DGenCTR(CTRModel):
     name = "dgenctr"
+    training_params = ("pretrain", "finetune")  # settings of the training runs, kept in params for provenance
 
     def __init__(
         self,

@@ -11,35 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import FieldKind
 from ctrflow.models import register_model
 from ctrflow.models.base import CTRModel
-from ctrflow.models.layers import MLP, FieldEmbedding
-
-
-class TargetAttention(nn.Module):
-    """Scores each key against the query with an MLP; masked positions get exactly zero weight."""
-
-    def __init__(self, dim: int, hidden: Sequence[int] = (80, 40), softmax: bool = False):
-        super().__init__()
-        self.score = MLP(4 * dim, hidden, out_dim=1)
-        self.softmax = softmax
-
-    def weights(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """query [B, d], keys [B, L, d], mask [B, L] (True = real item) -> weights [B, L]."""
-        q = query.unsqueeze(1).expand_as(keys)
-        scores = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
-        if self.softmax:
-            scores = scores.masked_fill(~mask, float("-inf"))
-            w = torch.softmax(scores, dim=-1)
-            return torch.nan_to_num(w, nan=0.0)  # a row with no real item: all weights 0
-        return scores * mask.to(scores.dtype)
-
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return (self.weights(query, keys, mask).unsqueeze(-1) * keys).sum(dim=1)
+from ctrflow.models.blocks.attention import TargetAttention
+from ctrflow.models.blocks.embedding import FieldEmbedding
+from ctrflow.models.blocks.mlp import MLP
 
 
 @register_model

@@ -20,15 +20,13 @@ its behaviour elsewhere says. Our reading of the paper ([ours] in METHODS.md, ev
 
 The backbone is any `MultiScenarioModel` (sharedbottom, mmoe, ple, star), built with its own nested parameters.
 Unknown scenario at serving (encoded 0): the scenario embedding is the zero vector, so the posteriors condition on
-the user/item alone, and the backbone falls back to its shared/centre parameters (see multiscenario.py).
+the user/item alone, and the backbone falls back to its shared/centre parameters (see `MultiScenarioModel` in ctrflow/models/base.py).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,58 +35,14 @@ from torch import nn
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import Entity, FieldKind, FieldSpec
 from ctrflow.models import build_model, register_model
-from ctrflow.models.base import CTRModel
-from ctrflow.models.layers import MLP, FieldEmbedding
-from ctrflow.models.multiscenario import (
-    MultiScenarioModel,
-    UnseenScenarioError,
-    check_scenarios,
-    load_embedding_init,
-    scenario_counts,
-)
-
-log = logging.getLogger(__name__)
+from ctrflow.models.base import CTRModel, MultiScenarioModel
+from ctrflow.models.blocks.embedding import FieldEmbedding
+from ctrflow.models.blocks.mlp import MLP
+from ctrflow.models.blocks.variational import gaussian_kl, mc_mixture_kl, mixture_moments
 
 BACKBONES = ("star", "mmoe", "ple", "sharedbottom")
 PRIORS = ("global", "standard")
 KLS = ("mc", "moment")
-_LOG_2PI = math.log(2 * math.pi)
-
-
-# ---- distributions (pure functions, tested on their own) ------------------------------------------------------
-def gaussian_kl(
-    mu: torch.Tensor, logvar: torch.Tensor, prior_mean: torch.Tensor, prior_var: torch.Tensor
-) -> torch.Tensor:
-    """KL(N(μ, diag σ²) ‖ N(m, diag v)) per row, summed over dimensions: [B, D] → [B]."""
-    var = logvar.exp()
-    return 0.5 * (torch.log(prior_var) - logvar + (var + (mu - prior_mean) ** 2) / prior_var - 1.0).sum(-1)
-
-
-def mixture_moments(pi: torch.Tensor, centres: torch.Tensor, std: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and diagonal variance of Σ_k π_k N(c_k, σ₀² I): π [B, K], centres [K, D] → ([B, D], [B, D])."""
-    mean = pi @ centres
-    second = pi @ (centres**2)
-    return mean, (std**2 + second - mean**2).clamp(min=1e-6)
-
-
-def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; μ, diag σ²), summed over the last dimension."""
-    return -0.5 * (_LOG_2PI + logvar + (z - mu) ** 2 / logvar.exp()).sum(-1)
-
-
-def mixture_log_prob(z: torch.Tensor, log_pi: torch.Tensor, centres: torch.Tensor, std: float) -> torch.Tensor:
-    """log Σ_k π_k N(z; c_k, σ₀² I): z [..., B, D], log π [B, K], centres [K, D] → [..., B]."""
-    d = z.shape[-1]
-    sq = ((z.unsqueeze(-2) - centres) ** 2).sum(-1)  # [..., B, K]
-    comp = -0.5 * (d * (_LOG_2PI + 2 * math.log(std)) + sq / std**2)
-    return torch.logsumexp(log_pi + comp, dim=-1)
-
-
-def mc_mixture_kl(
-    z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_pi: torch.Tensor, centres: torch.Tensor, std: float
-) -> torch.Tensor:
-    """Monte-Carlo KL(q ‖ mixture) per row from samples z [S, B, D] of q = N(μ, σ²): mean_s log q(z) − log p(z)."""
-    return (gaussian_log_prob(z, mu, logvar) - mixture_log_prob(z, log_pi, centres, std)).mean(0)
 
 
 # ---- the model ------------------------------------------------------------------------------------------------
@@ -297,7 +251,7 @@ class GSVR(CTRModel):
 
     # -- interface
     def _run(self, batch: dict[str, torch.Tensor], with_kl: bool) -> dict[str, torch.Tensor]:
-        batch = self.backbone.prepare(batch)  # scenario dropout (training) applies to the posteriors too
+        batch = self.backbone.drop_scenarios(batch)  # scenario dropout (training) applies to the posteriors too
         post = self.posteriors(batch)
         sample = self.training or with_kl
         draws = {s: self._sample(mu, lv, self.mc_samples) if sample else None for s, (mu, lv) in post.items()}
@@ -328,77 +282,3 @@ def _default_user_prior(spec: Any) -> list[str]:
     """The user's cross-scenario behaviour: its sequence fields; without any, its other user fields."""
     seqs = [f.name for f in spec.of_entity(Entity.USER) if f.kind is FieldKind.SEQUENCE]
     return seqs or _default_fields(spec, Entity.USER, spec.user_key)
-
-
-# ---- the pipeline step ----------------------------------------------------------------------------------------
-def gsvr_model_params(params: Mapping[str, Any], backbone: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """The `gsvr` model's parameters from params.yaml: `models.gsvr`, with the backbone's own section
-    (`models.<backbone>`) nested under `backbone_params` (explicit `models.gsvr.backbone_params` keys win)."""
-    models = params.get("models", {}) or {}
-    section = dict(models.get("gsvr") or {})
-    section.update(overrides)
-    name = backbone or section.get("backbone", "star")
-    nested = {**(models.get(name) or {}), **(section.get("backbone_params") or {})}
-    return {
-        "embedding_dim": (params.get("train", {}) or {}).get("embedding_dim", 16),
-        **section,
-        "backbone": name,
-        "backbone_params": nested,
-    }
-
-
-def train_gsvr(
-    params: Mapping[str, Any],
-    train_tensors: Mapping[str, torch.Tensor],
-    valid_tensors: Mapping[str, torch.Tensor],
-    encoder: FeatureEncoder,
-    out_dir: str | Path,
-    init_embeddings: str | Path | None = None,
-    test_tensors: Mapping[str, torch.Tensor] | None = None,
-    backbone: str | None = None,
-) -> dict[str, Any]:
-    """Train the multi-scenario variational model, evaluate it per scenario and save a model artifact to `out_dir`.
-
-    `init_embeddings`: a state dict (file, trainer checkpoint or model artifact folder) whose FieldEmbedding tables
-    are copied into the model by field name and shape (e.g. DGenCTR's diffusion pre-training). Raises
-    `UnseenScenarioError` when the train split holds an undeclared scenario or lacks a required one.
-    Returns {"model", "model_dir", "valid_auc", "test_auc", "metrics"} like the standard train step.
-    """
-    from ctrflow.training.artifact import save_model_artifact
-    from ctrflow.training.metrics import evaluate
-    from ctrflow.training.trainer import TrainConfig, Trainer, seed_everything
-
-    spec = encoder.spec
-    mparams = gsvr_model_params(params, backbone)
-    ids = train_tensors[spec.scenario_field]
-    n_unknown = int((ids == 0).sum())
-    if n_unknown:
-        raise UnseenScenarioError(
-            f"scenario field '{spec.scenario_field}': {n_unknown} train rows have a scenario outside the encoder's "
-            f"vocabulary {encoder.vocabs.get(spec.scenario_field)} (fit the encoder on the train split)"
-        )
-    required = (mparams.get("backbone_params") or {}).get("scenarios")
-    check_scenarios(spec, scenario_counts(encoder, ids), required)
-
-    tp = dict(params.get("train", {}) or {})
-    out_dir = Path(out_dir)
-    seed_everything(int(tp.get("seed", 0)))
-    model = build_model("gsvr", encoder, mparams)
-    init_report = load_embedding_init(model, init_embeddings) if init_embeddings else None
-    cfg = TrainConfig.from_params(tp, checkpoint_dir=str(out_dir / "checkpoints"))
-    result = Trainer(model, cfg).fit(dict(train_tensors), dict(valid_tensors))
-    metrics: dict[str, Any] = {"valid": evaluate(model, dict(valid_tensors), encoder)}
-    if test_tensors is not None:
-        metrics["test"] = evaluate(model, dict(test_tensors), encoder)
-    metrics.update(best_epoch=result.best_epoch, epochs=len(result.history), train_rows=int(len(ids)))
-    extra = {"history": result.history, "init_embeddings": init_report}
-    save_model_artifact(out_dir, model, encoder, metrics, {"model": "gsvr", **mparams, "train": tp}, extra=extra)
-    name = f"gsvr-{mparams['backbone']}"
-    log.info("%s: valid AUC %s (model in %s)", name, metrics["valid"]["auc"], out_dir)
-    return {
-        "model": name,
-        "model_dir": str(out_dir),
-        "valid_auc": metrics["valid"]["auc"],
-        "test_auc": metrics.get("test", {}).get("auc"),
-        "metrics": metrics,
-    }

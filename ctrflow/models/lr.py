@@ -14,7 +14,7 @@ from torch import nn
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import register_model
 from ctrflow.models.base import CTRModel
-from ctrflow.models.layers import FieldEmbedding
+from ctrflow.models.blocks.embedding import FieldEmbedding
 
 
 @register_model

@@ -1,20 +1,22 @@
 """MMoE for scenarios (Ma et al., KDD 2018): shared experts, a softmax gate and a tower per scenario.
 
 Each row is mixed by its own scenario's gate and scored by its scenario's tower. Slot 0 holds a shared gate and
-tower, the fallback for a scenario unseen in training (trained by `scenario_dropout`, see multiscenario.py).
+tower, the fallback for a scenario unseen in training (trained by `scenario_dropout`, see `MultiScenarioModel` in ctrflow/models/base.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import register_model
-from ctrflow.models.layers import MLP
-from ctrflow.models.multiscenario import MultiScenarioModel, ScenarioTowers, _module_params
+from ctrflow.models.base import MultiScenarioModel
+from ctrflow.models.blocks.mlp import MLP
+from ctrflow.models.blocks.scenario import ScenarioTowers, module_params
 
 
 @register_model
@@ -24,32 +26,22 @@ class MMoE(MultiScenarioModel):
     def __init__(
         self,
         encoder: FeatureEncoder,
-        embedding_dim: int = 16,
         experts: int = 4,
         expert: Sequence[int] = (128, 64),
         tower: Sequence[int] = (64,),
         dropout: float = 0.1,
-        scenario_dropout: float = 0.05,
-        scenarios: Sequence[str] | None = None,
-        sparse: bool = False,
-        fields: Sequence[str] | None = None,
-        extra_dim: int = 0,
+        **common: Any,
     ):
         expert, tower = [int(h) for h in expert], [int(h) for h in tower]
         if int(experts) < 1 or not expert:
             raise ValueError(f"mmoe: needs experts >= 1 and a non-empty expert MLP, got {experts}, {expert}")
         super().__init__(
             encoder,
-            embedding_dim=embedding_dim,
-            fields=fields,
-            sparse=sparse,
-            scenario_dropout=scenario_dropout,
-            scenarios=scenarios,
-            extra_dim=extra_dim,
             experts=int(experts),
             expert=expert,
             tower=tower,
             dropout=float(dropout),
+            **common,
         )
         self.n_experts = int(experts)
         self.experts = nn.ModuleList(MLP(self.input_dim, expert, dropout=float(dropout)) for _ in range(self.n_experts))
@@ -69,4 +61,4 @@ class MMoE(MultiScenarioModel):
     def slot_parameters(self, slot: int) -> list[tuple[nn.Parameter, int | None]]:
         rows = range(slot * self.n_experts, (slot + 1) * self.n_experts)
         gate = [(self.gates.weight, r) for r in rows] + [(self.gates.bias, r) for r in rows]
-        return self._embedding_slot_parameters(slot) + gate + _module_params(self.towers.towers[slot])
+        return self._embedding_slot_parameters(slot) + gate + module_params(self.towers.towers[slot])

@@ -7,20 +7,22 @@ scenario's tower scores the row. Only the row's own scenario experts run (routin
 the number of scenarios.
 
 Slot 0 (an unknown scenario) has no specific experts: its gate sees the shared experts only and its tower is the
-shared tower (trained by `scenario_dropout`, see multiscenario.py).
+shared tower (trained by `scenario_dropout`, see `MultiScenarioModel` in ctrflow/models/base.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import register_model
-from ctrflow.models.layers import MLP
-from ctrflow.models.multiscenario import MultiScenarioModel, ScenarioTowers, _module_params, route
+from ctrflow.models.base import MultiScenarioModel
+from ctrflow.models.blocks.mlp import MLP
+from ctrflow.models.blocks.scenario import ScenarioTowers, module_params, route
 
 
 class _ExpertGroup(nn.Module):
@@ -83,18 +85,13 @@ class PLE(MultiScenarioModel):
     def __init__(
         self,
         encoder: FeatureEncoder,
-        embedding_dim: int = 16,
         levels: int = 2,
         shared_experts: int = 2,
         specific_experts: int = 1,
         expert: Sequence[int] = (64,),
         tower: Sequence[int] = (64,),
         dropout: float = 0.1,
-        scenario_dropout: float = 0.05,
-        scenarios: Sequence[str] | None = None,
-        sparse: bool = False,
-        fields: Sequence[str] | None = None,
-        extra_dim: int = 0,
+        **common: Any,
     ):
         expert, tower = [int(h) for h in expert], [int(h) for h in tower]
         if int(levels) < 1 or int(shared_experts) < 1 or int(specific_experts) < 1 or not expert:
@@ -104,18 +101,13 @@ class PLE(MultiScenarioModel):
             )
         super().__init__(
             encoder,
-            embedding_dim=embedding_dim,
-            fields=fields,
-            sparse=sparse,
-            scenario_dropout=scenario_dropout,
-            scenarios=scenarios,
-            extra_dim=extra_dim,
             levels=int(levels),
             shared_experts=int(shared_experts),
             specific_experts=int(specific_experts),
             expert=expert,
             tower=tower,
             dropout=float(dropout),
+            **common,
         )
         self.levels = nn.ModuleList(
             _Level(
@@ -140,10 +132,10 @@ class PLE(MultiScenarioModel):
         return self.towers(t, s)
 
     def slot_parameters(self, slot: int) -> list[tuple[nn.Parameter, int | None]]:
-        out = self._embedding_slot_parameters(slot) + _module_params(self.towers.towers[slot])
+        out = self._embedding_slot_parameters(slot) + module_params(self.towers.towers[slot])
         for level in self.levels:
             n = level.n_specific + level.n_shared
             rows = range(slot * n, (slot + 1) * n)
             out += [(level.task_gates.weight, r) for r in rows] + [(level.task_gates.bias, r) for r in rows]
-            out += _module_params(level.specific[slot])
+            out += module_params(level.specific[slot])
         return out

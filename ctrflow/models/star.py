@@ -9,20 +9,21 @@
 
 Slot 0, an unknown scenario, uses the centre only: W, b, γ, β and the global moving statistics, with a zero
 scenario embedding in the auxiliary network. `scenario_dropout` sends some training rows through that path so the
-centre alone is a trained model (see multiscenario.py).
+centre alone is a trained model (see `MultiScenarioModel` in ctrflow/models/base.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.models import register_model
-from ctrflow.models.layers import MLP
-from ctrflow.models.multiscenario import MultiScenarioModel
+from ctrflow.models.base import MultiScenarioModel
+from ctrflow.models.blocks.mlp import MLP
 
 
 class PartitionedNorm(nn.Module):
@@ -110,34 +111,24 @@ class STAR(MultiScenarioModel):
     def __init__(
         self,
         encoder: FeatureEncoder,
-        embedding_dim: int = 16,
         hidden: Sequence[int] = (256, 128, 64),
         aux: Sequence[int] = (64,),
         aux_embedding_dim: int = 8,
         dropout: float = 0.1,
         partitioned_norm: bool = True,
         pn_min_rows: int = 8,
-        scenario_dropout: float = 0.05,
-        scenarios: Sequence[str] | None = None,
-        sparse: bool = False,
-        fields: Sequence[str] | None = None,
-        extra_dim: int = 0,
+        **common: Any,
     ):
         hidden, aux = [int(h) for h in hidden], [int(h) for h in aux]
         super().__init__(
             encoder,
-            embedding_dim=embedding_dim,
-            fields=fields,
-            sparse=sparse,
-            scenario_dropout=scenario_dropout,
-            scenarios=scenarios,
-            extra_dim=extra_dim,
             hidden=hidden,
             aux=aux,
             aux_embedding_dim=int(aux_embedding_dim),
             dropout=float(dropout),
             partitioned_norm=bool(partitioned_norm),
             pn_min_rows=int(pn_min_rows),
+            **common,
         )
         self.norm = (
             PartitionedNorm(self.num_slots, self.input_dim, min_rows=int(pn_min_rows)) if partitioned_norm else None

@@ -1,4 +1,6 @@
-"""Training: the trainer (fit, early stop, checkpoint/resume), metrics and the model artifact."""
+"""Training: the one trainer (fit, early stop on a monitored metric, checkpoint/resume), its objectives (CTR,
+diffusion denoising), the train-and-save recipe of the steps and benchmarks (`recipe`), diffusion pre-training
+(`pretrain`), metrics and the model artifact."""
 
 from __future__ import annotations
 

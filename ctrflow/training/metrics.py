@@ -107,8 +107,35 @@ def _rows(batch: dict[str, torch.Tensor]) -> int:
     return next(iter(lengths.values()))
 
 
-def _none_if_nan(x: float) -> float | None:
+def _none_if_nan(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def format_value(value: object, digits: int = 4) -> str:
+    """One metric for a log line: floats with `digits` decimals; None or NaN (undefined, e.g. AUC on a one-class
+    split) as "n/a", so a log call never formats None as a number."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.{digits}f}"
+    return str(value)
+
+
+def format_metrics(record: dict, skip: tuple[str, ...] = ()) -> str:
+    """`key=value, ...` for a log line (see `format_value`); keys starting with one of `skip` are left out."""
+    return ", ".join(f"{k}={format_value(v)}" for k, v in record.items() if not k.startswith(skip))
+
+
+def one_class_note(labels: object) -> str | None:
+    """Why AUC is undefined on these labels ("all N rows are negatives"), or None when both classes are present."""
+    y = _as_1d(labels)
+    if len(y) == 0:
+        return "it has no rows"
+    values = np.unique(y)
+    if len(values) >= 2:
+        return None
+    kind = "positives" if float(values[0]) == 1.0 else "negatives"
+    return f"all {len(y)} rows are {kind}"
 
 
 def evaluate(
@@ -117,8 +144,11 @@ def evaluate(
     encoder: FeatureEncoder,
     user_ids: object | None = None,
     batch_size: int = 8192,
+    subsets: dict[str, object] | None = None,
 ) -> dict:
-    """Every metric of one split: auc, logloss, gauc, scenario_auc {name: auc}, n (rows).
+    """Every metric of one split: auc, logloss, gauc, scenario_auc {name: auc}, n (rows), and for each named row
+    subset (`subsets`: name -> bool mask [n], e.g. cold items) `<name>_auc` and `<name>_rows` (absent when the
+    subset is empty). The one place metrics are computed: the pipeline steps, the benchmarks and GSVR all use it.
 
     Undefined values are None (JSON-safe). gAUC groups by `user_ids` when given (raw ids); otherwise by the
     encoded user id, leaving out id 0 (users unknown to the encoder cannot be told apart). Scenario ids are
@@ -146,5 +176,12 @@ def evaluate(
         vocab = np.asarray(["unknown", *map(str, encoder.vocabs[spec.scenario_field])], dtype=object)
         names = vocab[batch_tensors[spec.scenario_field].cpu().numpy()]
         out["scenario_auc"] = {k: _none_if_nan(v) for k, v in scenario_auc(labels, scores, names).items()}
+    for name, mask in (subsets or {}).items():
+        m = _as_1d(mask).astype(bool)
+        if len(m) != len(labels):
+            raise ValueError(f"evaluate: subset '{name}' has {len(m)} flags for {len(labels)} rows")
+        if m.any():
+            out[f"{name}_auc"] = _none_if_nan(auc(labels[m], scores[m]))
+            out[f"{name}_rows"] = int(m.sum())
     out["n"] = int(len(labels))
     return out

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,26 +31,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 from ctrflow.config import DGenCTRPretrain, TrainParams, typed
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import FieldKind
 from ctrflow.models.dgenctr import DENSE, LABEL, DGenCTR, mask_rate, parameter_group
-from ctrflow.training.metrics import auc, predict
-from ctrflow.training.trainer import _epoch_seed, _rng_state, _set_rng_state, seed_everything
+from ctrflow.training.metrics import format_value
+from ctrflow.training.objectives import Denoising
+from ctrflow.training.trainer import TrainConfig, Trainer, as_tensors, atomic_save, seed_everything
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "pretrained.pt"
-LAST_NAME = "last.pt"
 FORMAT = "dgenctr-pretrained"
 TRANSFERS = ("all", "embeddings", "scorer")
 # constructor arguments that change the network's shapes or meaning: a checkpoint only loads into the same ones
 ARCHITECTURE_KEYS = ("d_model", "layers", "heads", "ffn_mult", "steps", "schedule", "time_conditioning")
 # the typed section `models.dgenctr.pretrain` (ctrflow.config.DGenCTRPretrain) is the one place these defaults live
 PRETRAIN_DEFAULTS: dict[str, Any] = DGenCTRPretrain().model_dump()
+VALID_BATCH_SIZE = 4096  # the validation corruption is drawn per batch of this size: fixed, so epochs compare
 
 
 # ---- settings -------------------------------------------------------------------------------------------
@@ -73,18 +71,9 @@ def dgenctr_settings(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
 
 
 def _as_tensors(data: Mapping[str, Any], what: str) -> dict[str, torch.Tensor]:
-    out = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items()}
-    if LABEL not in out:
-        raise KeyError(f"{what}: no 'label' array (encode the frame with with_label=True)")
-    n = len(out[LABEL])
-    bad = {k: len(v) for k, v in out.items() if len(v) != n}
-    if bad:
-        raise ValueError(f"{what}: fields {sorted(bad)} have row counts {bad}, the label has {n}")
-    if n == 0:
+    out = as_tensors(data, what)
+    if len(out[LABEL]) == 0:
         raise ValueError(f"{what}: 0 rows")
-    out[LABEL] = out[LABEL].float()
-    if "label_known" in out:
-        out["label_known"] = out["label_known"].bool()
     return out
 
 
@@ -93,22 +82,26 @@ def _head(data: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
 
 
 # ---- pre-training ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def _valid_metrics(model: DGenCTR, valid: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
-    """Denoising loss under a fixed corruption (comparable across epochs) and the zero-shot CTR AUC."""
-    model.eval()
-    gen = torch.Generator().manual_seed(12345)
-    total, n = 0.0, 0
-    for start in range(0, len(valid[LABEL]), batch_size):
-        batch = {k: v[start : start + batch_size] for k, v in valid.items()}
-        loss = model.diffusion_loss(batch, generator=gen)["loss"]
-        total += float(loss) * len(batch[LABEL])
-        n += len(batch[LABEL])
-    out = {"valid_loss": total / max(n, 1)}
-    if model.label_in_diffusion:
-        out["valid_zero_shot_auc"] = auc(valid[LABEL].numpy(), predict(model, valid, batch_size))
-    model.train()
-    return out
+def pretrain_config(pre: Mapping[str, Any], out_dir: str | Path, with_valid: bool, progress: bool) -> TrainConfig:
+    """The trainer settings of pre-training: AdamW with gradient clipping; with validation rows and
+    `select: best_valid`, the epoch with the lowest validation denoising loss (`valid_loss`, min) is kept and
+    `patience` epochs without a lower one stop the run; otherwise the last epoch is kept."""
+    return TrainConfig(
+        epochs=int(pre["epochs"]),
+        batch_size=int(pre["batch_size"]),
+        lr=float(pre["lr"]),
+        weight_decay=float(pre["weight_decay"]),
+        patience=int(pre["patience"]),
+        seed=int(pre["seed"]),
+        threads=int(pre["threads"]),
+        checkpoint_dir=str(out_dir),
+        progress=progress,
+        eval_batch_size=VALID_BATCH_SIZE,
+        optimizer="adamw",
+        grad_clip=float(pre["grad_clip"]) if pre["grad_clip"] else None,
+        monitor="valid_loss" if with_valid and pre["select"] == "best_valid" else "none",
+        monitor_mode="min",
+    )
 
 
 def pretrain(
@@ -122,135 +115,54 @@ def pretrain(
 ) -> Path:
     """Diffusion pre-training on the training rows; writes `out_dir/pretrained.pt` and returns its path.
 
-    A checkpoint (`last.pt`: model, optimizer, RNG, history) is written after every epoch; with `resume=True` an
-    interrupted run continues from it when its settings match. `pretrain.json` holds the per-epoch history.
+    The training loop is the project's one `Trainer` with the `Denoising` objective: a checkpoint (`last.pt`:
+    model, optimizer, RNG, history) is written after every epoch, and with `resume=True` an interrupted run
+    continues from it when its settings match (a different setting is a ValueError naming it). `pretrain.json`
+    holds the settings and the per-epoch history.
     """
     section, pre = dgenctr_settings(params)
-    torch.set_num_threads(int(pre["threads"]))
-    seed_everything(int(pre["seed"]))
+    seed_everything(int(pre["seed"]))  # before building: the initial weights are seeded too
     model = DGenCTR(encoder, **section)
     train = _as_tensors(train_tensors, "pretrain train")
     valid = _head(_as_tensors(valid_tensors, "pretrain valid"), int(pre["valid_rows"])) if valid_tensors else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder.save(out / "encoder.json")
-    opt = torch.optim.AdamW(model.parameters(), lr=float(pre["lr"]), weight_decay=float(pre["weight_decay"]))
     n = len(train[LABEL])
-    same = {k: v for k, v in pre.items() if k not in ("threads", "valid_rows", "epochs", "patience")}  # must match
-    arch = {k: v for k, v in model.params.items() if k not in ("pretrain", "finetune")}
-    fingerprint = _plain({"model": arch, "pretrain": same, "n_train": n, "vocab_sizes": encoder.vocab_sizes})
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    by_valid = valid is not None and pre["select"] == "best_valid"
-    best: dict[str, Any] = {"epoch": 0, "loss": math.inf, "state": None}
-    last = out / LAST_NAME
-    if resume and last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        diff = {k: (ckpt["fingerprint"].get(k), v) for k, v in fingerprint.items() if ckpt["fingerprint"].get(k) != v}
-        if diff:
-            raise ValueError(
-                f"pretrain: {last} was made with other settings (checkpoint, now): {diff}; "
-                "use another out_dir or resume=False"
-            )
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"])
-        history, start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
-        best = ckpt["best"]
-        log.info("pretrain: resuming from %s after epoch %d", last, start_epoch)
-
-    epochs, bs, seed = int(pre["epochs"]), int(pre["batch_size"]), int(pre["seed"])
     labelled = int(train["label_known"].sum()) if "label_known" in train else n
     log.info(
         "pretrain: %d rows (%d with labels), %d tokens/sample, %d epochs, schedule %s, T=%d -> %s",
-        n, labelled, model.n_tokens, epochs, model.schedule, model.steps, out,
+        n, labelled, model.n_tokens, int(pre["epochs"]), model.schedule, model.steps, out,
     )  # fmt: skip
-    for epoch in range(start_epoch + 1, epochs + 1):
-        if by_valid and best["epoch"] and epoch - 1 - best["epoch"] >= int(pre["patience"]):
-            log.info("pretrain: validation loss has not improved since epoch %d; stopping", best["epoch"])
-            break
-        started = time.perf_counter()
-        seed_everything(_epoch_seed(seed, epoch))
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
-        sums: dict[str, float] = {}
-        model.train()
-        bar = tqdm(total=n, unit="rows", unit_scale=True, desc=f"pretrain {epoch}/{epochs}", disable=not progress)
-        try:
-            for step, s in enumerate(range(0, n, bs)):
-                idx = perm[s : s + bs]
-                losses = model.diffusion_loss({k: v[idx] for k, v in train.items()})
-                loss = losses["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"pretrain epoch {epoch}, batch {step}: the loss is {float(loss)}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if pre["grad_clip"]:
-                    nn.utils.clip_grad_norm_(model.parameters(), float(pre["grad_clip"]))
-                opt.step()
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
-                bar.update(len(idx))
-                if step % 20 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-        finally:
-            bar.close()
-        record: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v / n for k, v in sums.items() if k != "masked"}}
-        if valid is not None:
-            record.update(_valid_metrics(model, valid, 4096))
-        record["seconds"] = round(time.perf_counter() - started, 3)
-        history.append(record)
-        log.info("pretrain epoch %d/%d: %s", epoch, epochs, _fmt(record))
-        if by_valid and record["valid_loss"] < best["loss"]:
-            best = {"epoch": epoch, "loss": record["valid_loss"], "state": _clone(model.state_dict())}
-        state = {
-            "fingerprint": fingerprint,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "rng": _rng_state(),
-            "history": history,
-            "epoch": epoch,
-            "best": best,
-        }
-        _atomic_save(state, last)
-
-    if by_valid and best["state"] is not None:
-        model.load_state_dict(best["state"])
-        log.info("pretrain: keeping epoch %d (lowest validation denoising loss %.4f)", best["epoch"], best["loss"])
+    cfg = pretrain_config(pre, out, valid is not None, progress)
+    model.prepare(train)
+    result = Trainer(model, cfg, objective=Denoising()).fit(train, valid, resume=resume)
+    if cfg.monitor != "none":
+        log.info(
+            "pretrain: keeping epoch %d (lowest validation denoising loss %s)",
+            result.best_epoch,
+            format_value(result.best_score),
+        )
     path = out / CHECKPOINT_NAME
-    _atomic_save(
+    atomic_save(
         {
             "format": FORMAT,
             "model_params": _plain(model.params),
             "vocab_sizes": encoder.vocab_sizes,
             "state_dict": model.state_dict(),
-            "history": history,
-            "best_epoch": best["epoch"] if by_valid else len(history),
+            "history": result.history,
+            "best_epoch": result.best_epoch,
         },
         path,
     )
-    (out / "pretrain.json").write_text(json.dumps({"settings": _plain(pre), "history": history}, indent=1))
+    (out / "pretrain.json").write_text(json.dumps({"settings": _plain(pre), "history": result.history}, indent=1))
     log.info("pretrained checkpoint: %s", path)
     return path
-
-
-def _fmt(record: dict[str, Any]) -> str:
-    keys = [k for k in record if not k.startswith("train_field_") and k != "epoch"]
-    return ", ".join(f"{k}={record[k]:.4f}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in keys)
-
-
-def _clone(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def _plain(x: Any) -> Any:
     """JSON round-trip: what a weights_only checkpoint can hold and compare."""
     return json.loads(json.dumps(x))
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # ---- transfer -------------------------------------------------------------------------------------------

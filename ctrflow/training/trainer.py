@@ -1,28 +1,40 @@
-"""One trainer for every model: seeded batching, early stopping on validation AUC, checkpoint and resume.
+"""The one training loop of the project: every model, CTR training and diffusion pre-training alike.
 
     seed_everything(cfg.seed)                 # before building the model, so its initial weights are seeded too
     model = build_model("dcnv2", encoder, params)
     result = Trainer(model, cfg).fit(train_tensors, valid_tensors)   # the best epoch's weights end up in `model`
+    Trainer(dgenctr, pre_cfg, objective=Denoising()).fit(...)          # pre-training: same loop, other objective
+
+As FuxiCTR's `rank_model.py` (`BaseModel.fit` / `train_epoch` / `train_step` / `checkpoint_and_earlystop`):
+- an objective (ctrflow.training.objectives) gives the loss of a batch and the validation metrics of an epoch;
+- `TrainConfig.monitor` names the validation metric that picks the best epoch and stops early, with its
+  direction (`monitor_mode`: max for `valid_auc`, min for `valid_logloss` / `valid_loss`), and `patience` epochs
+  without improvement stop the run ("none": no early stopping, the last epoch is kept). An AUC monitor on a
+  validation split that holds one class (AUC undefined) falls back to the objective's loss metric, with a warning;
+- optimisers: Adam or AdamW for dense parameters, SparseAdam for sparse embedding tables
+  (`FieldEmbedding(sparse=True)` on large fields); optional gradient clipping of the dense gradients (`grad_clip`).
 
 Why it looks like this:
-- batches are slices of pre-built tensors over a seeded permutation (a per-row Dataset/DataLoader costs 15-20%);
+- batches are explicit slices of pre-built tensors over a seeded permutation (`batch_indices`); a per-row
+  Dataset/DataLoader costs 15-20%. One place decides which rows a step sees (a later data-parallel run shards it);
 - every epoch reseeds torch/numpy/random from (seed, epoch), and a checkpoint after each epoch holds the model,
-  optimizers, best state, history and RNG states, so `fit(..., resume=True)` after an interruption ends with the
-  same weights as an uninterrupted run;
-- the trainer optimises `model.loss(batch)["loss"]`, so models add terms (KL, reconstruction) without a new trainer;
-  every named part is logged as `train_<name>`. A model with a `set_epoch(epoch)` method is told the epoch first
-  (warm-ups);
-- sparse embedding tables (`FieldEmbedding(sparse=True)` on large fields) go to SparseAdam, the rest to Adam/AdamW.
+  optimizers, best state, history and RNG states, so `fit(..., resume=True)` after an interruption (even a
+  SIGKILL) ends with the same weights as an uninterrupted run. A checkpoint made with other settings (the
+  fingerprint: model and its parameters, vocabulary sizes, data sizes, optimiser settings, objective, monitor) is
+  refused with a clear error;
+- every named part of the loss is logged as `train_<name>`; a model with a `set_epoch(epoch)` method is told the
+  epoch first (warm-ups such as GSVR's β).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -31,27 +43,45 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ctrflow.training.metrics import auc, logloss, predict
+from ctrflow.config import TrainParams
+from ctrflow.training.metrics import format_metrics, one_class_note
+from ctrflow.training.objectives import CTR, Objective
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
 OPTIMIZERS = ("adam", "adamw")
+MONITOR_MODES = ("max", "min")
 
+
+def monitor_direction(monitor: str) -> str | None:
+    """The direction a metric improves in, from its name: '...auc' -> max, '...loss' -> min, else None."""
+    if monitor.endswith("auc"):
+        return "max"
+    if monitor.endswith("loss"):
+        return "min"
+    return None
+
+
+_TRAIN = TrainParams().model_dump()
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 1024
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 2  # epochs without a better validation AUC before stopping
-    seed: int = 0
-    threads: int = 2  # torch intra-op threads
+    # the settings that params.yaml's `train` section holds take their defaults from the typed section (one place)
+    epochs: int = _TRAIN["epochs"]
+    batch_size: int = _TRAIN["batch_size"]
+    lr: float = _TRAIN["lr"]
+    weight_decay: float = _TRAIN["weight_decay"]
+    patience: int = _TRAIN["patience"]  # epochs without a better monitored value before stopping
+    seed: int = _TRAIN["seed"]
+    threads: int = _TRAIN["threads"]  # torch intra-op threads
     checkpoint_dir: str | None = None  # None: no checkpoints, no resume
-    progress: bool = True
+    progress: bool = _TRAIN["progress"]
     eval_batch_size: int = 8192
     optimizer: str = "adam"  # adam | adamw (dense parameters; sparse tables always use SparseAdam)
+    grad_clip: float | None = None  # max L2 norm of the dense gradients per step; None or 0: no clipping
+    monitor: str = _TRAIN["monitor"]  # validation metric that picks the best epoch and stops early; "none": last epoch
+    monitor_mode: str | None = _TRAIN["monitor_mode"]  # max | min; None: from the metric's name (see monitor_direction)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience", "threads", "eval_batch_size"):
@@ -62,6 +92,22 @@ class TrainConfig:
             raise ValueError(f"train config: lr and weight_decay must be >= 0, got {self.lr}, {self.weight_decay}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train config: optimizer must be one of {OPTIMIZERS}, got '{self.optimizer}'")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ValueError(f"train config: grad_clip must be >= 0 or null, got {self.grad_clip}")
+        if self.monitor != "none":
+            implied = monitor_direction(self.monitor)
+            mode = self.monitor_mode or implied
+            if mode not in MONITOR_MODES:
+                raise ValueError(
+                    f"train config: monitor_mode must be one of {MONITOR_MODES} (it cannot be read from the name "
+                    f"'{self.monitor}'), got {self.monitor_mode!r}"
+                )
+            if implied is not None and mode != implied:
+                raise ValueError(
+                    f"train config: monitor '{self.monitor}' improves towards {implied}, but monitor_mode is "
+                    f"'{mode}'; set monitor_mode: {implied}"
+                )
+            self.monitor_mode = mode
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = str(self.checkpoint_dir)
 
@@ -76,14 +122,15 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    history: list[dict]  # per epoch: epoch, train_loss (+ train_<part>), valid_auc, valid_logloss, seconds
+    history: list[dict]  # per epoch: epoch, train_loss (+ train_<part>), valid_<metric>..., seconds
     best_epoch: int  # 1-based; 0 when no epoch ran
-    best_valid_auc: float | None
+    best_valid_auc: float | None  # valid_auc of the best epoch (None when undefined or not computed)
     stopped_early: bool
-    monitor: str  # what early stopping watched: valid_auc, or valid_logloss when AUC is undefined, or none
+    monitor: str  # what picked the best epoch: the configured metric, its fallback, or "none"
     seconds: float  # training + validation time over all epochs, resumed runs included
     resumed_from: int = 0  # epochs already done when this fit started
     config: dict = field(default_factory=dict)
+    best_score: float | None = None  # the monitored value of the best epoch
 
     @property
     def epochs(self) -> int:
@@ -101,7 +148,9 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919) % 2**31
 
 
-def _to_tensors(data: Mapping[str, object], what: str) -> dict[str, torch.Tensor]:
+def as_tensors(data: Mapping[str, object], what: str) -> dict[str, torch.Tensor]:
+    """Field arrays to tensors (no copy), checked: a `label` [n] (made float) and the same row count everywhere;
+    a `label_known` mask is made bool. Errors name `what` and the fields."""
     if not data:
         raise ValueError(f"{what}: no arrays")
     out = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items()}
@@ -113,6 +162,8 @@ def _to_tensors(data: Mapping[str, object], what: str) -> dict[str, torch.Tensor
         bad = {k: v for k, v in lengths.items() if v != n}
         raise ValueError(f"{what}: fields {sorted(bad)} have row counts {bad}, the label has {n}")
     out["label"] = out["label"].float()
+    if "label_known" in out:  # label-scarce pre-training: which rows' labels may be seen
+        out["label_known"] = out["label_known"].bool()
     return out
 
 
@@ -136,26 +187,37 @@ def _tuples(x: object) -> object:
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _clean(x: float) -> float | None:
-    return None if x is None or math.isnan(x) else float(x)
+def _plain(x: object) -> object:
+    """JSON round trip: what a weights_only checkpoint can hold and compare (tuples become lists)."""
+    return json.loads(json.dumps(x, default=str))
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save through a temp file and a rename: an interruption never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 class Trainer:
-    """Fits one `CTRModel`; see the module docstring for the guarantees."""
+    """Fits one model with one objective; see the module docstring for the guarantees."""
 
     def __init__(
         self,
         model: nn.Module,
         config: TrainConfig | None = None,
         on_epoch_end: Callable[[dict], None] | None = None,
+        objective: Objective | None = None,
     ):
         self.model = model
         self.config = config or TrainConfig()
         self.on_epoch_end = on_epoch_end
-        self.optimizers = self._build_optimizers()
+        self.objective = objective or CTR()
+        self.optimizers, self.dense_params = self._build_optimizers()
 
     # ---- setup ---------------------------------------------------------------------------------------
-    def _build_optimizers(self) -> list[torch.optim.Optimizer]:
+    def _build_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[nn.Parameter]]:
         cfg = self.config
         sparse_ids: set[int] = set()
         sparse: list[nn.Parameter] = []
@@ -173,40 +235,77 @@ class Trainer:
             opts.append(torch.optim.SparseAdam(sparse, lr=cfg.lr))
         if not opts:
             raise ValueError("trainer: the model has no trainable parameters")
-        return opts
+        return opts, dense
 
     @property
     def checkpoint_path(self) -> Path | None:
         return Path(self.config.checkpoint_dir) / CHECKPOINT_NAME if self.config.checkpoint_dir else None
 
-    def _fingerprint(self, n_train: int, n_valid: int) -> dict:
+    def _fingerprint(self, train: dict[str, torch.Tensor], n_valid: int, monitor: str) -> dict:
+        """What a checkpoint must share with this run to be resumed (epochs and patience may change)."""
         cfg = self.config
-        return {
-            "model": getattr(self.model, "name", type(self.model).__name__),
-            "seed": cfg.seed,
-            "batch_size": cfg.batch_size,
-            "lr": cfg.lr,
-            "weight_decay": cfg.weight_decay,
-            "optimizer": cfg.optimizer,
-            "n_train": n_train,
-            "n_valid": n_valid,
-        }
+        encoder = getattr(self.model, "encoder", None)
+        skip = getattr(self.model, "training_params", ())  # constructor arguments that do not shape the network
+        return _plain(
+            {
+                "model": getattr(self.model, "name", type(self.model).__name__),
+                "model_params": {k: v for k, v in getattr(self.model, "params", {}).items() if k not in skip},
+                "vocab_sizes": getattr(encoder, "vocab_sizes", None),
+                "objective": self.objective.name,
+                "seed": cfg.seed,
+                "batch_size": cfg.batch_size,
+                "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay,
+                "optimizer": cfg.optimizer,
+                "grad_clip": cfg.grad_clip or None,
+                "monitor": monitor,
+                "n_train": len(train["label"]),
+                "train_clicks": float(train["label"].double().sum()),  # a cheap check that the rows are the same
+                "train_labels_known": int(train["label_known"].sum()) if "label_known" in train else None,
+                "n_valid": n_valid,
+            }
+        )
+
+    def _resolve_monitor(self, valid: dict[str, torch.Tensor] | None) -> str:
+        cfg = self.config
+        if cfg.monitor != "none" and cfg.monitor not in self.objective.metrics:
+            raise ValueError(
+                f"train config: monitor '{cfg.monitor}' is not a validation metric of the {self.objective.name} "
+                f"objective (one of {list(self.objective.metrics)}, or 'none')"
+            )
+        if cfg.monitor == "none" or valid is None:
+            return "none"
+        if cfg.monitor.endswith("auc"):
+            note = one_class_note(valid["label"])
+            if note is not None:
+                fallback = self.objective.loss_metric
+                log.warning(
+                    "validation split: %s, so AUC is undefined there; early stopping and the best epoch use %s "
+                    "instead of %s (AUC is logged as n/a)",
+                    note,
+                    fallback,
+                    cfg.monitor,
+                )
+                return fallback
+        return cfg.monitor
+
+    def _mode(self, monitor: str) -> str:
+        if monitor == self.config.monitor:
+            return str(self.config.monitor_mode)
+        return monitor_direction(monitor) or "min"
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def _save(self, state: dict) -> None:
         path = self.checkpoint_path
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         ckpt = {
             **state,
             "model": self.model.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "rng": _rng_state(),
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)  # atomic: an interruption never leaves a half-written checkpoint
+        atomic_save(ckpt, path)
 
     def _load(self, fingerprint: dict) -> dict | None:
         path = self.checkpoint_path
@@ -216,11 +315,12 @@ class Trainer:
             log.info("no checkpoint at %s: starting from epoch 1", path)
             return None
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        diff = {k: (ckpt["fingerprint"].get(k), v) for k, v in fingerprint.items() if ckpt["fingerprint"].get(k) != v}
+        theirs = ckpt.get("fingerprint", {})
+        diff = {k: (theirs.get(k), v) for k, v in fingerprint.items() if theirs.get(k) != v}
         if diff:
             raise ValueError(
                 f"trainer: checkpoint {path} was made with different settings (checkpoint, now): {diff}; "
-                "use another checkpoint_dir or the same settings"
+                f"use another output folder, delete {path.parent}, or run with the same settings"
             )
         self.model.load_state_dict(ckpt["model"])
         for opt, s in zip(self.optimizers, ckpt["optimizers"], strict=True):
@@ -236,30 +336,30 @@ class Trainer:
         valid: Mapping[str, object] | None = None,
         resume: bool = False,
     ) -> TrainResult:
-        """Train until `epochs` or early stopping; the best epoch's weights are loaded into the model at the end."""
+        """Train until `epochs` or early stopping; the best epoch's weights are loaded into the model at the end.
+
+        `train`/`valid`: field name -> array/tensor [n, ...] with a `label` [n]. With `resume=True`, continue from
+        the checkpoint in `checkpoint_dir` when there is one (raises ValueError when it was made with other
+        settings); a finished run is not trained again.
+        """
         cfg = self.config
         torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
-        train_t = _to_tensors(train, "train")
-        valid_t = _to_tensors(valid, "valid") if valid is not None and len(valid) else None
-        n = len(train_t["label"])
-        if n == 0:
+        train_t = as_tensors(train, "train")
+        valid_t = as_tensors(valid, "valid") if valid is not None and len(valid) else None
+        if valid_t is not None and len(valid_t["label"]) == 0:
+            valid_t = None
+        if len(train_t["label"]) == 0:
             raise ValueError("train: 0 rows")
-        fingerprint = self._fingerprint(n, len(valid_t["label"]) if valid_t is not None else 0)
-
-        if valid_t is None or len(valid_t["label"]) == 0:
-            monitor = "none"
-        elif len(torch.unique(valid_t["label"])) < 2:
-            monitor = "valid_logloss"
-            log.warning("validation labels hold one class: AUC is undefined, early stopping watches logloss")
-        else:
-            monitor = "valid_auc"
+        monitor = self._resolve_monitor(valid_t)
+        mode = self._mode(monitor)
+        fingerprint = self._fingerprint(train_t, len(valid_t["label"]) if valid_t is not None else 0, monitor)
 
         state = {
             "epoch": 0,
             "history": [],
             "best_epoch": 0,
-            "best_score": -math.inf,
+            "best_score": None,
             "best_state": None,
             "bad_epochs": 0,
             "stopped_early": False,
@@ -276,32 +376,16 @@ class Trainer:
         while state["epoch"] < cfg.epochs and not state["stopped_early"]:
             epoch = state["epoch"] + 1
             started = time.perf_counter()
-            record = {"epoch": epoch, **self._train_epoch(train_t, epoch)}
+            record = {"epoch": epoch, **self.train_epoch(train_t, epoch)}
             if valid_t is not None:
-                scores = predict(self.model, valid_t, cfg.eval_batch_size)
-                labels = valid_t["label"].numpy()
-                record["valid_auc"] = _clean(auc(labels, scores))
-                record["valid_logloss"] = _clean(logloss(labels, scores))
+                record.update(self.objective.validate(self.model, valid_t, cfg.eval_batch_size))
             record["seconds"] = round(time.perf_counter() - started, 3)
-
-            score = self._score(record, monitor)
-            if state["best_state"] is None or score > state["best_score"]:
-                state["best_score"], state["best_epoch"], state["bad_epochs"] = score, epoch, 0
-                state["best_state"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            else:
-                state["bad_epochs"] += 1
-                if monitor != "none" and state["bad_epochs"] >= cfg.patience:
-                    state["stopped_early"] = True
-            state["history"] = [*state["history"], record]
-            state["epoch"] = epoch
+            self._checkpoint_and_early_stop(state, record, monitor, mode)
             log.info(
-                "epoch %d/%d: %s",
-                epoch,
-                cfg.epochs,
-                ", ".join(
-                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "epoch"
-                ),
-            )
+                "%s epoch %d/%d: %s", self.objective.name, epoch, cfg.epochs, format_metrics(
+                    {k: v for k, v in record.items() if k != "epoch"}, skip=self.objective.log_skip
+                )
+            )  # fmt: skip
             self._save(state)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(record)
@@ -309,7 +393,9 @@ class Trainer:
         if state["best_state"] is not None:
             self.model.load_state_dict(state["best_state"])
         if state["stopped_early"]:
-            log.info("early stop after epoch %d: best epoch %d (%s)", state["epoch"], state["best_epoch"], monitor)
+            log.info(
+                "early stop after epoch %d: best epoch %d (%s, %s)", state["epoch"], state["best_epoch"], monitor, mode
+            )
         best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
         return TrainResult(
             history=list(state["history"]),
@@ -320,54 +406,82 @@ class Trainer:
             seconds=round(sum(r["seconds"] for r in state["history"]), 3),
             resumed_from=resumed_from,
             config=asdict(cfg),
+            best_score=state["best_score"],
         )
 
-    @staticmethod
-    def _score(record: dict, monitor: str) -> float:
-        """Higher is better; NaN/None never counts as an improvement."""
+    def _checkpoint_and_early_stop(self, state: dict, record: dict, monitor: str, mode: str) -> None:
+        """Keep the epoch's weights when the monitored value improved; count the epochs since, and stop after
+        `patience` of them. Without a monitor every epoch is the best (the last one is kept). An undefined (None
+        or NaN) value never counts as an improvement, but the first epoch is always kept as a starting point."""
+        epoch = record["epoch"]
         if monitor == "none":
-            return float(record["epoch"])  # no validation: the last epoch is the best
-        value = record.get(monitor)
-        if value is None:
-            return -math.inf
-        return value if monitor == "valid_auc" else -value
+            improved, value = True, None
+        else:
+            value = record.get(monitor)
+            if value is not None and math.isnan(value):
+                value = None
+            best = state["best_score"]
+            improved = value is not None and (best is None or (value > best if mode == "max" else value < best))
+        if improved or state["best_state"] is None:
+            if improved:
+                state["best_score"] = value
+            state["best_epoch"], state["bad_epochs"] = epoch, 0
+            state["best_state"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+            if state["bad_epochs"] >= self.config.patience:
+                state["stopped_early"] = True
+        state["history"] = [*state["history"], record]
+        state["epoch"] = epoch
 
-    def _train_epoch(self, train: dict[str, torch.Tensor], epoch: int) -> dict:
+    def batch_indices(self, n: int, epoch: int) -> Iterator[torch.Tensor]:
+        """The row indices of each training step of `epoch`: a permutation seeded by (seed, epoch), cut into
+        `batch_size` slices (the last one may be shorter)."""
+        cfg = self.config
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch)))
+        for start in range(0, n, cfg.batch_size):
+            yield perm[start : start + cfg.batch_size]
+
+    def train_step(self, batch: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, torch.Tensor]:
+        """One optimiser step on one batch; returns the objective's named losses."""
+        losses = self.objective.loss(self.model, batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"epoch {epoch}, batch {step}: the loss is {loss.item()} (diverged)")
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip:
+            nn.utils.clip_grad_norm_(self.dense_params, float(self.config.grad_clip))
+        for opt in self.optimizers:
+            opt.step()
+        return losses
+
+    def train_epoch(self, train: dict[str, torch.Tensor], epoch: int) -> dict:
+        """One pass over the training rows; returns the row-weighted mean of each named loss as `train_<name>`."""
         cfg = self.config
         seed_everything(_epoch_seed(cfg.seed, epoch))  # dropout, sampling: a function of (seed, epoch) only
         if hasattr(self.model, "set_epoch"):
             self.model.set_epoch(epoch)
         n = len(train["label"])
-        gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
-        perm = torch.randperm(n, generator=gen)
         sums: dict[str, float] = {}
         self.model.train()
         bar = tqdm(
             total=n,
             unit="rows",
             unit_scale=True,
-            desc=f"epoch {epoch}/{cfg.epochs}",
+            desc=f"{self.objective.name} {epoch}/{cfg.epochs}",
             disable=not cfg.progress,
             leave=False,
         )
         try:
-            for step, start in enumerate(range(0, n, cfg.batch_size)):
-                idx = perm[start : start + cfg.batch_size]
-                batch = {k: v[idx] for k, v in train.items()}
-                losses = self.model.loss(batch)
-                loss = losses["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"epoch {epoch}, batch {step}: the loss is {loss.item()} (diverged)")
-                for opt in self.optimizers:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for opt in self.optimizers:
-                    opt.step()
+            for step, idx in enumerate(self.batch_indices(n, epoch)):
+                losses = self.train_step({k: v[idx] for k, v in train.items()}, epoch, step)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
                 bar.update(len(idx))
                 if step % 20 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
         finally:
             bar.close()
         return {f"train_{k}": v / n for k, v in sums.items()}

@@ -1,18 +1,25 @@
-"""Building blocks every model shares: one embedding of the feature spec, and a plain MLP.
+"""Embedding blocks: one embedding of the feature spec for every model, and copying pre-trained tables into it.
 
 Models never build their own embedding tables: `FieldEmbedding` reads the spec and the fitted encoder, so a new
-field (or a new dataset) reaches every model without touching model code.
+field (or a new dataset) reaches every model without touching model code. `load_embedding_init` copies
+pre-trained `FieldEmbedding` tables (e.g. from DGenCTR's diffusion pre-training) into any model by field name and
+shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import FieldKind, FieldSpec
+
+log = logging.getLogger(__name__)
 
 
 class FieldEmbedding(nn.Module):
@@ -101,30 +108,84 @@ class FieldEmbedding(nn.Module):
         return torch.stack([self.embed_field(batch, f) for f in self.field_specs], dim=1)
 
 
-class MLP(nn.Module):
-    """Linear → ReLU → Dropout per hidden layer, then an optional linear head to `out_dim`."""
-
-    def __init__(self, in_dim: int, hidden: Sequence[int], dropout: float = 0.0, out_dim: int | None = None):
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = in_dim
-        for h in hidden:
-            layers += [nn.Linear(width, int(h)), nn.ReLU()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = int(h)
-        if out_dim is not None:
-            layers.append(nn.Linear(width, out_dim))
-            width = out_dim
-        self.net = nn.Sequential(*layers)
-        self.output_dim = width
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
 
 def _field(batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     try:
         return batch[name]
     except KeyError:
         raise KeyError(f"field '{name}' is missing from the batch (keys: {sorted(batch)})") from None
+
+
+# ---- pre-trained embedding tables -----------------------------------------------------------------------------
+_TABLE_KEY = re.compile(r"(?:^|\.)tables\.(?P<field>[^.]+)\.weight$")
+_PROJ_KEY = re.compile(r"(?:^|\.)projections\.(?P<field>[^.]+)\.(?P<what>weight|bias)$")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file or a model artifact folder (its model.pt); trainer checkpoints ({"model": ...}) too."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"pre-trained embeddings: {path} does not exist")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"pre-trained embeddings: {path} is not a state dict of tensors")
+    return obj
+
+
+def load_embedding_init(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Copy pre-trained `FieldEmbedding` tables (and embedding-field projections) into every `FieldEmbedding` of
+    `model`, matched by field name and shape.
+
+    The source is any state dict holding FieldEmbedding modules: keys ending in `tables.<field>.weight` and
+    `projections.<field>.weight|bias` (the first occurrence of a field wins). Tables whose shapes differ (another
+    encoder's vocabulary) are skipped and listed. Returns {"copied": [...], "skipped": [...]}; raises when nothing
+    matches, which means the file is not what the caller thinks it is.
+    """
+    state = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
+    tables: dict[str, torch.Tensor] = {}
+    projections: dict[tuple[str, str], torch.Tensor] = {}
+    for key, value in state.items():
+        if m := _TABLE_KEY.search(key):
+            tables.setdefault(m["field"], value)
+        elif m := _PROJ_KEY.search(key):
+            projections.setdefault((m["field"], m["what"]), value)
+    copied: list[str] = []
+    skipped: list[str] = []
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            if not isinstance(module, FieldEmbedding):
+                continue
+            for name, table in module.tables.items():
+                src = tables.get(name)
+                if src is None:
+                    continue
+                if tuple(src.shape) != tuple(table.weight.shape):
+                    skipped.append(f"{prefix}.tables.{name}: shape {tuple(src.shape)} != {tuple(table.weight.shape)}")
+                    continue
+                table.weight.copy_(src)
+                table.weight[0].zero_()  # id 0 stays the zero vector
+                copied.append(f"{prefix}.tables.{name}")
+            for name, proj in module.projections.items():
+                for what in ("weight", "bias"):
+                    src = projections.get((name, what))
+                    dst = getattr(proj, what)
+                    if src is None or dst is None:
+                        continue
+                    if tuple(src.shape) != tuple(dst.shape):
+                        skipped.append(f"{prefix}.projections.{name}.{what}: shape {tuple(src.shape)}")
+                        continue
+                    dst.copy_(src)
+                    copied.append(f"{prefix}.projections.{name}.{what}")
+    if not copied:
+        raise ValueError(
+            f"pre-trained embeddings: no FieldEmbedding table matched (source fields: {sorted(tables)}; "
+            f"skipped: {skipped}); expected a state dict with keys like '<prefix>.tables.<field>.weight'"
+        )
+    log.info("initialised %d embedding tensors from pre-training (%d skipped)", len(copied), len(skipped))
+    return {"copied": copied, "skipped": skipped}
