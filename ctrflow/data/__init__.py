@@ -7,15 +7,19 @@ from pathlib import Path
 from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
 from ctrflow.data.tables import Dataset
 
-SOURCES = ("movielens", "synthetic", "parquet")
+SOURCES = ("movielens", "movielens-1m", "synthetic", "parquet")
 
 
 def load_source(source: str, path: str | Path | None = None, max_len: int = 50, **synthetic: object) -> Dataset:
-    """Any source, in canonical form: 'movielens', 'synthetic' (keyword args go to SyntheticConfig) or 'parquet'."""
+    """Any source, in canonical form: 'movielens' (ML-100K), 'movielens-1m', 'synthetic' (keyword args go to SyntheticConfig) or 'parquet'."""
     if source == "movielens":
         from ctrflow.data.movielens import load_movielens
 
         return load_movielens(max_len=max_len)
+    if source == "movielens-1m":
+        from ctrflow.data.movielens_1m import load_movielens_1m
+
+        return load_movielens_1m(max_len=max_len)
     if source == "synthetic":
         from ctrflow.data.synthetic import SyntheticConfig, generate_synthetic
 

