@@ -303,13 +303,13 @@ def monitor() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.pass_context
 def monitor_drift(ctx: click.Context, training_set: str, current: str, model_dir: str | None, out_dir: str) -> None:
-    """Exit code 1 when drift crosses the thresholds in params.yaml (drift section)."""
+    """Exit code: 0 ok, 1 breach (thresholds in params.yaml, drift section), 3 not enough data to test, 2 usage error."""
     from ctrflow.steps import drift_step
 
     result = drift_step(_params(ctx), training_set, current, out_dir, model_dir=model_dir)
     click.echo(result.summary())
-    click.echo(f"HTML: {result.html_path}\nJSON: {result.json_path}")
-    sys.exit(1 if result.breached else 0)
+    click.echo(f"HTML: {result.html_path}\nJSON: {result.json_path}\nsummary: {result.summary_path}")
+    sys.exit(result.exit_code)
 
 
 # ---- pipeline -------------------------------------------------------------------------------------------

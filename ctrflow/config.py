@@ -233,9 +233,19 @@ class ServingParams(Section):
 
 
 class DriftParams(Section):
-    stattest_threshold: float = Field(0.1, gt=0)  # per-feature p-value (KS/chi2) or distance (Wasserstein/JS)
-    max_drifted_share: float = Field(0.5, ge=0, le=1)  # fail when more than this share of features drift
+    """Drift verdicts (ctrflow/monitoring/drift.py; monitoring/README.md explains each key to on-call)."""
+
+    stattest_threshold: float = Field(0.1, gt=0)  # distance tests (normed Wasserstein / Jensen-Shannon): drift at >=
+    pvalue_threshold: float = Field(0.01, gt=0, lt=1)  # p-value tests (KS / chi-square, missing-share z): drift below
+    pvalue_max_rows: int = Field(1000, ge=1)  # a p-value test while the smaller non-null sample has <= this many values
+    min_current_rows: int = Field(100, ge=1)  # fewer current (non-null) values: "not enough data", never a breach
+    max_missing_share_change: float = Field(0.1, ge=0, le=1)  # missing-value share moved by more (absolute): drift
+    max_drifted_share: float = Field(0.5, ge=0, le=1)  # fail when more than this share of tested features drift
     fail_on_prediction_drift: bool = True
+    by_scenario: bool = True  # also test each scenario on its own (a scenario's breach is a breach)
+    max_current_rows: int = Field(200_000, ge=1)  # a larger request log is sampled down to this many rows
+    sample_seed: int = 0  # the seed of that uniform sample (the same log gives the same sample)
+    reference_rows: int = Field(20_000, ge=1)  # the most recent training rows used as the reference
 
 
 class RegistryParams(Section):
