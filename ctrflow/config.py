@@ -248,6 +248,29 @@ class DriftParams(Section):
     reference_rows: int = Field(20_000, ge=1)  # the most recent training rows used as the reference
 
 
+class QualityParams(Section):
+    """Online quality from delayed clicks (ctrflow/monitoring/quality.py; monitoring/README.md)."""
+
+    attribution_window_s: float = Field(3600.0, gt=0)  # a click counts within this many seconds after serving
+    time_window: str = "1D"  # the series' window (a pandas offset alias: 1h, 1D, 7D)
+    min_labelled_rows: int = Field(200, ge=1)  # fewer labelled rows in a group: "not enough data" for it
+    max_calibration_error: float = Field(0.25, gt=0)  # breach when |observed CTR / predicted CTR - 1| exceeds this
+    pvalue_threshold: float = Field(0.01, gt=0, lt=1)  # ... and the clicks are this significantly off (z-test)
+    min_online_auc: float | None = Field(None, ge=0, le=1)  # optional floor on a group's online AUC
+
+
+class MonitoringParams(Section):
+    """The loop: `ctrflow monitor run` and the scheduled monitoring pipeline (pipelines/monitoring.py)."""
+
+    schedule_cron: str = "0 0 3 * * *"  # KFP's six fields, seconds first: daily at 03:00
+    retrain_on_breach: bool = True  # a breach writes a retraining request (JSON)
+    submit_training: bool = False  # ... and submits the training pipeline to `kfp_host`
+    kfp_host: str | None = None  # the Kubeflow Pipelines API endpoint for that submission
+    feature_repo: str | None = None  # the Feast repo path the submitted training run uses
+    workspace: str | None = "runs/evidently"  # an Evidently workspace: one snapshot per run (null: none)
+    project: str = "ctrflow"  # the workspace project the snapshots go to
+
+
 class RegistryParams(Section):
     model_name: str | None = None  # None: one name per data set, ctrflow-<dataset>
     bentoml_home: str = "runs/bentoml"  # the BentoML model store ($BENTOML_HOME wins when set)
@@ -441,6 +464,8 @@ class Params(Section):
     gate: GateParams = GateParams()
     serving: ServingParams = ServingParams()
     drift: DriftParams = DriftParams()
+    quality: QualityParams = QualityParams()
+    monitoring: MonitoringParams = MonitoringParams()
     registry: RegistryParams = RegistryParams()
     sparse_scenario: SparseScenarioParams = SparseScenarioParams()
     embeddings: EmbeddingsParams = EmbeddingsParams()

@@ -291,6 +291,19 @@ def deploy_step(params: dict[str, Any], tag: str, repo_dir: str | Path, deployme
 
 
 # ---- drift ----------------------------------------------------------------------------------------------
+def quality_step(params: dict[str, Any], requests: str | Path, labels: str | Path, out_dir: str | Path | None) -> Any:
+    """Online quality: the request log (sampled to `drift.max_current_rows`, like drift) joined to the label feed."""
+    from ctrflow.monitoring.current import CurrentInputError, read_current
+    from ctrflow.monitoring.quality import QualityInputError, quality_report, read_labels
+
+    d = section(params, "drift")
+    try:
+        log, _ = read_current(requests, max_rows=d.max_current_rows, seed=d.sample_seed)
+    except CurrentInputError as exc:
+        raise QualityInputError(str(exc)) from exc
+    return quality_report(log, read_labels(labels), out_dir, settings=section(params, "quality"))
+
+
 def drift_step(
     params: dict[str, Any],
     training_set_dir: str | Path,
