@@ -107,6 +107,7 @@ class DriftResult:
     id_coverage: dict[str, float | None] = field(default_factory=dict)  # large id field -> share of current ids seen
     thresholds: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)  # how the current frame was sampled, when it was
+    snapshot: Any = field(default=None, repr=False)  # the whole population's Evidently snapshot (for a workspace)
 
     @property
     def breached(self) -> bool:
@@ -313,6 +314,7 @@ def drift_report(
         thresholds=s.model_dump(),
         sampling=sampling or {},
     )
+    result.snapshot = snapshot
     if snapshot is not None:
         snapshot.save_html(str(result.html_path))
         snapshot.save_json(str(result.json_path))
