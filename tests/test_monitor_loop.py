@@ -37,7 +37,7 @@ SCENARIOS = ("home", "search")
 
 def features(n: int, rng: np.random.Generator) -> pd.DataFrame:
     return pd.DataFrame({
-        "user_id": rng.integers(1, 300, n), "item_id": rng.integers(1, 200, n),
+        "user_id": rng.integers(1, 300, n), "item_id": rng.choice(np.arange(1, 201), n, replace=n > 200),  # a request never shows an item twice
         "gender": rng.choice(["F", "M"], n), "price": rng.uniform(1, 100, n).round(2),
     })  # fmt: skip
 
