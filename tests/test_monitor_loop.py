@@ -192,6 +192,11 @@ def test_each_run_is_a_snapshot_in_the_evidently_workspace(incident):
     (project,) = ws.search_project("ctrflow")
     assert len(ws.list_runs(project.id)) == 2  # the drift and the online-quality snapshots of this run
     assert set(run.workspace["snapshots"]) == {"drift", "online quality"}
+    panels = [p.title for tab in project.dashboard.model().tabs for p in project.dashboard.model().panels if p.id in tab.panels]
+    assert {"online AUC", "observed vs predicted CTR"} <= set(panels)
+    snapshot = ws.get_run(project.id, run.workspace["snapshots"]["online quality"])
+    metrics = json.dumps(snapshot.model_dump(mode="json") if hasattr(snapshot, "model_dump") else snapshot.dict(), default=str)
+    assert "RocAuc" in metrics
     history = [json.loads(x) for x in (tmp / "ws" / "history.jsonl").read_text().splitlines()]
     assert history[-1]["verdict"] == "breached" and history[-1]["scenarios"]["search"]["online_auc"] is not None
 

@@ -221,9 +221,37 @@ def add_to_workspace(path: str | Path, project_name: str, snapshots: list[tuple[
 
     ws = Workspace.create(str(path))
     found = ws.search_project(project_name)
-    project = found[0] if found else ws.create_project(project_name, description="ctrflow monitoring: drift and online quality per run")
+    if found:
+        project = found[0]
+    else:
+        project = ws.create_project(project_name, description="ctrflow monitoring: drift and online quality per run")
+        _add_panels(project)
     ids = {}
     for name, snapshot in snapshots:
         ref = ws.add_run(project.id, snapshot, name=name)
         ids[name] = str(getattr(ref, "id", ref))
     return {"workspace": str(path), "project_id": str(project.id), "snapshots": ids}
+
+
+def _add_panels(project: Any) -> None:
+    """The project's dashboard in `evidently ui`: online AUC, observed vs predicted CTR, and drift scores over runs."""
+    from evidently.sdk.models import PanelMetric
+    from evidently.sdk.panels import line_plot_panel
+
+    dashboard = project.dashboard
+    dashboard.add_panel(line_plot_panel("online AUC", [PanelMetric(legend="online AUC", metric="RocAuc")], size="half"), tab="ctrflow")
+    dashboard.add_panel(
+        line_plot_panel("observed vs predicted CTR", [
+            PanelMetric(legend="observed CTR", metric="MeanValue", metric_labels={"column": "clicked"}),
+            PanelMetric(legend="predicted CTR", metric="MeanValue", metric_labels={"column": "prediction"}),
+        ], size="half"),
+        tab="ctrflow",
+    )  # fmt: skip
+    dashboard.add_panel(
+        line_plot_panel("value drift score per column (p-value or distance)", [PanelMetric(legend="drift score", metric="ValueDrift")]),
+        tab="ctrflow",
+    )
+    dashboard.add_panel(
+        line_plot_panel("missing values per column (share)", [PanelMetric(legend="missing share", metric="MissingValueCount", view_params={"type": "share"})]),
+        tab="ctrflow",
+    )
