@@ -307,9 +307,12 @@ def monitor_drift(ctx: click.Context, training_set: str, current: str, model_dir
     """Exit code: 0 ok, 1 breach (thresholds in params.yaml, drift section), 3 not enough data to test, 2 usage error."""
     from ctrflow.steps import drift_step
 
+    from ctrflow.monitoring.loop import drift_page
+
     result = drift_step(_params(ctx), training_set, current, out_dir, model_dir=model_dir)
     click.echo(result.summary())
-    click.echo(f"HTML: {result.html_path}\nJSON: {result.json_path}\nsummary: {result.summary_path}")
+    page = drift_page(result, out_dir)
+    click.echo(f"page: {page}\nHTML (Evidently): {result.html_path}\nJSON: {result.json_path}\nsummary: {result.summary_path}")
     sys.exit(result.exit_code)
 
 
@@ -324,9 +327,12 @@ def monitor_quality(ctx: click.Context, requests_path: str, labels: str, out_dir
     Exit code: 0 ok, 1 breach, 3 not enough labelled rows, 2 usage error."""
     from ctrflow.steps import quality_step
 
+    from ctrflow.monitoring.report import QUALITY_PNG, plot_quality
+
     result = quality_step(_params(ctx), requests_path, labels, out_dir)
     click.echo(result.summary())
-    click.echo(f"summary: {result.summary_path}")
+    png = plot_quality(result.series, Path(out_dir) / QUALITY_PNG)
+    click.echo(f"summary: {result.summary_path}" + (f"\nplot: {png}" if png else ""))
     sys.exit(result.exit_code)
 
 

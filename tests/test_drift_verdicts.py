@@ -104,6 +104,7 @@ def test_cli_exit_codes(reference, tmp_path):
         out = CliRunner().invoke(cli, ["monitor", "drift", "--training-set", str(ts), "--current", str(tmp_path / f"{name}.parquet"), "--out", str(tmp_path / name)])
         assert out.exit_code == code, (name, out.output)
         assert text in out.output
+        assert (tmp_path / name / "monitor_report.html").exists()
 
 
 # ---- 2. the missing-value share is a drift signal of its own ------------------------------------------------

@@ -145,6 +145,7 @@ def test_cli_monitor_quality(tmp_path):
     assert "online quality: ok" in out.output
     summary = json.loads((tmp_path / "q" / "quality_summary.json").read_text())
     assert summary["join"]["labelled"] == 1000 and summary["verdict"] == "ok"
+    assert (tmp_path / "q" / "quality_over_time.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_evidently_online_quality_snapshot_agrees():

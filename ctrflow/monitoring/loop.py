@@ -182,5 +182,14 @@ def monitor_run(
     return run
 
 
+def drift_page(drift: Any, out_dir: str | Path) -> Path:
+    """The on-call page (`monitor_report.html`: verdict, scenario table, links) of a drift check run on its own."""
+    from ctrflow.monitoring import report
+
+    breached = sorted(k for k, p in drift.scenarios.items() if p.verdict == BREACHED)
+    run = MonitorRun(_now(), Decision(drift.verdict, list(drift.reasons), breached), drift, None)
+    return report.write_report(run, Path(out_dir), [])
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
