@@ -305,9 +305,8 @@ def monitor() -> None:
 @click.pass_context
 def monitor_drift(ctx: click.Context, training_set: str, current: str, model_dir: str | None, out_dir: str) -> None:
     """Exit code: 0 ok, 1 breach (thresholds in params.yaml, drift section), 3 not enough data to test, 2 usage error."""
-    from ctrflow.steps import drift_step
-
     from ctrflow.monitoring.loop import drift_page
+    from ctrflow.steps import drift_step
 
     result = drift_step(_params(ctx), training_set, current, out_dir, model_dir=model_dir)
     click.echo(result.summary())
@@ -325,9 +324,8 @@ def monitor_quality(ctx: click.Context, requests_path: str, labels: str, out_dir
     """Online AUC and calibration from delayed clicks, per scenario, model and time window (params.yaml: quality).
 
     Exit code: 0 ok, 1 breach, 3 not enough labelled rows, 2 usage error."""
-    from ctrflow.steps import quality_step
-
     from ctrflow.monitoring.report import QUALITY_PNG, plot_quality
+    from ctrflow.steps import quality_step
 
     result = quality_step(_params(ctx), requests_path, labels, out_dir)
     click.echo(result.summary())
