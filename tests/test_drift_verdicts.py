@@ -237,3 +237,17 @@ def test_sampled_read_is_seeded_and_uniform(tmp_path):
     assert 0 < (a["row"] >= 600).sum() < 300  # both parts contribute
     full, info = read_current(tmp_path / "log", max_rows=5000)
     assert len(full) == 1000 and not info["sampled"]
+
+
+def test_unknown_users_in_the_request_log_are_not_a_missing_feature(reference, tmp_path):
+    # the service flags rows of users it does not know (fallback_user): their user features are null by design
+    cur = rows(400, 1).assign(fallback_user=False)
+    cur["gender"] = cur["gender"].astype(object)
+    cur.loc[:99, "gender"] = None
+    cur.loc[:99, "fallback_user"] = True  # 100 cold-start rows
+    r = drift_report(reference, cur, SPEC, tmp_path, prediction_column=None)
+    m = r.per_feature["gender"]["missing"]
+    assert (m["n_current"], m["current_share"], m["drifted"]) == (300, 0.0, False) and r.verdict == OK
+    cur.loc[100:199, "gender"] = None  # 100 known users lost their profile too: 100 of 300 known rows
+    r = drift_report(reference, cur, SPEC, tmp_path, prediction_column=None)
+    assert r.breached and r.reasons[0].startswith("feature 'gender' missing in 33.3% of 300 current rows")

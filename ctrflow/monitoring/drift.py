@@ -401,7 +401,7 @@ def _population(
         m = r["missing"]
         if m["drifted"]:
             reasons.append(
-                f"feature '{c}' missing in {m['current_share']:.1%} of {n_cur:,} current rows "
+                f"feature '{c}' missing in {m['current_share']:.1%} of {m['n_current']:,} current rows "
                 f"(reference {m['reference_share']:.1%}; change > {s.max_missing_share_change}, z-test p={m['p_value']:.2g})"
             )
     if pred_row is not None and pred_row["drifted"] and s.fail_on_prediction_drift:
@@ -447,7 +447,7 @@ def _missing_share_test(ref: pd.Series, cur: pd.Series, s: DriftParams) -> dict:
     enough = n_cur >= s.min_current_rows
     drifted = enough and abs(p_cur - p_ref) > s.max_missing_share_change and p_value < s.pvalue_threshold
     status = TOO_FEW if not enough else (DRIFTED if drifted else NO_DRIFT)
-    return {"reference_share": p_ref, "current_share": p_cur, "p_value": p_value, "status": status, "drifted": drifted}
+    return {"reference_share": p_ref, "current_share": p_cur, "n_current": n_cur, "p_value": p_value, "status": status, "drifted": drifted}
 
 
 def _evidently_run(
