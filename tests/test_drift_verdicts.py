@@ -251,3 +251,20 @@ def test_unknown_users_in_the_request_log_are_not_a_missing_feature(reference, t
     cur.loc[100:199, "gender"] = None  # 100 known users lost their profile too: 100 of 300 known rows
     r = drift_report(reference, cur, SPEC, tmp_path, prediction_column=None)
     assert r.breached and r.reasons[0].startswith("feature 'gender' missing in 33.3% of 300 current rows")
+
+
+def test_usage_error_exits_2_with_a_readable_message(reference, tmp_path, monkeypatch, capsys):
+    from ctrflow.cli import main
+
+    ts = tmp_path / "training_set"
+    ts.mkdir()
+    reference.assign(split="train", label=0).to_parquet(ts / "frame.parquet")
+    SPEC.save(ts / "spec.json")
+    rows(300, 1).drop(columns="price").to_parquet(tmp_path / "cur.parquet")
+    argv = ["ctrflow", "monitor", "drift", "--training-set", str(ts), "--current", str(tmp_path / "cur.parquet"), "--out", str(tmp_path / "out")]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert "current frame (300 rows) lacks column(s) ['price']" in err
