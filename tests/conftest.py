@@ -44,6 +44,7 @@ FILE_LEVELS = {
     "test_monitoring.py": "component",
     "test_drift_verdicts.py": "component",
     "test_online_quality.py": "component",
+    "test_monitor_loop.py": "component",
     "test_pipeline_families.py": "component",
     "test_pipeline_submit.py": "component",
     "test_registry.py": "component",
