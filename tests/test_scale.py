@@ -1,0 +1,96 @@
+"""Training sets whose cost grows with rows: the ASOF behaviour join equals Feast's point-in-time join on ML-100K.
+
+The features step reads the profile views through Feast's `get_historical_features` and the behaviour view
+through an ASOF JOIN over the same Parquet source; the join every view used to go through (behaviour_join="feast",
+which pairs each event with all of its user's earlier behaviour rows) is the reference here. ML-100K ships in the
+recbole wheel (`make install`); nothing derived from it is written outside pytest's temp folders.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctrflow import features as F
+from ctrflow.config import load_params
+from ctrflow.data import load_source
+from ctrflow.data.splits import make_split
+from ctrflow.data.tables import behaviour_arrow, behaviour_at
+from ctrflow.steps import TRAINING_FRAME, features_step
+
+
+def _cells_equal(got: pd.Series, want: pd.Series) -> list[int]:
+    """Rows where two columns differ (missing == missing; list cells compare by value and length)."""
+    bad = []
+    for i, (a, b) in enumerate(zip(got, want)):
+        a_missing = a is None or (np.isscalar(a) and pd.isna(a))
+        b_missing = b is None or (np.isscalar(b) and pd.isna(b))
+        if a_missing or b_missing:
+            same = a_missing and b_missing
+        elif isinstance(a, list | np.ndarray) or isinstance(b, list | np.ndarray):
+            same = np.array_equal(np.asarray(a), np.asarray(b)) and len(a) == len(b)
+        else:
+            same = a == b
+        if not same:
+            bad.append(i)
+    return bad
+
+
+@pytest.fixture(scope="module")
+def ml100k_step(tmp_path_factory):
+    """The features step on ML-100K, as the pipeline runs it (default params, data.source=movielens)."""
+    root = tmp_path_factory.mktemp("ml100k")
+    params = load_params(overrides={"data": {"source": "movielens"}})
+    dataset = load_source("movielens", max_len=params["data"]["max_len"])
+    dataset.save(root / "dataset")
+    summary = features_step(params, root / "dataset", root / "repo", root / "training_set")
+    return params, dataset, root, summary
+
+
+def test_asof_training_set_equals_feast_join_on_ml100k(ml100k_step):
+    """Row for row, every column (names, order, dtypes, values) and every split: the new training set == Feast's."""
+    params, dataset, root, summary = ml100k_step
+    got = pd.read_parquet(root / "training_set" / TRAINING_FRAME)
+    from feast import FeatureStore
+
+    store = FeatureStore(repo_path=str(root / "repo"))
+    entity_df = dataset.interactions.copy()
+    entity_df["split"] = make_split(entity_df, params["data"]["split"], seed=params["data"]["seed"]).to_numpy()
+    want = F.historical_frame(store, entity_df, service=params["features"]["service"], behaviour_join="feast")
+    want = want.reset_index(drop=True)
+    assert len(got) == len(want) == 100_000 == summary["rows"]
+    assert list(got.columns) == list(want.columns)
+    # through Parquet as the step writes it: the same dtypes as the reference frame written the same way
+    want_io = want.copy()
+    want_io.to_parquet(root / "want.parquet", index=False)
+    want_io = pd.read_parquet(root / "want.parquet")
+    assert got.dtypes.astype(str).to_dict() == want_io.dtypes.astype(str).to_dict()
+    for c in want.columns:
+        bad = _cells_equal(got[c], want[c])
+        assert not bad, f"column {c}: {len(bad)} rows differ, first {bad[0]}: {got[c].iloc[bad[0]]!r} != {want[c].iloc[bad[0]]!r}"
+    assert got["split"].value_counts().to_dict() == want["split"].value_counts().to_dict() == summary["splits"]
+    assert set(got["split"]) == {"train", "valid", "test"}
+    # not vacuous: most events have a history, and the longest ones are cut at max_len
+    lengths = got["hist_item_ids"].map(len)
+    assert (lengths > 0).mean() > 0.9 and lengths.max() == params["data"]["max_len"]
+
+
+def test_behaviour_table_is_the_obvious_one_with_ties_and_closing_rows():
+    """Hand-made log: two events at one instant, a user with no positives, max_len cuts the oldest first."""
+    ts = pd.to_datetime(["2026-01-01 00:00", "2026-01-01 01:00", "2026-01-01 01:00", "2026-01-01 02:00",
+                         "2026-01-01 03:00", "2026-01-01 00:30"], utc=True).astype("datetime64[us, UTC]")
+    inter = pd.DataFrame(
+        {"user_id": [1, 1, 1, 1, 1, 2], "item_id": [10, 11, 12, 13, 14, 20], "label": [1, 1, 1, 0, 1, 0],
+         "event_timestamp": ts}
+    )
+    table = behaviour_arrow(inter, max_len=2, closing=True).to_pydict()
+    assert table["user_id"] == [1, 1, 1, 1, 1, 2, 2]
+    assert table["hist_item_ids"] == [[], [10], [11, 12], [11, 12], [12, 14], [], []]
+    assert table["user_n_events"] == [0, 1, 3, 4, 5, 0, 1]
+    assert table["user_n_pos"] == [0, 1, 3, 3, 4, 0, 0]
+    closing = [t.isoformat() for t in table["event_timestamp"][4:5]]
+    assert closing == ["2026-01-01T03:00:00.000001+00:00"]
+    # each non-closing row is what the slow obvious reference gives at its instant
+    for u, t, hist in zip(table["user_id"], table["event_timestamp"], table["hist_item_ids"]):
+        assert hist == behaviour_at(inter, u, pd.Timestamp(t), 2)
