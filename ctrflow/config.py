@@ -188,6 +188,8 @@ class TrainParams(Section):
     threads: int = Field(2, ge=1)  # torch intra-op threads
     embedding_dim: int = Field(16, ge=1)  # every model's embedding width unless its section sets its own
     progress: bool = True  # progress bars
+    # encoded training rows above this many MiB are streamed from memory-mapped files instead of held as tensors
+    memory_budget_mb: float = Field(1024, gt=0)
 
 
 class DGenCTRPretrain(Section):

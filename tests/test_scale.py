@@ -94,3 +94,51 @@ def test_behaviour_table_is_the_obvious_one_with_ties_and_closing_rows():
     # each non-closing row is what the slow obvious reference gives at its instant
     for u, t, hist in zip(table["user_id"], table["event_timestamp"], table["hist_item_ids"]):
         assert hist == behaviour_at(inter, u, pd.Timestamp(t), 2)
+
+
+# ---- bounded memory: training rows over the budget stream from disk, with the same batches -----------------
+def test_streamed_training_equals_in_memory(tiny_training_set, tmp_path):
+    """Over `train.memory_budget_mb` the train split is encoded chunk by chunk to memory-mapped files; the encoder,
+    every split's values, the batches and the trained weights and metrics equal those of the in-memory tensors."""
+    import torch
+
+    from ctrflow.data.spec import FeatureSpec
+    from ctrflow.models import build_model
+    from ctrflow.steps import SPEC_FILE
+    from ctrflow.training.recipe import SplitData, model_params, train_evaluate_save
+    from ctrflow.training.stream import DiskRows, encoded_row_bytes
+    from ctrflow.training.trainer import TrainConfig, Trainer
+
+    path = tiny_training_set / TRAINING_FRAME
+    spec = FeatureSpec.load(tiny_training_set / SPEC_FILE)
+    n_train = int((pd.read_parquet(path, columns=["split"]).split == "train").sum())
+    budget = n_train * encoded_row_bytes(spec) / 2**20 / 2  # half of what the train rows need: streams
+    memory = SplitData.from_parquet(path, spec, memory_budget_mb=None)
+    streamed = SplitData.from_parquet(path, spec, memory_budget_mb=budget)
+    assert isinstance(streamed.tensors["train"], DiskRows) and not isinstance(memory.tensors["train"], DiskRows)
+    assert streamed.encoder.to_dict() == memory.encoder.to_dict()
+    for split in ("train", "valid", "test"):
+        assert set(streamed.tensors[split]) == set(memory.tensors[split])
+        for k, v in memory.tensors[split].items():
+            assert torch.equal(streamed.tensors[split][k], v), (split, k)
+        np.testing.assert_array_equal(streamed.user_ids[split], memory.user_ids[split])
+    # the trainer's batches (several per epoch, a short last one) gather the same rows from disk
+    cfg = TrainConfig(epochs=2, batch_size=700, patience=5, progress=False)
+    trainer = Trainer(build_model("lr", memory.encoder, model_params({}, "lr")), cfg)
+    for idx in list(trainer.batch_indices(n_train, 1))[:3]:
+        for k, v in memory.tensors["train"].items():
+            assert torch.equal(streamed.tensors["train"][k][idx], v[idx])
+    streamed.tensors["train"].release()  # dropping the mapped pages loses nothing
+    assert torch.equal(streamed.tensors["train"]["item_id"], memory.tensors["train"]["item_id"])
+
+    runs = {}
+    for name, data in (("memory", memory), ("streamed", streamed)):
+        runs[name] = train_evaluate_save(
+            lambda data=data: build_model("dcnv2", data.encoder, model_params({}, "dcnv2")), data, cfg,
+            model_dir=tmp_path / name,
+        )
+    assert runs["memory"].fit.epochs == 2
+    want, got = runs["memory"].model.state_dict(), runs["streamed"].model.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert runs["streamed"].metrics == runs["memory"].metrics
+    assert [h["train_loss"] for h in runs["streamed"].fit.history] == [h["train_loss"] for h in runs["memory"].fit.history]
