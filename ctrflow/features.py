@@ -525,7 +525,10 @@ def historical_frame(
     else:
         if through_feast:
             refs = feature_service if not asof else [f"{view}:{name}" for view, name in through_feast]
+            t = time.perf_counter()
             table = store.get_historical_features(entity_df=keys, features=refs).to_arrow()
+            log.info("historical features: get_historical_features, %d views, %d rows (%.1fs)",
+                     len({v for v, _ in through_feast}), len(keys), time.perf_counter() - t)  # fmt: skip
             rows = table.column(_ROW).to_numpy()
             if len(rows) != len(keys) or not np.array_equal(np.sort(rows), keys[_ROW].to_numpy()):
                 raise RuntimeError(f"feast returned {len(rows)} rows for {len(keys)} entity rows (service '{service}')")
@@ -533,7 +536,9 @@ def historical_frame(
             tables.update({name: table for _, name in through_feast})
             del table
         if asof:
+            t = time.perf_counter()
             table = _behaviour_asof(store, keys, asof)
+            log.info("historical features: behaviour ASOF join, %d rows (%.1fs)", len(keys), time.perf_counter() - t)
             if table.num_rows != len(keys) or not np.array_equal(table.column(_ROW).to_numpy(), keys[_ROW].to_numpy()):
                 raise RuntimeError(f"behaviour ASOF join returned {table.num_rows} rows for {len(keys)} entity rows")
             tables.update({name: table for name in asof})

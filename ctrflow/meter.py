@@ -31,6 +31,14 @@ log = logging.getLogger("ctrflow")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _emit(message: str) -> None:
+    """Log at INFO; where no logging is set up (a KFP component's process) print to stderr so the line is seen."""
+    if log.isEnabledFor(logging.INFO) and log.hasHandlers():
+        log.info("%s", message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
 def _hwm_reset() -> bool:
     """Reset this process's peak RSS (VmHWM) to its current RSS; False where the kernel does not allow it."""
     try:
@@ -70,13 +78,13 @@ class Meter:
         self._last_log = now
         elapsed = now - self.started
         if total:
-            eta = elapsed / done * (total - done) if done else float("nan")
-            log.info(
-                "%s: %s%s/%s rows (%.0f%%), %.1f s, ETA %.0f s",
-                self.step, f"{what}: " if what else "", f"{done:,}", f"{total:,}", 100 * done / total, elapsed, eta,
+            eta = f"{elapsed / done * (total - done):.0f} s" if done else "?"
+            _emit(
+                f"{self.step}: {what + ': ' if what else ''}{done:,}/{total:,} rows ({100 * done / total:.0f}%), "
+                f"{elapsed:.1f} s, ETA {eta}"
             )
         else:
-            log.info("%s: %s%s rows, %.1f s", self.step, f"{what}: " if what else "", f"{done:,}", elapsed)
+            _emit(f"{self.step}: {what + ': ' if what else ''}{done:,} rows, {elapsed:.1f} s")
 
     def close_line(self) -> str:
         rows = "?" if self.rows is None else f"{self.rows:,}"
@@ -112,14 +120,14 @@ def metered(step: str) -> Callable[[F], F]:
             try:
                 result = fn(*args, **kwargs)
             except BaseException:
-                log.info("%s (failed)", meter.close_line())
+                _emit(f"{meter.close_line()} (failed)")
                 raise
             finally:
                 _ACTIVE.remove(meter)
             if isinstance(result, dict) and meter.rows is None:  # steps report rows, training steps train_rows
                 rows = result.get("rows", (result.get("metrics") or {}).get("train_rows"))
                 meter.rows = rows if isinstance(rows, int) else None
-            log.info("%s", meter.close_line())
+            _emit(meter.close_line())
             return result
 
         return run  # type: ignore[return-value]

@@ -142,3 +142,25 @@ def test_streamed_training_equals_in_memory(tiny_training_set, tmp_path):
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert runs["streamed"].metrics == runs["memory"].metrics
     assert [h["train_loss"] for h in runs["streamed"].fit.history] == [h["train_loss"] for h in runs["memory"].fit.history]
+
+
+def test_every_step_ends_with_rows_seconds_and_peak_memory(caplog):
+    """The closing line of a metered step: rows from its result, seconds, and a peak that saw its allocation."""
+    import logging
+
+    from ctrflow.meter import metered, progress
+
+    @metered("demo")
+    def step(n: int) -> dict:
+        block = np.ones(n, dtype=np.uint8)  # 64 MiB touched: the step's peak must count it
+        progress(n // 2, n, "half")
+        return {"rows": int(block.sum() // 2**20)}
+
+    with caplog.at_level(logging.INFO, logger="ctrflow"):
+        assert step(64 * 2**20) == {"rows": 64}
+    lines = [r.getMessage() for r in caplog.records if r.name == "ctrflow"]
+    closing = [line for line in lines if "peak RSS" in line]
+    assert len(closing) == 1 and closing[0].startswith("demo: 64 rows, ")
+    peak = float(closing[0].split("peak RSS ")[1].split(" MB")[0].replace(",", ""))
+    assert peak >= 64
+    assert any(line.startswith("demo: half: 33,554,432/67,108,864 rows (50%)") and "ETA" in line for line in lines)
