@@ -448,6 +448,10 @@ def _behaviour_asof(store: FeatureStore, keys: pd.DataFrame, names: list[str]) -
     con = duckdb.connect()
     try:
         con.execute("SET preserve_insertion_order = false")
+        # DuckDB (>= 1.3) plans an ASOF join whose one side looks small as a nested loop + arg_max; a registered
+        # Arrow table has no row estimate (~1 row), which turns a linear join into entity rows x behaviour rows
+        with contextlib.suppress(duckdb.Error):
+            con.execute("SET asof_loop_join_threshold = 0")
         con.register("entity_rows", pa.Table.from_pandas(keys[["user_id", TIMESTAMP, _ROW]], preserve_index=False))
         cols = ", ".join(f'b."{n}"' for n in names)
         return con.execute(
@@ -473,6 +477,18 @@ def _list_cells(column: pa.ChunkedArray) -> np.ndarray:
     starts = offsets[:-1] - offsets[0]
     values = values[offsets[0] : offsets[-1]]
     return _cells([values[s:e] for s, e in zip(starts, starts + np.diff(offsets))])
+
+
+def _normalise_column(name: str, type_name: str, column: pa.ChunkedArray) -> np.ndarray:
+    """`_normalise` of a whole Arrow column, vectorised for scalars (millions of rows): the same values and dtypes."""
+    if type_name == "String":
+        out = column.to_numpy(zero_copy_only=False).astype(object)
+        out[pd.isna(out)] = np.nan
+        return out
+    if type_name == "Int64" or type_name.startswith("Float"):
+        values = column.to_numpy(zero_copy_only=False)  # int64, or float64 with NaN where a value is missing
+        return values.astype(np.float64) if type_name.startswith("Float") else values
+    return _normalise(name, type_name, column.to_pylist())
 
 
 def historical_frame(
@@ -550,7 +566,7 @@ def historical_frame(
         elif name in BEHAVIOUR_COUNT_FIELDS:
             frame[name] = column.fill_null(0).to_numpy().astype(np.int64)
         else:
-            frame[name] = _normalise(name, type_name, column.to_pylist())
+            frame[name] = _normalise_column(name, type_name, column)
     log.info(
         "historical features: %d rows, service '%s', behaviour join %s (%.1fs)",
         len(frame), service, behaviour_join, time.perf_counter() - started,
