@@ -48,6 +48,7 @@ FILE_LEVELS = {
     "test_pipeline_families.py": "component",
     "test_pipeline_submit.py": "component",
     "test_registry.py": "component",
+    "test_scale.py": "component",
     "test_validation.py": "component",
     "test_dvc.py": "pipeline",
     "test_pipeline_local.py": "pipeline",
