@@ -188,6 +188,8 @@ class TrainParams(Section):
     threads: int = Field(2, ge=1)  # torch intra-op threads
     embedding_dim: int = Field(16, ge=1)  # every model's embedding width unless its section sets its own
     progress: bool = True  # progress bars
+    nproc: int = Field(1, ge=1)  # data-parallel processes on this machine (>1: the training commands run under torchrun)
+    backend: Literal["gloo", "nccl"] = "gloo"  # torch.distributed backend of a data-parallel run (gloo: CPU)
 
 
 class DGenCTRPretrain(Section):

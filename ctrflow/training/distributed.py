@@ -134,9 +134,11 @@ def torchrun_command(nproc: int, module_args: Sequence[str], module: str = "ctrf
             "--nproc-per-node", str(nproc), "-m", module, *module_args]  # fmt: skip
 
 
-def launch(nproc: int, module_args: Sequence[str], module: str = "ctrflow.cli") -> int:
+def launch(nproc: int, module_args: Sequence[str], module: str = "ctrflow.cli", threads: int | None = None) -> int:
     """Run `module_args` under torchrun with `nproc` local processes; returns torchrun's exit code (non-zero when a
-    rank failed; torchrun then stops the others)."""
+    rank failed; torchrun then stops the others). `threads`: OMP_NUM_THREADS of each process (the trainer sets
+    torch's threads from train.threads anyway; torchrun would otherwise set 1 and say so)."""
     cmd = torchrun_command(nproc, module_args, module)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     log.info("launching %d processes: %s", nproc, " ".join(cmd))
-    return subprocess.run(cmd, check=False).returncode
+    return subprocess.run(cmd, check=False, env=env).returncode
