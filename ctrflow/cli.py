@@ -183,6 +183,26 @@ def finetune(ctx: click.Context, training_set: str, pretrained: str, out_dir: st
     _echo_json({k: v for k, v in result.items() if k != "metrics"})
 
 
+@cli.command()
+@click.option("--training-set", "training_set", required=True, help="The training set folder, inside the volume (pytorchjob.mount_path).")
+@click.option("--out", "out_dir", required=True, help="The model artifact folder, inside the volume.")
+@click.option("--image", default=None, help="Container image with ctrflow installed (default: $CTRFLOW_BASE_IMAGE, as the KFP components).")
+@click.option("--name", default="ctrflow-train", show_default=True, help="PyTorchJob name (its ConfigMap: <name>-params).")
+@click.option("--model", "model_name", default=None, help="Model name (default: train.model in params.yaml).")
+@click.option("--file", "out_file", default=None, type=click.Path(dir_okay=False), help="Write the YAML here (default: stdout).")
+@click.pass_context
+def pytorchjob(ctx: click.Context, training_set: str, out_dir: str, image: str | None, name: str, model_name: str | None, out_file: str | None) -> None:
+    """The train step as a Kubeflow PyTorchJob (kubeflow.org/v1) + its params ConfigMap: `| kubectl apply -f -`."""
+    from components import BASE_IMAGE
+    from ctrflow.training.pytorchjob import pytorchjob_manifests, to_yaml
+
+    text = to_yaml(pytorchjob_manifests(_params(ctx), training_set, out_dir, image or BASE_IMAGE, name, model_name))
+    if out_file:
+        Path(out_file).write_text(text)
+    else:
+        click.echo(text, nl=False)
+
+
 @cli.command("train-gsvr")
 @click.option("--training-set", "training_set", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model artifact folder.")
