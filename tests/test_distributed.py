@@ -2,9 +2,10 @@
 
 - the sharding and the loss weights, by hand;
 - without dropout, two processes take the steps of one process (the same global batches, the gradient of the
-  global batch's mean loss), so the weights agree to float rounding; with dropout (each rank draws its own masks)
-  they reach the one-process validation AUC within 0.002;
-- a checkpoint written by a two-process run resumes in one process and ends where an uninterrupted run ends.
+  global batch's mean loss): the same losses and validation scores every epoch, to float rounding; with dropout
+  (each rank draws its own masks) they reach the one-process validation AUC within 0.002;
+- a checkpoint written by a two-process run resumes in one process and ends with the weights of an uninterrupted
+  one-process run (to float rounding).
 The runs are real `ctrflow` processes on the tiny synthetic training set (4,800 train rows, a small DCNv2).
 """
 
@@ -99,16 +100,14 @@ def _max_weight_difference(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def runs(tiny_training_set, tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("ddp")
-    out = {
+    return {
         "one": _train(tmp, tiny_training_set, "one"),
-        "two": _train(tmp, tiny_training_set, "two", nproc=2),
+        # two processes stopped after 2 epochs, then the same command in one process for all 3
+        "two": _train(tmp, tiny_training_set, "cut", nproc=2, **{"train.epochs": 2}),
+        "resumed": _train(tmp, tiny_training_set, "cut"),
         "one_dropout": _train(tmp, tiny_training_set, "one_dropout", **{"models.dcnv2.dropout": 0.1}),
         "two_dropout": _train(tmp, tiny_training_set, "two_dropout", nproc=2, **{"models.dcnv2.dropout": 0.1}),
     }
-    # a two-process run stopped after 2 epochs, then the same command in one process for all 3
-    _train(tmp, tiny_training_set, "cut", nproc=2, **{"train.epochs": 2})
-    out["resumed"] = _train(tmp, tiny_training_set, "cut")
-    return out
 
 
 def _history(run: dict) -> list[dict]:
@@ -116,13 +115,13 @@ def _history(run: dict) -> list[dict]:
 
 
 def test_two_processes_without_dropout_take_the_steps_of_one_process(runs) -> None:
-    one, two = runs["one"], runs["two"]
     # same global batches, same mean-loss gradient: only the order of float sums differs
-    assert _max_weight_difference(one, two) < 1e-5
-    assert two["valid_auc"] == pytest.approx(one["valid_auc"], abs=1e-4)
-    assert [r["epoch"] for r in _history(two)] == [1, 2, 3]
-    for a, b in zip(_history(one), _history(two), strict=True):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)  # all-reduced over both ranks' rows
+    one, two = _history(runs["one"])[:2], _history(runs["two"])
+    assert [r["epoch"] for r in two] == [1, 2]
+    for a, b in zip(one, two, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)  # all-reduced over both ranks' rows
+        assert b["valid_auc"] == pytest.approx(a["valid_auc"], abs=1e-5)
+        assert b["valid_logloss"] == pytest.approx(a["valid_logloss"], abs=1e-5)
 
 
 def test_two_processes_reach_the_validation_auc_of_one_process(runs) -> None:
@@ -135,5 +134,6 @@ def test_a_checkpoint_of_a_two_process_run_resumes_in_one_process(runs) -> None:
     resumed, uninterrupted = runs["resumed"], runs["one"]
     assert resumed["model_json"]["resumed_from"] == 2
     assert [r["epoch"] for r in _history(resumed)] == [1, 2, 3]
+    # 2 epochs on two processes + 1 on one = 3 on one, to float rounding
     assert _max_weight_difference(resumed, uninterrupted) < 1e-5
-    assert resumed["valid_auc"] == pytest.approx(uninterrupted["valid_auc"], abs=1e-4)
+    assert resumed["valid_auc"] == pytest.approx(uninterrupted["valid_auc"], abs=1e-5)
