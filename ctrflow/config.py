@@ -193,6 +193,19 @@ class TrainParams(Section):
     progress: bool = True  # progress bars
     # encoded training rows above this many MiB are streamed from memory-mapped files instead of held as tensors
     memory_budget_mb: float = Field(1024, gt=0)
+    nproc: int = Field(1, ge=1)  # data-parallel processes on this machine (>1: the training commands run under torchrun)
+    backend: Literal["gloo", "nccl"] = "gloo"  # torch.distributed backend of a data-parallel run (gloo: CPU)
+
+
+class PyTorchJobParams(Section):
+    """`ctrflow pytorchjob`: the training step as a Kubeflow PyTorchJob (ctrflow.training.pytorchjob)."""
+
+    namespace: str = "kubeflow"
+    replicas: int = Field(2, ge=1)  # pods, one training process each: a Master and replicas - 1 Workers
+    cpu: str = "2"  # per pod (requests = limits); set train.threads to match
+    memory: str = "4Gi"  # per pod: every pod holds the whole training set
+    volume_claim: str = "ctrflow-data"  # PersistentVolumeClaim (ReadWriteMany) with the training set and the output
+    mount_path: str = "/data"  # where it is mounted in every pod
 
 
 class DGenCTRPretrain(Section):
@@ -466,6 +479,7 @@ class Params(Section):
     features: FeaturesParams = FeaturesParams()
     train: TrainParams = TrainParams()
     models: dict[str, dict[str, Any]] = {}  # models.<name>: the constructor arguments of model <name>
+    pytorchjob: PyTorchJobParams = PyTorchJobParams()
     gate: GateParams = GateParams()
     serving: ServingParams = ServingParams()
     drift: DriftParams = DriftParams()

@@ -40,6 +40,8 @@ FILE_LEVELS = {
     "test_trainer.py": "unit",
     "test_cli.py": "component",
     "test_components.py": "component",
+    "test_distributed.py": "component",
+    "test_pytorchjob.py": "component",
     "test_features.py": "component",
     "test_monitoring.py": "component",
     "test_drift_verdicts.py": "component",
