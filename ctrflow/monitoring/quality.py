@@ -266,20 +266,24 @@ def _groups(frame: pd.DataFrame, column: str) -> list[tuple[Any, np.ndarray]]:
 
 
 def _series(joined: pd.DataFrame, y: np.ndarray, p: np.ndarray, s: QualityParams) -> list[dict]:
-    """Per time window (and per scenario in it): the figures of `group_quality`, oldest first."""
+    """Per time window: all traffic, each scenario, and (when the log holds more than one) each model; the figures
+    of `group_quality`, oldest first. Each row has `start`, `scenario` and `model` ("all" where not split)."""
     if joined.empty:
         return []
     starts = joined["ts"].dt.tz_convert("UTC").dt.floor(s.time_window)
+    several_models = "model" in joined.columns and joined["model"].nunique() > 1
     rows = []
     for start in sorted(starts.unique()):
-        in_window = (starts == start).to_numpy()
-        g = group_quality(y[in_window], p[in_window], s)
-        rows.append({"start": str(start), "scenario": "all", **{k: v for k, v in g.items() if k != "reasons"}})
-        sub = joined[in_window]
-        for k, idx in _groups(sub, "scenario"):
-            full = np.flatnonzero(in_window)[idx]
+        in_window = np.flatnonzero((starts == start).to_numpy())
+        sub = joined.iloc[in_window]
+        groups = [("all", "all", np.arange(len(sub)))]
+        groups += [(k, "all", idx) for k, idx in _groups(sub, "scenario")]
+        if several_models:
+            groups += [("all", k, idx) for k, idx in _groups(sub, "model")]
+        for scenario, model, idx in groups:
+            full = in_window[idx]
             g = group_quality(y[full], p[full], s)
-            rows.append({"start": str(start), "scenario": k, **{kk: v for kk, v in g.items() if kk != "reasons"}})
+            rows.append({"start": str(start), "scenario": scenario, "model": model, **{k: v for k, v in g.items() if k != "reasons"}})
     return rows
 
 

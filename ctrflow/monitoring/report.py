@@ -61,8 +61,9 @@ def plot_quality(series: list[dict], path: Path) -> Path | None:
 
     frame = pd.DataFrame(series)
     frame["start"] = pd.to_datetime(frame["start"])
+    frame["line"] = [sc if m == "all" else f"model {m}" for sc, m in zip(frame["scenario"], frame.get("model", pd.Series("all", index=frame.index)))]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name, g in frame.groupby("scenario"):
+    for name, g in frame.groupby("line"):
         style = {"linewidth": 2.5, "color": "black"} if name == "all" else {}
         axes[0].plot(g["start"], g["auc"].astype(float), marker="o", label=name, **style)
         axes[1].plot(g["start"], g["ratio"].astype(float), marker="o", label=name, **style)
@@ -184,8 +185,8 @@ def write_report(run: Any, out_dir: Path, history: list[dict]) -> Path:
         parts += [
             "<h2 id='series'>Series over time windows</h2>",
             _img(quality_png, "online AUC and calibration per window"),
-            _table("series-table", ["window start", "scenario", "verdict", "rows", "online AUC", "observed/predicted"],
-                   [[s["start"], s["scenario"], s["verdict"], s["n"], s["auc"], s["ratio"]] for s in q.series]),  # fmt: skip
+            _table("series-table", ["window start", "scenario", "model", "verdict", "rows", "online AUC", "observed/predicted"],
+                   [[s["start"], s["scenario"], s.get("model", "all"), s["verdict"], s["n"], s["auc"], s["ratio"]] for s in q.series]),  # fmt: skip
         ]
     parts += [
         "<h2 id='history'>Over runs</h2>",
