@@ -173,3 +173,21 @@ def test_two_models_are_scored_apart_per_window():
     per_model = [(s["start"][:10], s["model"], s["n"]) for s in r.series if s["model"] != "all"]
     # 600 rows 2 minutes apart = 20 h: one daily window, one row per model
     assert per_model == [("2026-01-01", "canary", 600), ("2026-01-01", "champion", 600)]
+
+
+def test_quality_step_reads_only_the_join_columns_and_records_sampling(tmp_path):
+    from ctrflow.steps import quality_step
+
+    rng = np.random.default_rng(5)
+    p = rng.uniform(0.05, 0.4, 1000)
+    log = served(p).assign(gender="F", hist_item_ids=[[1, 2, 3]] * 1000)  # features the join never needs
+    (tmp_path / "log").mkdir()
+    log.to_parquet(tmp_path / "log" / "part-0.parquet")
+    y = (rng.uniform(size=1000) < p).astype(int)
+    labels = pd.concat([clicks_of(log, y), horizon(T0 + 48 * HOUR)])
+    labels.to_parquet(tmp_path / "labels.parquet")
+    r = quality_step({"quality": {"max_log_rows": 400}}, tmp_path / "log", tmp_path / "labels.parquet", tmp_path / "q")
+    assert r.join["served"] == 400 and r.join["log_sampled"] == {"rows_total": 1000, "rows_read": 400, "seed": 0}
+    assert r.join["clicked"] + r.join["unmatched_clicks"] == y.sum()  # a click is in the sample or counted unmatched
+    joined = pd.read_parquet(tmp_path / "q" / "labelled_requests.parquet")
+    assert "hist_item_ids" not in joined.columns and "gender" not in joined.columns

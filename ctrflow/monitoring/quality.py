@@ -219,16 +219,20 @@ def quality_report(
     out_dir: str | Path | None = None,
     *,
     settings: QualityParams | dict | None = None,
+    sampling: dict | None = None,
     **overrides: Any,
 ) -> QualityResult:
     """Join, score every group, give the verdict; writes ``quality_summary.json`` and the labelled rows
-    (``labelled_requests.parquet``) into `out_dir` when given."""
+    (``labelled_requests.parquet``) into `out_dir` when given. `sampling` (from `read_current`) is recorded in the
+    join counts when the log was sampled (then ``unmatched_clicks`` includes clicks of rows left out)."""
     base = settings if isinstance(settings, QualityParams) else QualityParams.model_validate(settings or {})
     try:
         s = QualityParams.model_validate({**base.model_dump(), **overrides})
     except Exception as exc:  # pydantic names the key and rule
         raise QualityInputError(f"quality settings: {exc}") from exc
     joined, counts = join_labels(log, labels, s.attribution_window_s)
+    if sampling and sampling.get("sampled"):  # clicks of rows outside the sample count as unmatched: say so
+        counts["log_sampled"] = {k: sampling[k] for k in ("rows_total", "rows_read", "seed")}
     y = joined["clicked"].to_numpy(dtype="float64")
     p = joined["prediction"].to_numpy(dtype="float64")
 
