@@ -340,6 +340,7 @@ def drift_step(
     current: str | Path,
     out_dir: str | Path,
     model_dir: str | Path | None = None,
+    timestamp: Any = None,
 ) -> Any:
     """Evidently drift: the training data (its last `drift.reference_rows` train rows, scored by the model) as
     reference; the request log or a slice as current, sampled to `drift.max_current_rows` (`read_current`)."""
@@ -368,4 +369,5 @@ def drift_step(
         prediction_column="prediction" if "prediction" in reference.columns else None,
         settings=d,
         sampling=sampling,
+        timestamp=timestamp,
     )

@@ -205,6 +205,8 @@ def quality_snapshot(joined: pd.DataFrame, timestamp: Any) -> Any:
     from evidently import BinaryClassification, DataDefinition, Dataset, Report
     from evidently.metrics import MeanValue, RocAuc, RowCount
 
+    from ctrflow.monitoring.drift import _naive_utc
+
     frame = joined[["clicked", "prediction"]].astype({"clicked": "int64", "prediction": "float64"})
     definition = DataDefinition(
         numerical_columns=["clicked", "prediction"],
@@ -213,7 +215,9 @@ def quality_snapshot(joined: pd.DataFrame, timestamp: Any) -> Any:
     metrics: list = [RowCount(), MeanValue(column="clicked"), MeanValue(column="prediction")]
     if frame["clicked"].nunique() == 2:
         metrics.insert(0, RocAuc())
-    return Report(metrics).run(Dataset.from_pandas(frame, data_definition=definition), None, timestamp=timestamp, name="online quality")
+    return Report(metrics).run(
+        Dataset.from_pandas(frame, data_definition=definition), None, timestamp=_naive_utc(timestamp), name="online quality"
+    )
 
 
 def add_to_workspace(path: str | Path, project_name: str, snapshots: list[tuple[str, Any]]) -> dict:
@@ -235,24 +239,24 @@ def add_to_workspace(path: str | Path, project_name: str, snapshots: list[tuple[
 
 
 def _add_panels(project: Any) -> None:
-    """The project's dashboard in `evidently ui`: online AUC, observed vs predicted CTR, and drift scores over runs."""
+    """The project's dashboard in `evidently ui`: online AUC, observed vs predicted CTR, and drift scores over runs.
+
+    Panels go to the first tab (`tab=None`): evidently 0.7.23's `add_panel(tab="name")` lists a panel twice in an
+    existing named tab."""
     from evidently.sdk.models import PanelMetric
     from evidently.sdk.panels import line_plot_panel
 
     dashboard = project.dashboard
-    dashboard.add_panel(line_plot_panel("online AUC", [PanelMetric(legend="online AUC", metric="RocAuc")], size="half"), tab="ctrflow")
+    dashboard.add_panel(line_plot_panel("online AUC", [PanelMetric(legend="online AUC", metric="RocAuc")], size="half"))
     dashboard.add_panel(
         line_plot_panel("observed vs predicted CTR", [
             PanelMetric(legend="observed CTR", metric="MeanValue", metric_labels={"column": "clicked"}),
             PanelMetric(legend="predicted CTR", metric="MeanValue", metric_labels={"column": "prediction"}),
         ], size="half"),
-        tab="ctrflow",
     )  # fmt: skip
     dashboard.add_panel(
-        line_plot_panel("value drift score per column (p-value or distance)", [PanelMetric(legend="drift score", metric="ValueDrift")]),
-        tab="ctrflow",
+        line_plot_panel("value drift score per column (p-value or distance)", [PanelMetric(legend="drift score", metric="ValueDrift")])
     )
     dashboard.add_panel(
-        line_plot_panel("missing values per column (share)", [PanelMetric(legend="missing share", metric="MissingValueCount", view_params={"type": "share"})]),
-        tab="ctrflow",
+        line_plot_panel("missing values per column (share)", [PanelMetric(legend="missing share", metric="MissingValueCount", view_params={"type": "share"})])
     )
