@@ -275,6 +275,7 @@ class QualityParams(Section):
     max_calibration_error: float = Field(0.25, gt=0)  # breach when |observed CTR / predicted CTR - 1| exceeds this
     pvalue_threshold: float = Field(0.01, gt=0, lt=1)  # ... and the clicks are this significantly off (z-test)
     min_online_auc: float | None = Field(None, ge=0, le=1)  # optional floor on a group's online AUC
+    max_log_rows: int = Field(2_000_000, ge=1)  # the request log's join columns, sampled down to this many rows
 
 
 class MonitoringParams(Section):
