@@ -391,11 +391,13 @@ def monitor() -> None:
 @click.pass_context
 def monitor_drift(ctx: click.Context, training_set: str, current: str, model_dir: str | None, out_dir: str) -> None:
     """Exit code: 0 ok, 1 breach (thresholds in params.yaml, drift section), 3 not enough data to test, 2 usage error."""
+    from ctrflow.monitoring.loop import drift_page
     from ctrflow.steps import drift_step
 
     result = drift_step(_params(ctx), training_set, current, out_dir, model_dir=model_dir)
     click.echo(result.summary())
-    click.echo(f"HTML: {result.html_path}\nJSON: {result.json_path}\nsummary: {result.summary_path}")
+    page = drift_page(result, out_dir)
+    click.echo(f"page: {page}\nHTML (Evidently): {result.html_path}\nJSON: {result.json_path}\nsummary: {result.summary_path}")
     sys.exit(result.exit_code)
 
 
@@ -408,12 +410,47 @@ def monitor_quality(ctx: click.Context, requests_path: str, labels: str, out_dir
     """Online AUC and calibration from delayed clicks, per scenario, model and time window (params.yaml: quality).
 
     Exit code: 0 ok, 1 breach, 3 not enough labelled rows, 2 usage error."""
+    from ctrflow.monitoring.report import QUALITY_PNG, plot_quality
     from ctrflow.steps import quality_step
 
     result = quality_step(_params(ctx), requests_path, labels, out_dir)
     click.echo(result.summary())
-    click.echo(f"summary: {result.summary_path}")
+    png = plot_quality(result.series, Path(out_dir) / QUALITY_PNG)
+    click.echo(f"summary: {result.summary_path}" + (f"\nplot: {png}" if png else ""))
     sys.exit(result.exit_code)
+
+
+@monitor.command("run")
+@click.option("--training-set", required=True, type=click.Path(exists=True, file_okay=False), help="Reference: the training set folder.")
+@click.option("--current", required=True, type=click.Path(exists=True), help="The request log folder, or a Parquet slice.")
+@click.option("--labels", default=None, type=click.Path(exists=True), help="The label feed (Parquet); without it only drift runs.")
+@click.option("--model-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Scores the reference for prediction drift.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.pass_context
+def monitor_run_cmd(ctx: click.Context, training_set: str, current: str, labels: str | None, model_dir: str | None, out_dir: str) -> None:
+    """Drift + online quality; a breach writes a retraining request (and submits training when params.yaml's
+    monitoring section says so). Exit code: 0 ok, 1 breach, 3 not enough data, 2 usage error."""
+    from ctrflow.monitoring.loop import monitor_run
+
+    run = monitor_run(_params(ctx), training_set, current, out_dir, labels=labels, model_dir=model_dir)
+    click.echo(run.summary())
+    sys.exit(run.exit_code)
+
+
+@monitor.command("schedule")
+@click.option("--host", required=True, help="Kubeflow Pipelines API endpoint.")
+@click.option("--training-set-uri", required=True, help="The training set artifact (object store URI) used as reference.")
+@click.option("--model-uri", required=True, help="The served model's artifact URI.")
+@click.option("--current", required=True, help="The request log location as the cluster sees it.")
+@click.option("--labels", default="", help="The label feed location (empty: drift only).")
+@click.option("--pipeline-root", default=None, help="Object-store root, e.g. s3://bucket/ctrflow.")
+@click.option("--cron", default=None, help="Six-field cron, seconds first (default: monitoring.schedule_cron).")
+@click.pass_context
+def monitor_schedule(ctx: click.Context, host: str, training_set_uri: str, model_uri: str, current: str, labels: str, pipeline_root: str | None, cron: str | None) -> None:
+    """Submit the monitoring pipeline (drift + quality + retraining request) as a recurring run."""
+    from pipelines.runner import schedule_monitoring
+
+    _echo_json(schedule_monitoring(host, _params(ctx), training_set_uri, model_uri, current, labels, pipeline_root=pipeline_root, cron=cron))
 
 
 # ---- pipeline -------------------------------------------------------------------------------------------

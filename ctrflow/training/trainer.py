@@ -16,7 +16,10 @@ As FuxiCTR's `rank_model.py` (`BaseModel.fit` / `train_epoch` / `train_step` / `
 
 Why it looks like this:
 - batches are explicit slices of pre-built tensors over a seeded permutation (`batch_indices`); a per-row
-  Dataset/DataLoader costs 15-20%. One place decides which rows a step sees (a later data-parallel run shards it);
+  Dataset/DataLoader costs 15-20%. One place decides which rows a step sees (a later data-parallel run shards it).
+  Training rows larger than memory come as `ctrflow.training.stream.DiskRows` (memory-mapped tensors): the same
+  slices gather the same batches from disk, and the loop calls its `release()` every RELEASE_EVERY steps so the
+  resident set stays bounded;
 - every epoch reseeds torch/numpy/random from (seed, epoch), and a checkpoint after each epoch holds the model,
   optimizers, best state, history and RNG states, so `fit(..., resume=True)` after an interruption (even a
   SIGKILL) ends with the same weights as an uninterrupted run. A checkpoint made with other settings (the
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "last.pt"
 OPTIMIZERS = ("adam", "adamw")
 MONITOR_MODES = ("max", "min")
+RELEASE_EVERY = 64  # steps between DiskRows.release() calls (drop the mapped pages of the batches read so far)
 
 
 def monitor_direction(monitor: str) -> str | None:
@@ -158,6 +162,8 @@ def as_tensors(data: Mapping[str, object], what: str) -> dict[str, torch.Tensor]
     a `label_known` mask is made bool. Errors name `what` and the fields."""
     if not data:
         raise ValueError(f"{what}: no arrays")
+    if hasattr(data, "release"):  # DiskRows (ctrflow.training.stream): memory-mapped tensors, checked when written
+        return data  # type: ignore[return-value]
     out = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items()}
     if "label" not in out:
         raise KeyError(f"{what}: no 'label' array (encode the frame with with_label=True)")
@@ -504,10 +510,13 @@ class Trainer:
             disable=not cfg.progress or not self.world.is_main,
             leave=False,
         )
+        release = getattr(train, "release", None)
         try:
             for step, rows in enumerate(self.batch_indices(n, epoch)):
                 idx, weight = self._local_rows(rows)
                 losses = self.train_step({k: v[idx] for k, v in train.items()}, epoch, step, weight)
+                if release is not None and step % RELEASE_EVERY == RELEASE_EVERY - 1:
+                    release()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx) * (weight > 0)
                 bar.update(len(rows))
