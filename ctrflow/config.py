@@ -194,7 +194,7 @@ class TrainParams(Section):
     # encoded training rows above this many MiB are streamed from memory-mapped files instead of held as tensors
     memory_budget_mb: float = Field(1024, gt=0)
     nproc: int = Field(1, ge=1)  # data-parallel processes on this machine (>1: the training commands run under torchrun)
-    backend: Literal["gloo", "nccl"] = "gloo"  # torch.distributed backend of a data-parallel run (gloo: CPU)
+    backend: Literal["gloo"] = "gloo"  # torch.distributed backend of a data-parallel run; the trainer runs on CPU
 
 
 class PyTorchJobParams(Section):
