@@ -140,16 +140,17 @@ def render(records: list[dict[str, Any]], md: Path, png: Path) -> None:
         "",
         f"![time and memory against rows]({png.name})",
         "",
-        "| dataset | rows | step | seconds | s / 1M rows | rows/s | peak RSS MB | CPU s | status |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| dataset | rows | step | seconds | s / 1M rows | rows/s | peak RSS MB | CPU s | CPU s / 1M rows | status |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         status = "ok" if r["rc"] == 0 and not r["killed"] else (f"killed ({r['killed']})" if r["killed"] else f"failed rc={r['rc']}")
+        cpu = r.get("cpu_seconds")
+        cpu_per_m = f"{cpu / r['rows'] * 1e6:.1f}" if cpu is not None and r["rows"] and status == "ok" else "-"
+        rows = f"{r['rows']:,}" if r["rows"] else "?"
         lines.append(
-            f"| {r['dataset']} | {r['rows'] or '?':,} | {r['step']} | {r['seconds']:.1f} | {r['s_per_million_rows'] or '-'} | "
-            f"{r['rows_per_s'] or '-'} | {r['peak_rss_mb']:,.0f} | {r.get('cpu_seconds', '-')} | {status} |"
-            if r["rows"] else
-            f"| {r['dataset']} | ? | {r['step']} | {r['seconds']:.1f} | - | - | {r['peak_rss_mb']:,.0f} | {r.get('cpu_seconds', '-')} | {status} |"
+            f"| {r['dataset']} | {rows} | {r['step']} | {r['seconds']:.1f} | {r['s_per_million_rows'] or '-'} | "
+            f"{r['rows_per_s'] or '-'} | {r['peak_rss_mb']:,.0f} | {cpu if cpu is not None else '-'} | {cpu_per_m} | {status} |"
         )
     md.write_text("\n".join(lines) + "\n")
 

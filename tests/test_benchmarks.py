@@ -103,7 +103,8 @@ def test_scale_results_merge_by_dataset_and_step_and_render_a_plot(tmp_path) -> 
     ]
     scale.render(merged, tmp_path / "scale.md", tmp_path / "scale.png")
     md = (tmp_path / "scale.md").read_text()
-    assert "![time and memory against rows](scale.png)" in md and "| syn-1m | 1,000,000 | features | 20.0 | 20.0 |" in md
+    assert "![time and memory against rows](scale.png)" in md
+    assert "| syn-1m | 1,000,000 | features | 20.0 | 20.0 | 50000 | 200 | 20.0 | 20.0 | ok |" in md
     assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
     # the measuring wrapper kills a command over its memory limit and says so
     hog = ["python3", "-c", "import time; b = bytearray(300 * 2**20); time.sleep(30)"]
