@@ -210,9 +210,11 @@ def register_step(
     item features it was trained with), which `ctrflow.fit_check` compares with a feature repository before serving.
     """
     use_bentoml_home(params)
+    import pyarrow.parquet as pq
+
     from ctrflow import registry
     from ctrflow.data.encoding import FeatureEncoder
-    from ctrflow.data.spec import FeatureSpec
+    from ctrflow.data.spec import Entity, FeatureSpec
 
     model_dir = Path(model_dir)
     metrics = json.loads((model_dir / "metrics.json").read_text())
@@ -223,7 +225,10 @@ def register_step(
     fingerprint_inputs = sorted(Path(dataset_dir).glob("*.parquet")) if dataset_dir else [model_dir / "encoder.json"]
     items = None
     if training_set_dir is not None:
-        frame = pd.read_parquet(Path(training_set_dir) / TRAINING_FRAME)
+        path = Path(training_set_dir) / TRAINING_FRAME
+        wanted = [spec.item_key, *(f.column for f in spec.fields if f.entity is Entity.ITEM)]  # all the fingerprint reads
+        present = set(pq.ParquetFile(path).schema_arrow.names)
+        frame = pd.read_parquet(path, columns=[c for c in dict.fromkeys(wanted) if c in present])
         key_field = next((f.name for f in spec.fields if f.column == spec.item_key), None)
         vocab = encoder.vocabs.get(key_field, []) if key_field else []
         items = registry.item_fingerprint(frame, spec, vocab or frame[spec.item_key].unique())
