@@ -30,6 +30,7 @@ FILE_LEVELS = {
     "test_baselines.py": "unit",
     "test_benchmarks.py": "unit",
     "test_config.py": "unit",
+    "test_engines.py": "component",
     "test_data.py": "unit",
     "test_dgenctr.py": "unit",
     "test_dmae.py": "unit",
@@ -67,6 +68,17 @@ def redis_url():
 
     with redis_server() as url, pytest.MonkeyPatch.context() as mp:
         mp.setenv("CTRFLOW_REDIS", url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_registry():
+    """A PostgreSQL database of this session (dropped at the end); $CTRFLOW_REGISTRY_URL (what the production
+    profile's SQL registry reads) names it. One repo per session may use it (one Feast project per database)."""
+    from services import postgres_database
+
+    with postgres_database() as url, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTRFLOW_REGISTRY_URL", url)
         yield url
 
 
