@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pandas as pd
 import pytest
@@ -159,3 +160,28 @@ def test_production_profile_names_unset_variables_and_keeps_hosts_out_of_files(t
         F.copy_repo(tmp_path / "other", profile="staging")
     local = yaml.safe_load((F.copy_repo(tmp_path / "local") / "feature_store.yaml").read_text())
     assert (local["offline_store"]["type"], local["online_store"]["type"], local["registry"]) == ("duckdb", "sqlite", "data/registry.db")
+
+    # the CLI switch: --profile (or $CTRFLOW_PROFILE) overlays params.production.yaml; an unknown one exits 2
+    from click.testing import CliRunner
+
+    from ctrflow.cli import cli
+
+    monkeypatch.chdir(REPO_ROOT)
+    seen = {}
+
+    @cli.command("_show_profile", hidden=True)
+    @click.pass_context
+    def show(ctx):
+        seen["profile"] = ctx.obj["params"]["features"]["profile"]
+
+    try:
+        assert CliRunner().invoke(cli, ["--profile", "production", "_show_profile"]).exit_code == 0
+        assert seen["profile"] == "production"
+        assert CliRunner().invoke(cli, ["_show_profile"], env={"CTRFLOW_PROFILE": "production"}).exit_code == 0
+        assert seen["profile"] == "production"
+        assert CliRunner().invoke(cli, ["_show_profile"], env={"CTRFLOW_PROFILE": None}).exit_code == 0
+        assert seen["profile"] == "local"
+        bad = CliRunner().invoke(cli, ["--profile", "nowhere", "_show_profile"])
+        assert bad.exit_code == 2 and "params.nowhere.yaml" in bad.output
+    finally:
+        cli.commands.pop("_show_profile", None)
