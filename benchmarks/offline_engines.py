@@ -105,8 +105,10 @@ def run_engine(engine: str, data_dir: Path, work: Path, spark_master: str, timeo
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(work / f"{engine}.log", "w"))
     peak = 0
+    loads = []
     while proc.poll() is None:
         peak = max(peak, _tree_rss(proc.pid))
+        loads.append(os.getloadavg()[0])
         if time.perf_counter() - started > timeout_s:
             proc.kill()
             proc.wait()
@@ -116,7 +118,9 @@ def run_engine(engine: str, data_dir: Path, work: Path, spark_master: str, timeo
     if proc.returncode != 0:
         tail = (work / f"{engine}.log").read_text()[-1500:]
         return {"status": f"failed (exit {proc.returncode}): {tail}", "peak_rss_mb": round(peak / 2**20)}
-    return {"status": "ok", **json.loads(out.read_text()), "wall_s": round(wall, 2), "peak_rss_mb": round(peak / 2**20)}
+    load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else ""  # 1-minute load average seen during the run
+    return {"status": "ok", **json.loads(out.read_text()), "wall_s": round(wall, 2), "peak_rss_mb": round(peak / 2**20),
+            "load_1m": load}
 
 
 def prepare(rows: int, work: Path) -> tuple[Path, dict[str, Any]]:
@@ -148,13 +152,17 @@ def render(records: list[dict[str, Any]]) -> str:
         "then `historical_frame` over every interaction (the features step's point-in-time join). Peak RSS: the",
         "process tree (the Spark JVM included). Synthetic interactions, ~10 events per user. Same machine, same run.",
         "",
-        "| rows | engine | status | apply s | join s | wall s | peak RSS MB | output equal to DuckDB | machine |",
-        "|---:|---|---|---:|---:|---:|---:|---|---|",
+        "The machine is shared: `load 1m` is the 1-minute load average seen during the run (2 cores; above 2 the",
+        "engines got a fraction of them, so compare rows of one run only).",
+        "",
+        "| rows | engine | status | apply s | join s | wall s | peak RSS MB | output equal to DuckDB | load 1m | machine |",
+        "|---:|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     for r in records:
         lines.append(
-            f"| {r['rows']:,} | {r['engine']} | {r['status'][:60]} | {r.get('apply_s', '')} | {r.get('join_s', '')} | "
-            f"{r.get('wall_s', '')} | {r.get('peak_rss_mb', '')} | {r.get('equal_to_duckdb', '')} | {r.get('machine', '')} |"
+            f"| {r['rows']:,} | {r['engine']} | {r.get('status', '')[:60]} | {r.get('apply_s', '')} | {r.get('join_s', '')} | "
+            f"{r.get('wall_s', '')} | {r.get('peak_rss_mb', '')} | {r.get('equal_to_duckdb', '')} | {r.get('load_1m', '')} | "
+            f"{r.get('machine', '')} |"
         )
     lines.append("")
     return "\n".join(lines)

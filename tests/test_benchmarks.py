@@ -84,3 +84,20 @@ def test_filters_that_select_nothing_are_an_error_before_any_data_is_loaded(tmp_
     with pytest.raises(SystemExit):  # argparse: not a protocol
         quality.main(["--suite", "dgenctr", "--protocols", "scarce", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_offline_engines_digest_sees_every_cell_and_merge_replaces_by_engine_and_rows(tmp_path) -> None:
+    import pandas as pd
+
+    from benchmarks import offline_engines
+
+    a = pd.DataFrame({"u": [1, 2], "hist": [[1, 2], []], "cat": ["x", None], "emb": [np.ones(2, np.float32), None]})
+    b = a.copy()
+    assert offline_engines.frame_digest(a) == offline_engines.frame_digest(b)
+    b.at[0, "hist"] = [1, 3]
+    assert offline_engines.frame_digest(a) != offline_engines.frame_digest(b)
+    path = tmp_path / "offline_engines.json"
+    path.write_text(json.dumps([{"engine": "spark", "rows": 10, "join_s": 9}, {"engine": "duckdb", "rows": 10, "join_s": 1}]))
+    merged = offline_engines.merge([{"engine": "spark", "rows": 10, "join_s": 5, "status": "ok"}], path)
+    assert [(r["engine"], r["join_s"]) for r in merged] == [("duckdb", 1), ("spark", 5)]
+    assert "| 10 | spark | ok |" in offline_engines.render(merged)

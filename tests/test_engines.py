@@ -46,6 +46,14 @@ def _assert_frames_equal(got: pd.DataFrame, want: pd.DataFrame) -> None:
 
 
 # ---- Spark offline store -------------------------------------------------------------------------------------
+def _spark_jobs() -> set[int]:
+    """Ids of the jobs the active Spark session has run (none before Feast starts one)."""
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    return set(session.sparkContext.statusTracker().getJobIdsForGroup()) if session else set()
+
+
 @pytest.mark.spark
 def test_spark_training_set_equals_duckdb_on_movielens_100k(tmp_path, monkeypatch):
     """The point-in-time training set of ML-100K through Feast's Spark offline store (SparkSource, local[2]) equals
@@ -68,7 +76,10 @@ def test_spark_training_set_equals_duckdb_on_movielens_100k(tmp_path, monkeypatc
             from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 
             assert isinstance(store.get_feature_view("user_behaviour").batch_source, SparkSource)
+        jobs_before = _spark_jobs()
         frames[engine] = F.historical_frame(store, dataset.interactions)
+        if engine == "spark":  # the join ran as Spark jobs, not through another engine
+            assert _spark_jobs() - jobs_before
     assert len(frames["spark"]) == len(dataset.interactions) == 100_000
     _assert_frames_equal(frames["spark"], frames["duckdb"])
     pandas_join = point_in_time_frame(dataset)  # it also holds columns no feature service serves (title)
