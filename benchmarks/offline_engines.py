@@ -59,14 +59,13 @@ def child(engine: str, data_dir: Path, work: Path, spark_master: str) -> dict[st
     import yaml
 
     from ctrflow import features as F
+    from ctrflow.local_services import use_production_stores
 
     repo = F.copy_repo(work / f"repo-{engine}")
     if engine == "spark":
         os.environ["CTRFLOW_SPARK_MASTER"] = spark_master
-        path = repo / "feature_store.yaml"
+        path = use_production_stores(repo, "offline_store")
         config = yaml.safe_load(path.read_text())
-        production = yaml.safe_load(F.profile_file(F.TEMPLATE_REPO, "production").read_text())
-        config["offline_store"] = production["offline_store"]
         config["offline_store"]["spark_conf"]["spark.driver.memory"] = SPARK_DRIVER_MEMORY
         path.write_text(yaml.safe_dump(config, sort_keys=False))
     entity = pd.read_parquet(data_dir / "entity.parquet")

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from services import postgres_database, use_production_stores
 
 from ctrflow import features as F
+from ctrflow.local_services import postgres_database, use_production_stores
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPARK_MASTER = "local[2]"

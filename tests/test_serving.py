@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from services import ONLINE_STORES, use_production_stores
 
+from ctrflow.local_services import ONLINE_STORES, use_production_stores
 from ctrflow.server import start_server
 
 MODEL_NAME = "ctrflow-ranker"
