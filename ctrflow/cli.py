@@ -42,15 +42,20 @@ def _echo_json(data: Any) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--params", "params_file", type=click.Path(dir_okay=False), default=None, help="params.yaml to use (default: ./params.yaml).")
+@click.option(
+    "--profile", default="local", envvar="CTRFLOW_PROFILE", show_default=True,
+    help="Overlay params.<profile>.yaml on params.yaml: production = Spark, Redis, PostgreSQL registry ($CTRFLOW_PROFILE).",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a param, e.g. --set train.epochs=3 (repeatable).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_context
-def cli(ctx: click.Context, params_file: str | None, overrides: tuple[str, ...], verbose: bool) -> None:
+def cli(ctx: click.Context, params_file: str | None, profile: str, overrides: tuple[str, ...], verbose: bool) -> None:
     """ctrflow: validate → features → train → register → serve → monitor CTR models."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ctx.ensure_object(dict)
     try:  # validated before any step runs: an unknown key or a value of the wrong type stops here
-        ctx.obj["params"] = load_params(params_file, parse_overrides(overrides, read_params(params_file)))
+        base = read_params(params_file, profile)
+        ctx.obj["params"] = load_params(params_file, parse_overrides(overrides, base), profile)
     except (ConfigError, FileNotFoundError) as exc:
         raise ParamsError(str(exc)) from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun / a PyTorchJob: join the process group

@@ -176,6 +176,9 @@ class PipelineParams(Section):
 class FeaturesParams(Section):
     repo: str = "feature_repo"  # the Feast repository a new run's repo is copied from (its feature_store.yaml picks the stores)
     service: str = "ctr_ranking"  # the feature service of the training set and the online reads
+    # which stores a new run's repo copy gets (ctrflow.features.profile_file): local = DuckDB + SQLite + file registry;
+    # production = Spark + Redis + SQL registry on PostgreSQL, hosts and credentials from environment variables
+    profile: Literal["local", "production"] = "local"
 
 
 class TrainParams(Section):
@@ -601,9 +604,17 @@ def params_path(path: str | Path | None = None) -> Path:
     raise FileNotFoundError(f"params.yaml not found (tried {path!r}, $CTRFLOW_PARAMS, ./params.yaml, {REPO_ROOT})")
 
 
-def read_params(path: str | Path | None = None) -> dict[str, Any]:
-    """params.yaml as written (not validated)."""
-    file = params_path(path)
+def overlay_path(profile: str, params_file: str | Path | None = None) -> Path:
+    """`params.<profile>.yaml`: beside the params file, else beside the package. Raises FileNotFoundError."""
+    name = f"params.{profile}.yaml"
+    folders = [Path(params_file).resolve().parent] if params_file else []
+    for folder in (*folders, REPO_ROOT):
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"profile '{profile}': no {name} beside {params_file or 'params.yaml'} or in {REPO_ROOT}")
+
+
+def _read_yaml_mapping(file: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:
@@ -613,21 +624,42 @@ def read_params(path: str | Path | None = None) -> dict[str, Any]:
     return raw or {}
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Params:
-    """params.yaml (+ overrides: dotted keys -> values), validated and typed. Raises `ConfigError`."""
+def read_params(path: str | Path | None = None, profile: str | None = None) -> dict[str, Any]:
+    """params.yaml as written (not validated), with the overlay `params.<profile>.yaml` merged over it.
+
+    A profile is a partial params file (`ctrflow --profile production`); "local" (or None) is params.yaml alone.
+    """
     file = params_path(path)
-    params = read_params(file)
+    raw = _read_yaml_mapping(file)
+    if profile and profile != "local":
+        raw = merge(raw, _read_yaml_mapping(overlay_path(profile, file)))
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None, profile: str | None = None
+) -> Params:
+    """params.yaml (+ the profile's overlay, + overrides: dotted keys -> values), validated and typed.
+
+    Raises `ConfigError`; FileNotFoundError when the profile has no overlay file.
+    """
+    file = params_path(path)
+    params = read_params(file, profile)
     if overrides:
         params = merge(params, overrides)
-    return validate(params, f"{file.name}{' with --set overrides' if overrides else ''}")
+    where = file.name + (f" with profile {profile}" if profile and profile != "local" else "")
+    return validate(params, f"{where}{' with --set overrides' if overrides else ''}")
 
 
-def load_params(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """params.yaml (+ overrides) validated and default-filled, as a plain nested dict (`params["train"]["epochs"]`).
+def load_params(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None, profile: str | None = None
+) -> dict[str, Any]:
+    """params.yaml (+ profile overlay, + overrides) validated and default-filled, as a plain nested dict
+    (`params["train"]["epochs"]`).
 
     Raises `ConfigError` for an unknown key (naming the nearest valid one), a value of the wrong type or out of range.
     """
-    return load_config(path, overrides).model_dump()
+    return load_config(path, overrides, profile).model_dump()
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

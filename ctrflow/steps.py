@@ -88,8 +88,11 @@ def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str
 
     dataset = Dataset.load(dataset_dir)
     repo_dir = Path(repo_dir).resolve()
+    profile = section(params, "features").profile
     if not (repo_dir / "feature_store.yaml").exists():
-        features.copy_repo(repo_dir, template=template_repo(params))
+        features.copy_repo(repo_dir, template=template_repo(params), profile=profile)
+    elif (repo_dir / "feature_store.yaml").read_text() != features.profile_file(template_repo(params), profile).read_text():
+        log.warning("feature repo %s keeps its own feature_store.yaml, not profile '%s's (a new --repo gets it)", repo_dir, profile)
     data_dir = repo_dir / "data"
     n = len(dataset.interactions)
     features.write_feature_tables(dataset, data_dir)

@@ -30,6 +30,7 @@ FILE_LEVELS = {
     "test_baselines.py": "unit",
     "test_benchmarks.py": "unit",
     "test_config.py": "unit",
+    "test_engines.py": "component",
     "test_data.py": "unit",
     "test_dgenctr.py": "unit",
     "test_dmae.py": "unit",
@@ -69,7 +70,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def redis_url():
     """A redis-server of this session on a free port; $CTRFLOW_REDIS (what the production profile reads) names it."""
-    from services import redis_server
+    from ctrflow.local_services import redis_server
 
     with redis_server() as url, pytest.MonkeyPatch.context() as mp:
         mp.setenv("CTRFLOW_REDIS", url)
@@ -77,10 +78,21 @@ def redis_url():
 
 
 @pytest.fixture(scope="session")
+def pg_registry():
+    """A PostgreSQL database of this session (dropped at the end); $CTRFLOW_REGISTRY_URL (what the production
+    profile's SQL registry reads) names it. One repo per session may use it (one Feast project per database)."""
+    from ctrflow.local_services import postgres_database
+
+    with postgres_database() as url, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTRFLOW_REGISTRY_URL", url)
+        yield url
+
+
+@pytest.fixture(scope="session")
 def online_repo(request):
     """online_repo(repo, store): point a repo copy's online store at `store` ("sqlite": as copied; "redis": the
     production profile's block, on this session's redis-server)."""
-    from services import use_production_stores
+    from ctrflow.local_services import use_production_stores
 
     def configure(repo, store: str):
         if store == "redis":

@@ -11,12 +11,12 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 import pytest
-from services import ONLINE_STORES
 
 from ctrflow import features as F
 from ctrflow.data.frames import point_in_time_frame
 from ctrflow.data.spec import FeatureSpec, FieldKind
 from ctrflow.data.tables import TS_DTYPE, Dataset, behaviour_at
+from ctrflow.local_services import ONLINE_STORES
 
 USER = 9_001  # not among the synthetic users (1..200)
 T0 = pd.Timestamp("2026-01-10", tz="UTC")

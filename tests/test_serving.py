@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from services import ONLINE_STORES
 
+from ctrflow.local_services import ONLINE_STORES, use_production_stores
 from ctrflow.server import start_server
 
 MODEL_NAME = "ctrflow-ranker"
@@ -74,12 +74,15 @@ def deployment(tmp_path_factory, tiny_dataset, tiny_frame):
 @pytest.fixture(scope="module", params=ONLINE_STORES)
 def server(request, deployment, online_repo):
     """A real `bentoml serve` subprocess (default model = the registry's production one) reading its features from
-    the SQLite or the Redis online store (one parameter); always terminated."""
+    the SQLite or the Redis online store (one parameter; Redis as in production: with the SQL registry on
+    PostgreSQL, so serving reads its feature views through that registry); always terminated."""
     from ctrflow import features
 
     repo, store = deployment["repo"], deployment["store"]
     if request.param != "sqlite":  # the same feature tables, applied and materialized into the other online store
         repo = online_repo(features.copy_repo(deployment["root"] / f"repo-{request.param}"), request.param)
+        request.getfixturevalue("pg_registry")
+        use_production_stores(repo, "registry")
         store = features.apply_repo(repo, deployment["repo"] / "data")
         features.materialize(store)
     log_dir = deployment["root"] / f"request_log-{request.param}"
