@@ -78,6 +78,11 @@ def _render(path: Iterable[str], kind: str, text: str) -> str:
     return f"unknown key '{dotted}'{text}" if kind == "unknown" else f"{dotted}: {text}"
 
 
+def did_you_mean(key: str, valid: Iterable[str]) -> str:
+    """" (did you mean 'epochs'?)" for the nearest valid name, else " (valid keys: ...)": the tail of an error."""
+    return _hint(key, valid)
+
+
 def _hint(key: str, valid: Iterable[str]) -> str:
     valid = sorted(valid)
     close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)

@@ -156,6 +156,70 @@ def test_user_parquet_source_bad_schema(tmp_path):
         load_user_data(tmp_path)
 
 
+def test_user_schema_names_every_unknown_key_kind_and_reserved_name_at_once(tmp_path):
+    """schema.yaml is checked as params.yaml is: each fault named, the nearest valid name suggested, all at once."""
+    schema = {
+        "scenario": ["a"],  # misspelt: 'scenarios'
+        "fields": [
+            {"name": "age", "kind": "numeric", "entity": "user", "bucket": 4},  # 'buckets'
+            {"name": "genre", "kind": "categorial", "entity": "item"},  # 'categorical'
+            {"name": "emb", "kind": "embedding", "entity": "items", "dim": 4},  # 'item'
+            {"name": "label", "kind": "numeric", "entity": "item", "buckets": 2},  # collides with the interactions' label
+            {"name": "tags", "kind": "sequence", "entity": "item"},  # no max_len: FieldSpec's own rule
+        ],
+    }
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
+    with pytest.raises(SchemaError) as err:
+        load_user_data(tmp_path)
+    lines = str(err.value).splitlines()[1:]
+    assert [x.strip() for x in lines] == [
+        "unknown key 'scenario' (did you mean 'scenarios'?)",
+        "required key 'scenarios' is missing",
+        "fields[0] (age): unknown key 'bucket' (did you mean 'buckets'?)",
+        "fields[1] (genre): kind 'categorial' is not one of ['categorical', 'numeric', 'sequence', 'embedding'] "
+        "(did you mean 'categorical'?)",
+        "fields[2] (emb): entity 'items' is not one of ['user', 'item', 'context'] (did you mean 'item'?)",
+        "fields[3] (label): 'label' is a column ctrflow makes itself; name the field otherwise",
+        "fields[4] (tags): field 'tags': a sequence needs max_len > 0",
+    ]
+    (tmp_path / "schema.yaml").write_text("scenarios: [a]\nfields: [{name: x, kind: numeric, entity: item, buckets: 2}]\nbehaviour_max_len: ten\n")
+    with pytest.raises(SchemaError, match="behaviour_max_len: a whole number >= 1, got 'ten'"):
+        load_user_data(tmp_path)
+    (tmp_path / "schema.yaml").write_text("scenarios: [a\n")
+    with pytest.raises(SchemaError, match="not valid YAML"):
+        load_user_data(tmp_path)
+
+
+def test_user_data_widens_integer_columns_without_changing_a_value(tmp_path):
+    """int32 ids (Spark, Polars), uint32 items, a bool label and integer scenario codes are read losslessly as the
+    canonical int64 / text; a uint64 id beyond int64 is left for validation to name."""
+    n = 6
+    inter = pd.DataFrame(
+        {
+            "user_id": np.array([1, 2, 3, 1, 2, 3], dtype=np.int32),
+            "item_id": np.array([7, 8, 7, 8, 7, 8], dtype=np.uint32),
+            "scenario": np.array([1, 2, 1, 2, 1, 2], dtype=np.int16),
+            "label": np.array([True, False, True, False, False, True]),
+            "event_timestamp": pd.date_range("2025-01-01", periods=n, freq="h", tz="UTC"),
+        }
+    )
+    users = pd.DataFrame({"user_id": pd.array([1, 2, 3], dtype="Int64"), "age": [20.0, 30.0, 40.0]})
+    items = pd.DataFrame({"item_id": np.array([7, 2**63 + 8], dtype=np.uint64), "price": [1.0, 2.0]})
+    inter.to_parquet(tmp_path / "interactions.parquet")
+    users.to_parquet(tmp_path / "users.parquet")
+    items.to_parquet(tmp_path / "items.parquet")
+    schema = {"scenarios": [1, 2], "fields": [{"name": "age", "kind": "numeric", "entity": "user", "buckets": 2}]}
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
+    ds = load_user_data(tmp_path)
+    for col in ("user_id", "item_id", "label"):
+        assert str(ds.interactions[col].dtype) == "int64", col
+    assert ds.interactions["label"].tolist() == [1, 0, 1, 0, 0, 1]
+    assert ds.interactions["user_id"].tolist() == [1, 2, 3, 1, 2, 3] and ds.interactions["item_id"].tolist() == [7, 8] * 3
+    assert str(ds.users["user_id"].dtype) == "int64"
+    assert ds.interactions["scenario"].tolist() == ["1", "2"] * 3 and ds.spec.scenarios == ["1", "2"]
+    assert str(ds.items["item_id"].dtype) == "uint64"  # 2**63 + 8 does not fit: validation's dtype rule names it
+
+
 def test_spec_round_trip_and_errors(tmp_path, tiny_dataset):
     path = tiny_dataset.spec.save(tmp_path / "spec.json")
     assert FeatureSpec.load(path) == tiny_dataset.spec
