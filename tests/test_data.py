@@ -220,6 +220,25 @@ def test_user_data_widens_integer_columns_without_changing_a_value(tmp_path):
     assert str(ds.items["item_id"].dtype) == "uint64"  # 2**63 + 8 does not fit: validation's dtype rule names it
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pd.Series(pd.to_datetime(["2025-01-01 09:00", "2025-07-01 02:00"]).tz_localize("Asia/Tokyo")),  # a named zone
+        pd.Series(pd.to_datetime(["2025-01-01 00:00", "2025-06-30 17:00"])),  # naive nanoseconds: read as UTC
+        pd.Series(["2025-01-01T01:00:00+01:00", "2025-06-30T13:00:00-04:00"]),  # ISO text, mixed offsets
+        pd.Series(["2025-01-01 00:00:00Z", "2025-06-30 17:00:00Z"]),
+        pd.Series([1_735_689_600.0, 1_751_302_800.0]),  # float epoch seconds
+    ],
+    ids=["named_zone", "naive_ns", "iso_mixed_offsets", "iso_z", "float_seconds"],
+)
+def test_timestamps_in_any_zone_or_form_become_the_same_utc_instants(raw):
+    from ctrflow.data.tables import TS_DTYPE, parse_timestamps
+
+    got = parse_timestamps(raw)
+    assert str(got.dtype) == TS_DTYPE
+    assert got.tolist() == [pd.Timestamp("2025-01-01 00:00", tz="UTC"), pd.Timestamp("2025-06-30 17:00", tz="UTC")]
+
+
 def test_spec_round_trip_and_errors(tmp_path, tiny_dataset):
     path = tiny_dataset.spec.save(tmp_path / "spec.json")
     assert FeatureSpec.load(path) == tiny_dataset.spec
