@@ -617,3 +617,28 @@ def test_cli_epoch_milliseconds_exit_2_with_the_report_written(tmp_path, monkeyp
     saved = json.loads((rep / "validation.json").read_text())
     assert saved["success"] is False and len(saved["failures"]) == 2
     assert (rep / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").exists()
+
+
+def test_great_expectations_info_lines_stay_out_of_the_cli_output(tmp_path):
+    """The CLI logs at INFO: GX's import-time lines ("Skipping registering function ...", a dozen per run) and its
+    config dumps must not reach a user's terminal; ctrflow's own INFO lines do."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO); "
+        "from ctrflow.data import validation as v; "
+        "v._expect('ExpectColumnToExist', 't', 'c', 'r', column='c'); v._context(sys.argv[1]); "
+        "v.log.info('ours')"
+    )
+    import os
+
+    from ctrflow.config import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # this checkout's ctrflow, not an installed one
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ctrflow.data.validation INFO ours" in out.stderr or "INFO:ctrflow.data.validation:ours" in out.stderr
+    assert "great_expectations" not in out.stderr, out.stderr[:2000]

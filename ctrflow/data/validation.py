@@ -51,6 +51,11 @@ from ctrflow.data.tables import BEHAVIOUR_COUNT_FIELDS, HIST_FIELD, TS_DTYPE, Da
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 log = logging.getLogger(__name__)
+# GX's INFO lines (a dozen "Skipping registering function ..." on import, multi-line config dumps) drown the CLI's
+# output; set before GX is first imported, which is where the first of them come from. An explicit level is kept.
+_gx_log = logging.getLogger("great_expectations")
+if _gx_log.level == logging.NOTSET:
+    _gx_log.setLevel(logging.WARNING)
 
 TABLES = ("interactions", "users", "items")
 DATASOURCE = "ctrflow"
@@ -731,9 +736,6 @@ def _context(report_dir: Path):
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    gx_log = logging.getLogger("great_expectations")
-    if gx_log.level == logging.NOTSET:  # its INFO lines (multi-line config dumps) drown the CLI's output
-        gx_log.setLevel(logging.WARNING)
     ctx = gx.get_context(mode="file", project_root_dir=str(report_dir))
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     return ctx
