@@ -798,7 +798,9 @@ def parse_value(key: str, text: str, params: Mapping[str, Any] | None = None) ->
             errors.append(exc)
     # explain with the reading the user most likely meant: a list/mapping as such, a scalar as the text typed
     structured = [e for v, e in zip(candidates, errors) if isinstance(v, list | dict)]
-    reason = _problems((structured or errors[-1:])[0], (), annotation)[0][2]
+    path, kind, reason = _problems((structured or errors[-1:])[0], (), annotation)[0]
+    if kind == "unknown":  # a key inside a mapping value (`data.synthetic={n_user: 5}`): name it as a dotted key
+        raise ConfigError([_render((*key.split("."), *path), kind, reason)], "--set")
     raise ConfigError([f"{key}={text}: {reason}"], "--set")
 
 

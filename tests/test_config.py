@@ -162,6 +162,7 @@ def test_set_reads_lists_mappings_and_null():
         ("train.lr.x=1", "is a value, not a section"),
         ("epochs", "key.sub=value"),
         ("train.epcohs=1", "did you mean 'epochs'"),
+        ("data.synthetic={n_user: 5}", r"unknown key 'data.synthetic.n_user' \(did you mean 'n_users'\?\)"),
     ],
 )
 def test_set_rejects_bad_values_and_keys_readably(pair, message):
