@@ -300,3 +300,16 @@ def test_movielens_1m_scenarios_labels_and_ids():
     assert toy.release_year == 1995
     assert {"age_bucket", "gender", "occupation", "zip_prefix"} <= set(ds.users.columns)
     assert {f.name for f in ds.spec.fields} >= {"first_genre", "genres", "release_year", "hist_item_ids"}
+
+
+def test_encoder_looks_up_hashed_ids_exactly_when_a_cell_is_missing():
+    """Ids near 2**62 (hashed ids) in an object column with a missing cell: pd.to_numeric went through float64,
+    which holds ints exactly only up to 2**53, so 2**62 + 1 was looked up as 2**62 + 3's token. Now each id gets its
+    own token and the missing cell the unknown 0."""
+    from ctrflow.data.spec import Entity, FieldKind, FieldSpec
+
+    big = 2**62
+    spec = FeatureSpec(fields=[FieldSpec("item_id", FieldKind.CATEGORICAL, Entity.ITEM)], scenarios=["a"])
+    enc = FeatureEncoder(spec).fit(pd.DataFrame({"item_id": np.array([big + 1, big + 2, big + 3], dtype=np.int64)}))
+    request = pd.DataFrame({"item_id": pd.Series([big + 1, None, big + 3, str(big + 2), 2**63 - 1], dtype=object)})
+    assert enc.transform(request, with_label=False)["item_id"].tolist() == [1, 0, 3, 2, 0]
