@@ -248,6 +248,15 @@ def test_a_wheel_data_set_that_is_absent_names_the_pin_to_install():
         wheel_dataset_dir("json", "json==0", "ml-x", "ML-X")  # a package without the data folder
 
 
+def test_user_data_path_with_a_tilde_or_that_is_not_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "shop").mkdir()
+    with pytest.raises(SchemaError, match=f"{tmp_path}/shop: schema.yaml is missing"):
+        load_user_data("~/shop")  # the ~ is the user's home, as the shell would have made it
+    with pytest.raises(SchemaError, match="nope: no such folder .*schema.yaml and the three Parquet files"):
+        load_user_data(tmp_path / "nope")
+
+
 def test_spec_round_trip_and_errors(tmp_path, tiny_dataset):
     path = tiny_dataset.spec.save(tmp_path / "spec.json")
     assert FeatureSpec.load(path) == tiny_dataset.spec

@@ -56,7 +56,11 @@ def load_user_data(directory: str | Path) -> Dataset:
     here only lossless conversions happen: timestamps parsed (`tables.parse_timestamps`), integer ids and labels of
     another width widened to int64, integer scenario codes as text (the spec's scenarios are text).
     """
-    directory = Path(directory)
+    directory = Path(directory).expanduser()  # `--set data.path=~/shop`: the shell leaves that ~ as it is
+    if not directory.is_dir():
+        raise SchemaError(
+            f"{directory}: no such folder (data.path is the folder holding schema.yaml and the three Parquet files)"
+        )
     schema_path = directory / "schema.yaml"
     if not schema_path.exists():
         raise SchemaError(f"{directory}: schema.yaml is missing (see README, 'Your own data')")
