@@ -8,6 +8,12 @@ model family the registry holds serves without a change here. Users and items th
 the encoder's "unknown" index 0 and flagged in the answer's `fallback`, never refused. Every request is appended to
 the request log (`ctrflow.request_log`) with the features as served and the scores.
 
+The HTTP boundary is `ctrflow.guard.ServiceGuard` (added below): a body-size limit (413), strict JSON types (ids are
+int64 integers, never booleans, numeric strings or floats: 422 naming the field), one error body shape
+({"status", "field", "rule", "message", "value"}, the value cut short) and an optional bearer token (401); /healthz,
+/livez, /readyz and /metrics stay open. With a challenger attached to the production model (`ctrflow models shadow`),
+each request is also scored by it (`ctrflow.shadow`): logged as shadow_model / shadow_prediction, never returned.
+
 Environment (read when a worker constructs the service, never at import: `bentoml serve/build` import this module):
     CTRFLOW_FEATURE_REPO         the applied Feast repository (feature_store.yaml + registry + online store)  [required]
     CTRFLOW_MODEL_NAME           registry name (default ctrflow-ranker)
@@ -17,25 +23,28 @@ Environment (read when a worker constructs the service, never at import: `bentom
     CTRFLOW_REQUEST_LOG_FLUSH_ROWS / _FLUSH_SECONDS   flush thresholds (default 2000 rows / 5 s)
     CTRFLOW_TORCH_THREADS        torch intra-op threads per worker (default 1: more gave p99 spikes, PITFALLS.md)
     CTRFLOW_SERVING_WORKERS      worker processes (default 1); BENTOML_HOME: the model store
+    CTRFLOW_MAX_REQUEST_BYTES    serving.max_request_bytes (bodies above it: 413)
+    CTRFLOW_AUTH_TOKEN_ENV       serving.auth_token_env: the NAME of the variable holding the bearer token (unset: open)
 """
 
 import logging
 import os
 import time
 import uuid
-from collections import Counter
 from typing import Annotated, Any
 
 import bentoml
-from bentoml.exceptions import InvalidArgument
-from pydantic import Field
+from pydantic import Field, Strict
+
+from ctrflow.guard import RankRules, ServiceGuard, request_fields, set_rules, token_from_env
 
 log = logging.getLogger("ctrflow.serving")
 
 MAX_CANDIDATES = 1000
 DEFAULT_MODEL_NAME = "ctrflow-ranker"
 
-Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63, description="an int64 id")]
+# strict: JSON booleans, numeric strings and floats are refused (the guard refuses them first, with its error shape)
+Int64 = Annotated[int, Strict(), Field(ge=-(2**63), lt=2**63, description="an int64 id")]
 ItemIds = Annotated[
     list[Int64],
     Field(min_length=1, max_length=MAX_CANDIDATES, description=f"candidate item ids (1 to {MAX_CANDIDATES}, no repeats)"),
@@ -70,6 +79,7 @@ class RankingService:
         from ctrflow.training.artifact import Scorer, load_model_artifact
 
         started = time.perf_counter()
+        token_from_env()  # a token variable named but unset: refuse to start rather than serve without auth
         repo = os.environ.get("CTRFLOW_FEATURE_REPO", "")
         if not repo:
             raise RuntimeError("CTRFLOW_FEATURE_REPO is not set: point it at the applied Feast repository")
@@ -97,6 +107,11 @@ class RankingService:
         self.known_items = self._vocab(loaded.encoder, spec.item_key)
         self.feature_service = os.environ.get("CTRFLOW_FEATURE_SERVICE") or "ctr_ranking"
         self.store = FeatureStore(repo_path=repo)
+        # the guard checks /rank bodies against this model's scenarios, before BentoML parses them
+        set_rules("/rank", RankRules(tuple(self.scenarios), MAX_CANDIDATES, request_fields(RankingService.apis["rank"])))
+        from ctrflow.shadow import Shadow
+
+        self.shadow = Shadow.for_service(self.tag, repo, self.feature_service, metrics=True, store=self.store)
 
         log_dir = os.environ.get("CTRFLOW_REQUEST_LOG", "")
         self.request_log = None
@@ -135,13 +150,7 @@ class RankingService:
     @bentoml.api
     def rank(self, user_id: Int64, scenario: str, item_ids: ItemIds) -> dict[str, Any]:
         """Order the candidate items for one user in one scenario by predicted click probability (highest first)."""
-        started = time.perf_counter()
-        if scenario not in self.scenarios:
-            raise InvalidArgument(f"scenario: '{scenario}' is not one of the model's scenarios {self.scenarios}")
-        repeated = sorted(i for i, n in Counter(item_ids).items() if n > 1)
-        if repeated:
-            raise InvalidArgument(f"item_ids: ids must not repeat; {len(repeated)} do: {repeated[:10]}")
-
+        started = time.perf_counter()  # the body was checked by the guard (scenario known, ids distinct int64)
         frame = self._features(user_id, item_ids, scenario)
         scores = self.scorer.score(frame)
         unknown_user = self.known_users is not None and user_id not in self.known_users
@@ -154,6 +163,7 @@ class RankingService:
             for position, k in enumerate(order, start=1):
                 rank_of[k] = position
             unknown = set(unknown_items)
+            shadow = self.shadow.columns(frame) if self.shadow is not None else {}  # never raises
             self.request_log.log_request(
                 request_id=request_id,
                 user_id=user_id,
@@ -167,6 +177,7 @@ class RankingService:
                     "fallback_user": unknown_user,
                     "fallback_item": [i in unknown for i in item_ids],
                     "latency_ms": latency_ms,
+                    **shadow,
                 },
             )
         return {
@@ -183,3 +194,6 @@ class RankingService:
         """Flush the request log before the worker exits."""
         if self.request_log is not None:
             self.request_log.close()
+
+
+RankingService.add_asgi_middleware(ServiceGuard)  # settings read from the worker's environment when it starts
