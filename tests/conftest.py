@@ -43,6 +43,8 @@ FILE_LEVELS = {
     "test_components.py": "component",
     "test_features.py": "component",
     "test_monitoring.py": "component",
+    "test_drift_verdicts.py": "component",
+    "test_online_quality.py": "component",
     "test_pipeline_families.py": "component",
     "test_pipeline_submit.py": "component",
     "test_registry.py": "component",
