@@ -262,7 +262,7 @@ def models_shadow(ctx: click.Context, tag: str, reason: str) -> None:
     """Attach candidate TAG as the challenger of the production model of its name (same data set).
 
     From the service's next start, every request is also scored by the challenger: its scores go to the request log
-    (columns shadow_model, shadow_prediction) and never into the answer; its failures never fail a request."""
+    (columns shadow_model, shadow_score) and never into the answer; its failures never fail a request."""
     from ctrflow import registry
 
     record = registry.attach_shadow(tag, reason=reason)

@@ -9,14 +9,14 @@ serves and that model is the production one (`Shadow.for_service`). Per request,
 champion's feature frame (the features as served, read once) with the challenger and returns the request-log columns:
 
     shadow_model        the challenger's tag (string; on every row of a request the challenger saw)
-    shadow_prediction   its click probability for that candidate (float32; null where it failed)
+    shadow_score   its click probability for that candidate (float32; null where it failed)
 
-An online comparison of the two is then a query on the request log (e.g. AUC of `prediction` vs `shadow_prediction`
+An online comparison of the two is then a query on the request log (e.g. AUC of `prediction` vs `shadow_score`
 once labels are joined), with no second service and no second feature read.
 
 A challenger never fails a request: loading failures (it does not fit the feature repository, its artifact cannot be
 read) leave the service running without a shadow; scoring failures (an exception, or a non-finite score: a diverged
-challenger) leave `shadow_prediction` null. Both are counted (`stats()`, and on /metrics:
+challenger) leave `shadow_score` null. Both are counted (`stats()`, and on /metrics:
 `ctrflow_shadow_scored_total`, `ctrflow_shadow_failures_total{stage}`) and logged (at most one traceback per
 `LOG_EVERY` failures). Cost: the challenger's scoring time is added to each request (it
 runs before the request is logged, which is before the answer is sent: the log is written before answering).
@@ -34,7 +34,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 LOG_EVERY = 1000  # after the first failure, log one in this many
-COLUMNS = ("shadow_model", "shadow_prediction")
+COLUMNS = ("shadow_model", "shadow_score")
 
 _PROMETHEUS: dict[str, Any] = {}
 
@@ -144,7 +144,7 @@ class Shadow:
         return out
 
     def columns(self, frame: Any) -> dict[str, Any]:
-        """The request-log columns for one request: shadow_model (the tag) and shadow_prediction (per candidate,
+        """The request-log columns for one request: shadow_model (the tag) and shadow_score (per candidate,
         None everywhere when the challenger failed)."""
         scores = self.scores(frame)
-        return {"shadow_model": self.tag, "shadow_prediction": scores if scores is not None else [None] * len(frame)}
+        return {"shadow_model": self.tag, "shadow_score": scores if scores is not None else [None] * len(frame)}

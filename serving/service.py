@@ -12,7 +12,7 @@ The HTTP boundary is `ctrflow.guard.ServiceGuard` (added below): a body-size lim
 int64 integers, never booleans, numeric strings or floats: 422 naming the field), one error body shape
 ({"status", "field", "rule", "message", "value"}, the value cut short) and an optional bearer token (401); /healthz,
 /livez, /readyz and /metrics stay open. With a challenger attached to the production model (`ctrflow models shadow`),
-each request is also scored by it (`ctrflow.shadow`): logged as shadow_model / shadow_prediction, never returned.
+each request is also scored by it (`ctrflow.shadow`): logged as shadow_model / shadow_score, never returned.
 
 Environment (read when a worker constructs the service, never at import: `bentoml serve/build` import this module):
     CTRFLOW_FEATURE_REPO         the applied Feast repository (feature_store.yaml + registry + online store)  [required]

@@ -281,7 +281,7 @@ def test_the_challenger_scores_every_request_logged_beside_the_champion_never_re
     assert (rows["model"] == world["tags"]["champion"]).all()
     assert (rows["shadow_model"] == world["tags"]["challenger"]).all()
     np.testing.assert_allclose(rows["prediction"], [champion[i] for i in rows["item_id"]], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(rows["shadow_prediction"], [challenger[i] for i in rows["item_id"]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows["shadow_score"], [challenger[i] for i in rows["item_id"]], rtol=1e-5, atol=1e-6)
     metrics = httpx.get(guarded["url"] + "/metrics", timeout=10).text
     assert any(line.startswith("ctrflow_shadow_scored_total") and float(line.split()[-1]) >= 1 for line in metrics.splitlines())
 
@@ -306,5 +306,5 @@ def test_a_failing_challenger_never_fails_a_request_and_is_counted(world, guarde
     log = read_request_log(log_dir)
     assert len(log) == 3 * len(req["item_ids"])
     assert (log["shadow_model"] == world["tags"]["diverged"]).all()
-    assert log["shadow_prediction"].isna().all() and log["prediction"].notna().all()
+    assert log["shadow_score"].isna().all() and log["prediction"].notna().all()
     assert "failed to score a request" in Path(world["root"] / "diverged.log").read_text()

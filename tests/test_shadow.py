@@ -153,8 +153,8 @@ def test_a_diverged_challenger_gives_null_scores_never_an_error(artifact, tiny_f
         for p in broken.model.parameters():
             p.fill_(math.nan)  # a diverged challenger: every score NaN
     bad = Shadow("m:bad", Scorer(broken.model, broken.encoder))
-    assert bad.columns(frame) == {"shadow_model": "m:bad", "shadow_prediction": [None] * 4}
-    assert bad.columns(frame.drop(columns=["user_id"]))["shadow_prediction"] == [None] * 4  # a missing column
+    assert bad.columns(frame) == {"shadow_model": "m:bad", "shadow_score": [None] * 4}
+    assert bad.columns(frame.drop(columns=["user_id"]))["shadow_score"] == [None] * 4  # a missing column
     assert bad.stats() == {"scored": 0, "failures": 2}
 
 
