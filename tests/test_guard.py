@@ -208,3 +208,31 @@ def test_middleware_token_guards_all_but_probes_and_metrics():
     assert _call(guard, "/anything", b"{}", headers=[("Authorization", "Bearer s3cret")])[0] == 200
     for path in ("/healthz", "/livez", "/readyz", "/metrics"):
         assert _call(guard, path, b"{}", method="GET")[0] == 200
+
+
+def test_the_serving_section_reaches_the_service_environment_and_the_client(monkeypatch):
+    from ctrflow.server import auth_headers, service_env
+
+    deployment = {"bentoml_home": "/store", "feature_repo": "/repo", "model_tag": "m:1"}
+    monkeypatch.setenv(ENV_AUTH_TOKEN_ENV, "LEFT_OVER")  # an inherited setting never outlives the params
+    env = service_env(deployment, "/log", 1, {"max_request_bytes": 2048, "auth_token_env": None})
+    assert env[ENV_MAX_REQUEST_BYTES] == "2048" and ENV_AUTH_TOKEN_ENV not in env
+    env = service_env(deployment, "/log", 1, {"max_request_bytes": 4096, "auth_token_env": "SERVE_TOKEN"})
+    assert (env[ENV_MAX_REQUEST_BYTES], env[ENV_AUTH_TOKEN_ENV]) == ("4096", "SERVE_TOKEN")
+
+    assert auth_headers({"auth_token_env": None}) == {}
+    monkeypatch.setenv("SERVE_TOKEN", "abc")
+    assert auth_headers({"auth_token_env": "SERVE_TOKEN"}) == {"Authorization": "Bearer abc"}
+    monkeypatch.delenv("SERVE_TOKEN")
+    with pytest.raises(RuntimeError, match="SERVE_TOKEN is unset"):
+        auth_headers({"auth_token_env": "SERVE_TOKEN"})
+
+
+def test_auth_token_env_must_be_a_variable_name():
+    from ctrflow.config import ConfigError, load_params, parse_overrides
+
+    assert load_params(None, parse_overrides(["serving.auth_token_env=CTR_TOKEN"]))["serving"]["auth_token_env"] == "CTR_TOKEN"
+    with pytest.raises(ConfigError, match="auth_token_env"):
+        load_params(None, parse_overrides(["serving.auth_token_env=not a name"]))
+    with pytest.raises(ConfigError, match="max_request_bytes"):
+        load_params(None, parse_overrides(["serving.max_request_bytes=10"]))
