@@ -121,6 +121,10 @@ def test_cli_shadow_list_and_promote_challenger(home, artifact, tiny_dataset, tm
     assert by_tag[champion][1:5] == [DATASET, "dcnv2", "production", "champion"]
     assert by_tag[challenger][1:5] == [DATASET, "dcnv2", "candidate", "challenger"]
 
+    out = runner.invoke(cli, ["models", "unshadow"])  # the only name with a challenger
+    assert out.exit_code == 0 and f"{challenger} no longer shadows" in out.output and registry.shadow_model(NAME) is None
+    assert runner.invoke(cli, ["models", "shadow", challenger]).exit_code == 0
+
     deployment = tmp_path / "deployment.json"
     deployment.write_text(json.dumps({"model_tag": champion, "feature_repo": "/repo"}))
     registry.gate(challenger, tolerance=0.0, reference_model=None)  # 0.60 < 0.70: fails
