@@ -2,6 +2,11 @@
 
 Every step reads params.yaml (`--params`, overrides with `--set key.sub=value`) and calls `ctrflow.steps`;
 dvc.yaml and the KFP components call the same functions.
+
+The training commands (train, pretrain, finetune, train-gsvr) train data-parallel with `--nproc N` (or
+`train.nproc`): the command relaunches itself under torchrun with N local processes. A process that a launcher
+started (torchrun, a Kubeflow PyTorchJob: WORLD_SIZE > 1 in its environment) joins the process group
+(`train.backend`) before any step runs; only rank 0 prints, logs at INFO and writes (ctrflow.training.distributed).
 """
 
 from __future__ import annotations
@@ -48,6 +53,51 @@ def cli(ctx: click.Context, params_file: str | None, overrides: tuple[str, ...],
         ctx.obj["params"] = load_params(params_file, parse_overrides(overrides, read_params(params_file)))
     except (ConfigError, FileNotFoundError) as exc:
         raise ParamsError(str(exc)) from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun / a PyTorchJob: join the process group
+        from ctrflow.training.distributed import init_from_env
+
+        if not init_from_env(ctx.obj["params"]["train"]["backend"]).is_main:
+            logging.getLogger().setLevel(logging.WARNING)  # one copy of the logs: rank 0's
+
+
+def _nproc_option(f: Any) -> Any:
+    return click.option(
+        "--nproc", type=click.IntRange(min=1), default=None,
+        help="Data-parallel processes on this machine (default: train.nproc); >1 relaunches the command under torchrun.",
+    )(f)  # fmt: skip
+
+
+def _data_parallel(ctx: click.Context, nproc: int | None) -> None:
+    """Relaunch this command under torchrun when more than one process is asked for and no launcher started this
+    one; exits with torchrun's code (the ranks run the same command and train together)."""
+    n = nproc or ctx.obj["params"]["train"]["nproc"]
+    if n <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from ctrflow.training.distributed import launch
+
+    ctx.exit(launch(n, _without_nproc(sys.argv[1:]), threads=ctx.obj["params"]["train"]["threads"]))
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _is_main() -> bool:
+    """False on the ranks other than 0 of a data-parallel run: they neither print nor write."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from ctrflow.training.distributed import current
+
+    return current().is_main
 
 
 # ---- steps ----------------------------------------------------------------------------------------------
@@ -79,12 +129,16 @@ def features(ctx: click.Context, dataset_dir: str, repo_dir: str, out_dir: str) 
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model artifact folder.")
 @click.option("--model", "model_name", default=None, help="Model name (default: train.model in params.yaml).")
 @click.option("--metrics", "metrics_file", default=None, type=click.Path(dir_okay=False), help="Also write the metrics JSON here (for DVC).")
+@_nproc_option
 @click.pass_context
-def train(ctx: click.Context, training_set: str, out_dir: str, model_name: str | None, metrics_file: str | None) -> None:
+def train(ctx: click.Context, training_set: str, out_dir: str, model_name: str | None, metrics_file: str | None, nproc: int | None) -> None:
     """Train a model with early stopping on validation AUC; evaluate on valid and test."""
     from ctrflow.steps import train_step
 
+    _data_parallel(ctx, nproc)
     result = train_step(_params(ctx), training_set, out_dir, model_name)
+    if not _is_main():
+        return
     _write_metrics(metrics_file, result["metrics"])
     _echo_json({k: v for k, v in result.items() if k != "metrics"})
 
@@ -98,12 +152,16 @@ def _write_metrics(metrics_file: str | None, metrics: dict) -> None:
 @cli.command()
 @click.option("--training-set", "training_set", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Pre-trained checkpoint folder.")
+@_nproc_option
 @click.pass_context
-def pretrain(ctx: click.Context, training_set: str, out_dir: str) -> None:
+def pretrain(ctx: click.Context, training_set: str, out_dir: str, nproc: int | None) -> None:
     """DGenCTR: discrete-diffusion pre-training on the train split (models.dgenctr in params.yaml)."""
     from ctrflow.steps import pretrain_step
 
-    _echo_json(pretrain_step(_params(ctx), training_set, out_dir))
+    _data_parallel(ctx, nproc)
+    result = pretrain_step(_params(ctx), training_set, out_dir)
+    if _is_main():
+        _echo_json(result)
 
 
 @cli.command()
@@ -111,14 +169,38 @@ def pretrain(ctx: click.Context, training_set: str, out_dir: str) -> None:
 @click.option("--pretrained", required=True, type=click.Path(exists=True, file_okay=False), help="Output folder of `ctrflow pretrain`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model artifact folder.")
 @click.option("--metrics", "metrics_file", default=None, type=click.Path(dir_okay=False))
+@_nproc_option
 @click.pass_context
-def finetune(ctx: click.Context, training_set: str, pretrained: str, out_dir: str, metrics_file: str | None) -> None:
+def finetune(ctx: click.Context, training_set: str, pretrained: str, out_dir: str, metrics_file: str | None, nproc: int | None) -> None:
     """DGenCTR: CTR fine-tuning of the pre-trained network (only the label masked)."""
     from ctrflow.steps import finetune_step
 
+    _data_parallel(ctx, nproc)
     result = finetune_step(_params(ctx), training_set, pretrained, out_dir)
+    if not _is_main():
+        return
     _write_metrics(metrics_file, result["metrics"])
     _echo_json({k: v for k, v in result.items() if k != "metrics"})
+
+
+@cli.command()
+@click.option("--training-set", "training_set", required=True, help="The training set folder, inside the volume (pytorchjob.mount_path).")
+@click.option("--out", "out_dir", required=True, help="The model artifact folder, inside the volume.")
+@click.option("--image", default=None, help="Container image with ctrflow installed (default: $CTRFLOW_BASE_IMAGE, as the KFP components).")
+@click.option("--name", default="ctrflow-train", show_default=True, help="PyTorchJob name (its ConfigMap: <name>-params).")
+@click.option("--model", "model_name", default=None, help="Model name (default: train.model in params.yaml).")
+@click.option("--file", "out_file", default=None, type=click.Path(dir_okay=False), help="Write the YAML here (default: stdout).")
+@click.pass_context
+def pytorchjob(ctx: click.Context, training_set: str, out_dir: str, image: str | None, name: str, model_name: str | None, out_file: str | None) -> None:
+    """The train step as a Kubeflow PyTorchJob (kubeflow.org/v1) + its params ConfigMap: `| kubectl apply -f -`."""
+    from components import BASE_IMAGE
+    from ctrflow.training.pytorchjob import pytorchjob_manifests, to_yaml
+
+    text = to_yaml(pytorchjob_manifests(_params(ctx), training_set, out_dir, image or BASE_IMAGE, name, model_name))
+    if out_file:
+        Path(out_file).write_text(text)
+    else:
+        click.echo(text, nl=False)
 
 
 @cli.command("train-gsvr")
@@ -126,12 +208,16 @@ def finetune(ctx: click.Context, training_set: str, pretrained: str, out_dir: st
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model artifact folder.")
 @click.option("--init", "init_from", default=None, type=click.Path(exists=True), help="Diffusion-pretrained embeddings (a `ctrflow pretrain` folder).")
 @click.option("--metrics", "metrics_file", default=None, type=click.Path(dir_okay=False))
+@_nproc_option
 @click.pass_context
-def train_gsvr(ctx: click.Context, training_set: str, out_dir: str, init_from: str | None, metrics_file: str | None) -> None:
+def train_gsvr(ctx: click.Context, training_set: str, out_dir: str, init_from: str | None, metrics_file: str | None, nproc: int | None) -> None:
     """GSVR: the multi-scenario variational model around models.gsvr.backbone."""
     from ctrflow.steps import gsvr_step
 
+    _data_parallel(ctx, nproc)
     result = gsvr_step(_params(ctx), training_set, out_dir, init_embeddings=init_from)
+    if not _is_main():
+        return
     _write_metrics(metrics_file, result["metrics"])
     _echo_json({k: v for k, v in result.items() if k != "metrics"})
 
@@ -382,11 +468,13 @@ def monitor() -> None:
 @click.pass_context
 def monitor_drift(ctx: click.Context, training_set: str, current: str, model_dir: str | None, out_dir: str) -> None:
     """Exit code: 0 ok, 1 breach (thresholds in params.yaml, drift section), 3 not enough data to test, 2 usage error."""
+    from ctrflow.monitoring.loop import drift_page
     from ctrflow.steps import drift_step
 
     result = drift_step(_params(ctx), training_set, current, out_dir, model_dir=model_dir)
     click.echo(result.summary())
-    click.echo(f"HTML: {result.html_path}\nJSON: {result.json_path}\nsummary: {result.summary_path}")
+    page = drift_page(result, out_dir)
+    click.echo(f"page: {page}\nHTML (Evidently): {result.html_path}\nJSON: {result.json_path}\nsummary: {result.summary_path}")
     sys.exit(result.exit_code)
 
 
@@ -399,12 +487,47 @@ def monitor_quality(ctx: click.Context, requests_path: str, labels: str, out_dir
     """Online AUC and calibration from delayed clicks, per scenario, model and time window (params.yaml: quality).
 
     Exit code: 0 ok, 1 breach, 3 not enough labelled rows, 2 usage error."""
+    from ctrflow.monitoring.report import QUALITY_PNG, plot_quality
     from ctrflow.steps import quality_step
 
     result = quality_step(_params(ctx), requests_path, labels, out_dir)
     click.echo(result.summary())
-    click.echo(f"summary: {result.summary_path}")
+    png = plot_quality(result.series, Path(out_dir) / QUALITY_PNG)
+    click.echo(f"summary: {result.summary_path}" + (f"\nplot: {png}" if png else ""))
     sys.exit(result.exit_code)
+
+
+@monitor.command("run")
+@click.option("--training-set", required=True, type=click.Path(exists=True, file_okay=False), help="Reference: the training set folder.")
+@click.option("--current", required=True, type=click.Path(exists=True), help="The request log folder, or a Parquet slice.")
+@click.option("--labels", default=None, type=click.Path(exists=True), help="The label feed (Parquet); without it only drift runs.")
+@click.option("--model-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Scores the reference for prediction drift.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.pass_context
+def monitor_run_cmd(ctx: click.Context, training_set: str, current: str, labels: str | None, model_dir: str | None, out_dir: str) -> None:
+    """Drift + online quality; a breach writes a retraining request (and submits training when params.yaml's
+    monitoring section says so). Exit code: 0 ok, 1 breach, 3 not enough data, 2 usage error."""
+    from ctrflow.monitoring.loop import monitor_run
+
+    run = monitor_run(_params(ctx), training_set, current, out_dir, labels=labels, model_dir=model_dir)
+    click.echo(run.summary())
+    sys.exit(run.exit_code)
+
+
+@monitor.command("schedule")
+@click.option("--host", required=True, help="Kubeflow Pipelines API endpoint.")
+@click.option("--training-set-uri", required=True, help="The training set artifact (object store URI) used as reference.")
+@click.option("--model-uri", required=True, help="The served model's artifact URI.")
+@click.option("--current", required=True, help="The request log location as the cluster sees it.")
+@click.option("--labels", default="", help="The label feed location (empty: drift only).")
+@click.option("--pipeline-root", default=None, help="Object-store root, e.g. s3://bucket/ctrflow.")
+@click.option("--cron", default=None, help="Six-field cron, seconds first (default: monitoring.schedule_cron).")
+@click.pass_context
+def monitor_schedule(ctx: click.Context, host: str, training_set_uri: str, model_uri: str, current: str, labels: str, pipeline_root: str | None, cron: str | None) -> None:
+    """Submit the monitoring pipeline (drift + quality + retraining request) as a recurring run."""
+    from pipelines.runner import schedule_monitoring
+
+    _echo_json(schedule_monitoring(host, _params(ctx), training_set_uri, model_uri, current, labels, pipeline_root=pipeline_root, cron=cron))
 
 
 # ---- pipeline -------------------------------------------------------------------------------------------

@@ -136,6 +136,9 @@ class SyntheticParams(Section):
     n_users: int = Field(2000, ge=1)
     n_items: int = Field(1000, ge=1)
     n_interactions: int = Field(50_000, ge=1)
+    # log-normal sigma of per-user activity (events per user): 1.0 gives a max near 50x the mean; 2.0 a longer
+    # tail (some users with thousands of events), as real logs have
+    activity_sigma: float = Field(1.0, gt=0)
 
 
 class DataParams(Section):
@@ -188,6 +191,21 @@ class TrainParams(Section):
     threads: int = Field(2, ge=1)  # torch intra-op threads
     embedding_dim: int = Field(16, ge=1)  # every model's embedding width unless its section sets its own
     progress: bool = True  # progress bars
+    # encoded training rows above this many MiB are streamed from memory-mapped files instead of held as tensors
+    memory_budget_mb: float = Field(1024, gt=0)
+    nproc: int = Field(1, ge=1)  # data-parallel processes on this machine (>1: the training commands run under torchrun)
+    backend: Literal["gloo", "nccl"] = "gloo"  # torch.distributed backend of a data-parallel run (gloo: CPU)
+
+
+class PyTorchJobParams(Section):
+    """`ctrflow pytorchjob`: the training step as a Kubeflow PyTorchJob (ctrflow.training.pytorchjob)."""
+
+    namespace: str = "kubeflow"
+    replicas: int = Field(2, ge=1)  # pods, one training process each: a Master and replicas - 1 Workers
+    cpu: str = "2"  # per pod (requests = limits); set train.threads to match
+    memory: str = "4Gi"  # per pod: every pod holds the whole training set
+    volume_claim: str = "ctrflow-data"  # PersistentVolumeClaim (ReadWriteMany) with the training set and the output
+    mount_path: str = "/data"  # where it is mounted in every pod
 
 
 class DGenCTRPretrain(Section):
@@ -467,6 +485,7 @@ class Params(Section):
     features: FeaturesParams = FeaturesParams()
     train: TrainParams = TrainParams()
     models: dict[str, dict[str, Any]] = {}  # models.<name>: the constructor arguments of model <name>
+    pytorchjob: PyTorchJobParams = PyTorchJobParams()
     gate: GateParams = GateParams()
     serving: ServingParams = ServingParams()
     drift: DriftParams = DriftParams()

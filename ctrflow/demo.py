@@ -92,7 +92,8 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     drift = drift_step(params, run["training_set"], request_log, workdir / "reports" / "drift", model_dir=run["model_dir"])
     lines.append(f"drift report (HTML):    {drift.html_path}")
     lines.append(f"drift report (JSON):    {drift.json_path}")
-    lines.append(f"drift verdict:          {'BREACHED: ' + '; '.join(drift.reasons) if drift.breached else 'within thresholds'}")
+    verdict = {"breached": "BREACHED: " + "; ".join(drift.reasons), "ok": "within thresholds", "not_enough_data": "not enough data to test"}
+    lines.append(f"drift verdict:          {verdict[drift.verdict]}")
     summary = "\n".join(lines)
     (workdir / "summary.txt").write_text(summary + "\n")
     return summary

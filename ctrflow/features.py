@@ -20,6 +20,7 @@ import importlib
 import io
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -35,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
-from ctrflow.data.tables import BEHAVIOUR_COUNT_FIELDS, HIST_FIELD, TS_DTYPE, Dataset, behaviour_table
+from ctrflow.data.tables import BEHAVIOUR_COUNT_FIELDS, HIST_FIELD, TS_DTYPE, Dataset, behaviour_arrow
 
 if TYPE_CHECKING:  # feast takes seconds to import: only the functions that need it import it
     from feast import FeatureService, FeatureStore
@@ -183,14 +184,32 @@ def feature_behaviour_table(interactions: pd.DataFrame, max_len: int) -> pd.Data
 
     A row stamped t holds events strictly before t, so the closing row holds every event of the user: it is the
     state served online after materialization, and no training event is ever joined to it (it is later than all).
+    A pandas view of `behaviour_arrow(..., closing=True)`, which write_feature_tables writes as it is.
     """
-    inter = interactions[["user_id", "item_id", "label", TIMESTAMP]]
-    last = inter.groupby("user_id", sort=False)[TIMESTAMP].max()
-    closing = pd.DataFrame(
-        {"user_id": last.index.to_numpy(np.int64), "item_id": np.int64(-1), "label": np.int64(0), TIMESTAMP: last.to_numpy()}
+    table = behaviour_arrow(interactions, max_len, closing=True)
+    return pd.DataFrame(
+        {
+            "user_id": table.column("user_id").to_numpy(),
+            TIMESTAMP: pd.Series(table.column(TIMESTAMP).to_pandas()).astype(TS_DTYPE),
+            HIST_FIELD: table.column(HIST_FIELD).to_pylist(),
+            **{c: table.column(c).to_numpy() for c in BEHAVIOUR_COUNT_FIELDS},
+        }
     )
-    closing[TIMESTAMP] = (closing[TIMESTAMP] + pd.Timedelta(microseconds=1)).astype(TS_DTYPE)
-    return behaviour_table(pd.concat([inter, closing], ignore_index=True), max_len)
+
+
+def _write_behaviour(interactions: pd.DataFrame, max_len: int, path: Path) -> int:
+    """The behaviour view's table (with closing rows) straight from Arrow: no Python list per row. Returns rows."""
+    table = behaviour_arrow(interactions, max_len, closing=True)
+    schema = pa.schema(
+        [
+            pa.field("user_id", pa.int64(), nullable=False),
+            pa.field(HIST_FIELD, pa.list_(pa.int64())),
+            *(pa.field(c, pa.int64()) for c in BEHAVIOUR_COUNT_FIELDS),
+            pa.field(TIMESTAMP, pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    )
+    pq.write_table(pa.Table.from_arrays([table.column(f.name) for f in schema], schema=schema), path)
+    return table.num_rows
 
 
 def write_feature_tables(dataset: Dataset, data_dir: str | Path) -> dict[str, Path]:
@@ -233,15 +252,12 @@ def write_feature_tables(dataset: Dataset, data_dir: str | Path) -> dict[str, Pa
     paths["item_profile"] = _write_table(
         items, spec.item_key, [(f.column, types[f.column]) for f in item_fields], data_dir / "item_profile.parquet"
     )
-    behaviour = feature_behaviour_table(inter, spec[HIST_FIELD].max_len)
-    paths["user_behaviour"] = _write_table(
-        behaviour, "user_id", [(HIST_FIELD, "Array(Int64)"), *((c, "Int64") for c in BEHAVIOUR_COUNT_FIELDS)],
-        data_dir / "user_behaviour.parquet",
-    )
+    paths["user_behaviour"] = data_dir / "user_behaviour.parquet"
+    n_behaviour = _write_behaviour(inter, spec[HIST_FIELD].max_len, paths["user_behaviour"])
     paths["spec"] = spec.save(data_dir / "spec.json")
     log.info(
         "feature tables: %d users, %d items, %d behaviour rows -> %s (%.1fs)",
-        len(users), len(items), len(behaviour), data_dir, time.perf_counter() - started,
+        len(users), len(items), n_behaviour, data_dir, time.perf_counter() - started,
     )
     return paths
 
@@ -258,17 +274,51 @@ def load_feature_spec(data_dir: str | Path) -> FeatureSpec:
 
 
 # ---- the repository ------------------------------------------------------------------------------------------
-def copy_repo(dest: Path, template: Path | None = None) -> Path:
-    """Copy the template repo (definitions and config only: no data, registry or online store) to `dest`."""
+PROFILES = ("local", "production")  # features.profile: which feature_store yaml a new repo copy gets
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def profile_file(template: Path, profile: str = "local") -> Path:
+    """The store configuration of a profile: `feature_store.yaml` (local: DuckDB, SQLite, file registry) or
+    `feature_store.<profile>.yaml` (production: Spark, Redis, PostgreSQL SQL registry). Raises ValueError naming the
+    profiles when there is no such file."""
+    path = Path(template) / ("feature_store.yaml" if profile == "local" else f"feature_store.{profile}.yaml")
+    if not path.exists():
+        raise ValueError(f"features.profile '{profile}': {path} does not exist (profiles: {PROFILES})")
+    return path
+
+
+def copy_repo(dest: Path, template: Path | None = None, profile: str = "local") -> Path:
+    """Copy the template repo (definitions and config only: no data, registry or online store) to `dest`.
+
+    The copy's feature_store.yaml is the profile's (`profile_file`); the other profiles' files are left out.
+    """
     template = Path(template) if template else TEMPLATE_REPO
     dest = Path(dest)
     if not (template / "feature_store.yaml").exists():
         raise FileNotFoundError(f"{template}: no feature_store.yaml, not a Feast repository")
+    config = profile_file(template, profile)
     shutil.copytree(
         template, dest, dirs_exist_ok=True,
-        ignore=shutil.ignore_patterns("data", ".feast", "__pycache__", "*.db", "*.parquet", ".ipynb_checkpoints"),
+        ignore=shutil.ignore_patterns(
+            "data", ".feast", "__pycache__", "*.db", "*.parquet", ".ipynb_checkpoints", "feature_store.*.yaml"
+        ),
     )
+    shutil.copyfile(config, dest / "feature_store.yaml")
     return dest
+
+
+def check_store_env(repo_dir: str | Path) -> None:
+    """Raise EnvironmentError naming every environment variable feature_store.yaml refers to that is unset.
+
+    Feast expands ${VAR} when it loads the file and leaves an unset one as the literal text, which then fails far
+    away (a Redis host called "${CTRFLOW_REDIS}"); hosts and credentials live only in the environment.
+    """
+    path = Path(repo_dir) / "feature_store.yaml"
+    text = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())  # comments may name variables
+    missing = sorted({a or b for a, b in _ENV_REF.findall(text)} - set(os.environ))
+    if missing:
+        raise OSError(f"{path}: environment variables {missing} are not set (hosts and credentials of the stores it names)")
 
 
 def _repo_objects(repo_dir: Path, data_dir: Path) -> list:
@@ -310,14 +360,49 @@ def _repo_objects(repo_dir: Path, data_dir: Path) -> list:
     return objects
 
 
+@contextlib.contextmanager
+def registry_lock(repo_dir: str | Path):
+    """Hold a PostgreSQL advisory lock per Feast project while a SQL registry on PostgreSQL is created and applied.
+
+    Feast's SQL registry creates its tables and upserts each object with a read-then-write of its own, so two
+    concurrent `feast apply`s on one database fail ("duplicate key ... projects", measured here) or interleave
+    their objects. With the lock they run one after the other and the registry holds one whole apply. Any other
+    registry (the file registry of the local profile): nothing to hold.
+    """
+    import yaml
+
+    config = yaml.safe_load(os.path.expandvars((Path(repo_dir) / "feature_store.yaml").read_text())) or {}
+    registry = config.get("registry")
+    url = str(registry.get("path", "")) if isinstance(registry, dict) and registry.get("registry_type") == "sql" else ""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import hashlib
+
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    # one 63-bit key per (project): applies of other projects in the same database do not wait
+    key = int.from_bytes(hashlib.sha256(f"ctrflow-feast-apply:{config.get('project')}".encode()).digest()[:8], "big") >> 1
+    engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        engine.dispose()
+
+
 def apply_repo(repo_dir: str | Path, data_dir: str | Path) -> FeatureStore:
-    """`feast apply` in-process: register the views built from data_dir/spec.json, create the online tables."""
-    from feast import Entity as FeastEntity
-    from feast import FeatureService, FeatureStore, FeatureView, Project
-    from feast.data_source import DataSource
-    from feast.feature_view import DUMMY_ENTITY
-    from feast.repo_contents import RepoContents
-    from feast.repo_operations import apply_total_with_repo_instance
+    """`feast apply` in-process: register the views built from data_dir/spec.json, create the online tables.
+
+    Raises OSError naming the unset environment variables feature_store.yaml refers to (check_store_env); a SQL
+    registry on PostgreSQL is applied under `registry_lock`, so concurrent applies leave it whole.
+    """
+    from feast import FeatureStore
 
     started = time.perf_counter()
     repo_dir = Path(repo_dir).resolve()
@@ -325,8 +410,23 @@ def apply_repo(repo_dir: str | Path, data_dir: str | Path) -> FeatureStore:
     for table in TABLES:
         if not (data_dir / f"{table}.parquet").exists():
             raise FileNotFoundError(f"{data_dir}/{table}.parquet is missing: run write_feature_tables first")
+    check_store_env(repo_dir)
     objects = _repo_objects(repo_dir, data_dir)
-    store = FeatureStore(repo_path=str(repo_dir))
+    with registry_lock(repo_dir):
+        store = _apply(FeatureStore(repo_path=str(repo_dir)), objects)
+    log.info(
+        "feast apply: %d objects in %s (data %s, %.1fs)", len(objects), repo_dir, data_dir, time.perf_counter() - started
+    )
+    return store
+
+
+def _apply(store: FeatureStore, objects: list) -> FeatureStore:
+    from feast import Entity as FeastEntity
+    from feast import FeatureService, FeatureView, Project
+    from feast.data_source import DataSource
+    from feast.feature_view import DUMMY_ENTITY
+    from feast.repo_contents import RepoContents
+    from feast.repo_operations import apply_total_with_repo_instance
 
     contents = RepoContents(
         projects=[Project(name=store.config.project)],
@@ -346,10 +446,6 @@ def apply_repo(repo_dir: str | Path, data_dir: str | Path) -> FeatureStore:
         if line.strip():
             log.debug("feast apply: %s", line)
     store.refresh_registry()
-    log.info(
-        "feast apply: %d views, %d services in %s (data %s, %.1fs)",
-        len(contents.feature_views), len(contents.feature_services), repo_dir, data_dir, time.perf_counter() - started,
-    )
     return store
 
 
@@ -412,13 +508,91 @@ def _normalise(name: str, type_name: str, values: list) -> np.ndarray:
     return out
 
 
-def historical_frame(store: FeatureStore, entity_df: pd.DataFrame, service: str = "ctr_ranking") -> pd.DataFrame:
-    """Point-in-time join through Feast: one row per entity row, in its order, with its columns and index kept.
+BEHAVIOUR_JOINS = ("asof", "feast")
+
+
+def _behaviour_asof(store: FeatureStore, keys: pd.DataFrame, names: list[str]) -> pa.Table:
+    """The behaviour view's features at each key row: an ASOF JOIN in DuckDB over the view's own batch source.
+
+    The view holds one row per (user, event time) whose values are valid from that time on (TTL 0), so Feast's
+    point-in-time rule "latest row with timestamp <= the entity row's" is exactly `ASOF LEFT JOIN ... ON user_id =
+    user_id AND entity time >= row time`. DuckDB runs it as a sort-merge: cost grows with rows, not with the
+    product of each user's events (which is what a join over every earlier row and a pick of the latest costs).
+    Returns a table in key-row order: _ROW plus `names` (null where the user has no row at or before that time).
+    """
+    import duckdb
+
+    source = store.get_feature_view("user_behaviour").batch_source
+    path = getattr(source, "path", None)
+    if not path or not Path(path).exists():
+        raise FileNotFoundError(f"feature view 'user_behaviour': its batch source path {path!r} is not a readable file")
+    con = duckdb.connect()
+    try:
+        con.execute("SET preserve_insertion_order = false")
+        # DuckDB (>= 1.3) plans an ASOF join whose one side looks small as a nested loop + arg_max; a registered
+        # Arrow table has no row estimate (~1 row), which turns a linear join into entity rows x behaviour rows
+        with contextlib.suppress(duckdb.Error):
+            con.execute("SET asof_loop_join_threshold = 0")
+        con.register("entity_rows", pa.Table.from_pandas(keys[["user_id", TIMESTAMP, _ROW]], preserve_index=False))
+        cols = ", ".join(f'b."{n}"' for n in names)
+        return con.execute(
+            f"""
+            SELECT e.{_ROW}, {cols}
+            FROM entity_rows e ASOF LEFT JOIN read_parquet(?) b
+              ON e.user_id = b.user_id AND e.{TIMESTAMP} >= b.{TIMESTAMP}
+            ORDER BY e.{_ROW}
+            """,
+            [str(path)],
+        ).to_arrow_table()
+    finally:
+        con.close()
+
+
+def _list_cells(column: pa.ChunkedArray) -> np.ndarray:
+    """A list column as a 1-d object array of int64 numpy arrays (empty where null), views of one Arrow buffer."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        arr = arr.fill_null(pa.scalar([], arr.type))
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    starts = offsets[:-1] - offsets[0]
+    values = values[offsets[0] : offsets[-1]]
+    return _cells([values[s:e] for s, e in zip(starts, starts + np.diff(offsets))])
+
+
+def _normalise_column(name: str, type_name: str, column: pa.ChunkedArray) -> np.ndarray:
+    """`_normalise` of a whole Arrow column, vectorised for scalars (millions of rows): the same values and dtypes."""
+    if type_name == "String":
+        out = column.to_numpy(zero_copy_only=False).astype(object)
+        out[pd.isna(out)] = np.nan
+        return out
+    if type_name == "Int64" or type_name.startswith("Float"):
+        values = column.to_numpy(zero_copy_only=False)  # int64, or float64 with NaN where a value is missing
+        return values.astype(np.float64) if type_name.startswith("Float") else values
+    return _normalise(name, type_name, column.to_pylist())
+
+
+def historical_frame(
+    store: FeatureStore,
+    entity_df: pd.DataFrame,
+    service: str = "ctr_ranking",
+    behaviour_join: str = "asof",
+    lists: bool = True,
+) -> pd.DataFrame:
+    """Point-in-time features of a feature service: one row per entity row, in its order, with its columns and
+    index kept.
 
     Equals `ctrflow.data.frames.point_in_time_frame` on the same rows: hist_item_ids as lists ([] when none),
     user_n_events/user_n_pos int64 (0 when none), profile fields NaN/None for unknown users or items.
+    `behaviour_join`: "asof" (default) reads the profile views through Feast's `get_historical_features` (one
+    matching row per key: linear) and the behaviour view with `_behaviour_asof` (linear); "feast" sends every view
+    through `get_historical_features`, whose join pairs each entity row with all of its user's earlier behaviour
+    rows (cost ~ sum over users of events^2). Both give the same frame. `lists=False` gives hist_item_ids as int64
+    numpy arrays (views of one buffer: far less memory than Python lists on millions of rows; same Parquet).
     """
     started = time.perf_counter()
+    if behaviour_join not in BEHAVIOUR_JOINS:
+        raise ValueError(f"behaviour_join must be one of {BEHAVIOUR_JOINS}, got '{behaviour_join}'")
     missing = [c for c in ("user_id", "item_id", TIMESTAMP) if c not in entity_df.columns]
     if missing:
         raise KeyError(f"entity_df: columns {missing} are missing (it has {list(entity_df.columns)}, {len(entity_df)} rows)")
@@ -439,18 +613,45 @@ def historical_frame(store: FeatureStore, entity_df: pd.DataFrame, service: str 
             _ROW: np.arange(len(entity_df), dtype=np.int64),
         }
     )
+    tables: dict[str, pa.Table] = {}  # feature name -> table holding it, in key-row order
+    asof = [name for view, name, _ in columns if view == "user_behaviour"] if behaviour_join == "asof" else []
+    through_feast = [(view, name) for view, name, _ in columns if name not in asof]
     if keys.empty:
-        table = pa.table({_ROW: pa.array([], pa.int64()), **{name: pa.array([], _ARROW[t]) for _, name, t in columns}})
+        empty = pa.table({_ROW: pa.array([], pa.int64()), **{name: pa.array([], _ARROW[t]) for _, name, t in columns}})
+        tables = {name: empty for _, name, _ in columns}
     else:
-        table = store.get_historical_features(entity_df=keys, features=feature_service).to_arrow()
-    rows = table.column(_ROW).to_numpy()
-    if len(rows) != len(keys) or not np.array_equal(np.sort(rows), keys[_ROW].to_numpy()):
-        raise RuntimeError(f"feast returned {len(rows)} rows for {len(keys)} entity rows (service '{service}')")
-    table = table.take(pa.array(np.argsort(rows, kind="stable")))  # back to entity_df's row order
+        if through_feast:
+            refs = feature_service if not asof else [f"{view}:{name}" for view, name in through_feast]
+            t = time.perf_counter()
+            table = store.get_historical_features(entity_df=keys, features=refs).to_arrow()
+            log.info("historical features: get_historical_features, %d views, %d rows (%.1fs)",
+                     len({v for v, _ in through_feast}), len(keys), time.perf_counter() - t)  # fmt: skip
+            rows = table.column(_ROW).to_numpy()
+            if len(rows) != len(keys) or not np.array_equal(np.sort(rows), keys[_ROW].to_numpy()):
+                raise RuntimeError(f"feast returned {len(rows)} rows for {len(keys)} entity rows (service '{service}')")
+            table = table.take(pa.array(np.argsort(rows, kind="stable")))  # back to entity_df's row order
+            tables.update({name: table for _, name in through_feast})
+            del table
+        if asof:
+            t = time.perf_counter()
+            table = _behaviour_asof(store, keys, asof)
+            log.info("historical features: behaviour ASOF join, %d rows (%.1fs)", len(keys), time.perf_counter() - t)
+            if table.num_rows != len(keys) or not np.array_equal(table.column(_ROW).to_numpy(), keys[_ROW].to_numpy()):
+                raise RuntimeError(f"behaviour ASOF join returned {table.num_rows} rows for {len(keys)} entity rows")
+            tables.update({name: table for name in asof})
     frame = entity_df.copy()
-    for _, name, type_name in columns:
-        frame[name] = _normalise(name, type_name, table.column(name).to_pylist())  # positional
-    log.info("historical features: %d rows, service '%s' (%.1fs)", len(frame), service, time.perf_counter() - started)
+    for _, name, type_name in columns:  # positional
+        column = tables[name].column(name)
+        if name == HIST_FIELD and not lists:
+            frame[name] = _list_cells(column)
+        elif name in BEHAVIOUR_COUNT_FIELDS:
+            frame[name] = column.fill_null(0).to_numpy().astype(np.int64)
+        else:
+            frame[name] = _normalise_column(name, type_name, column)
+    log.info(
+        "historical features: %d rows, service '%s', behaviour join %s (%.1fs)",
+        len(frame), service, behaviour_join, time.perf_counter() - started,
+    )
     return frame
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ctrflow.config import REPO_ROOT, section
+from ctrflow.meter import metered, progress
 
 log = logging.getLogger("ctrflow")
 
@@ -32,6 +33,7 @@ def use_bentoml_home(params: dict[str, Any]) -> str:
 
 
 # ---- validate -------------------------------------------------------------------------------------------
+@metered("validate")
 def validate_step(params: dict[str, Any], dataset_out: str | Path, report_dir: str | Path) -> dict[str, Any]:
     """Load the configured source, validate it (raises DataValidationError), save the canonical tables.
 
@@ -77,6 +79,7 @@ def template_repo(params: dict[str, Any]) -> Path:
     raise FileNotFoundError(f"features.repo '{repo}': no feature_store.yaml there (looked in {Path.cwd()} and {REPO_ROOT})")
 
 
+@metered("features")
 def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str | Path, training_set_dir: str | Path) -> dict[str, Any]:
     """Feature tables → Feast apply → point-in-time training set (with its split) → materialise online."""
     from ctrflow import features
@@ -88,13 +91,17 @@ def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str
     if not (repo_dir / "feature_store.yaml").exists():
         features.copy_repo(repo_dir, template=template_repo(params))
     data_dir = repo_dir / "data"
+    n = len(dataset.interactions)
     features.write_feature_tables(dataset, data_dir)
+    progress(0, n, "feature tables written", every_s=0)
     store = features.apply_repo(repo_dir, data_dir)
 
     entity_df = dataset.interactions.copy()
     data = section(params, "data")
     entity_df["split"] = make_split(entity_df, data.split, seed=data.seed).to_numpy()
-    frame = features.historical_frame(store, entity_df, service=section(params, "features").service)
+    # behaviour through the ASOF join (linear in rows), hist cells as numpy views (no Python list per row)
+    frame = features.historical_frame(store, entity_df, service=section(params, "features").service, lists=False)
+    progress(n, n, "point-in-time join", every_s=0)
     out = Path(training_set_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(out / TRAINING_FRAME, index=False)
@@ -115,31 +122,38 @@ def load_training_set(training_set_dir: str | Path) -> tuple[pd.DataFrame, Any]:
 # ---- train ----------------------------------------------------------------------------------------------
 # Every training step resumes from its checkpoints (<out>/checkpoints, or the pre-training folder) when run again
 # after an interruption; the recipe (ctrflow/training/recipe.py) is the one the benchmarks use too.
-def split_data(training_set_dir: str | Path, encoder: Any = None) -> Any:
-    """The training set's splits as tensors, with the encoder fitted on its train split (unless given)."""
+def split_data(training_set_dir: str | Path, encoder: Any = None, params: dict[str, Any] | None = None) -> Any:
+    """The training set's splits as tensors, with the encoder fitted on its train split (unless given); training
+    rows over `train.memory_budget_mb` are streamed from disk (`SplitData.from_parquet`)."""
+    from ctrflow.data.spec import FeatureSpec
     from ctrflow.training.recipe import SplitData
 
-    frame, spec = load_training_set(training_set_dir)
-    return SplitData.from_frame(frame, spec, encoder=encoder, where=f"training set {training_set_dir}")
+    d = Path(training_set_dir)
+    spec = FeatureSpec.load(d / SPEC_FILE)
+    budget = section(params, "train").memory_budget_mb  # no params: the typed default
+    return SplitData.from_parquet(d / TRAINING_FRAME, spec, encoder=encoder, where=f"training set {d}", memory_budget_mb=budget)
 
 
+@metered("train")
 def train_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: str | Path, model_name: str | None = None) -> dict[str, Any]:
     """Fit the encoder on the train split, train with early stopping on valid, evaluate valid and test."""
     from ctrflow.training.recipe import train_model
 
-    return train_model(params, split_data(training_set_dir), model_dir, model_name or params["train"]["model"]).summary()
+    return train_model(params, split_data(training_set_dir, params=params), model_dir, model_name or params["train"]["model"]).summary()
 
 
 # ---- DGenCTR: diffusion pre-training, then CTR fine-tuning ---------------------------------------------
+@metered("pretrain")
 def pretrain_step(params: dict[str, Any], training_set_dir: str | Path, pretrained_dir: str | Path) -> dict[str, Any]:
     """Discrete-diffusion pre-training on the train split; writes the checkpoint and the encoder it was fitted with."""
     from ctrflow.training.pretrain import pretrain
 
-    data = split_data(training_set_dir)
+    data = split_data(training_set_dir, params=params)
     path = pretrain(params, data.tensors["train"], data.encoder, pretrained_dir, valid_tensors=data.tensors["valid"], resume=True, progress=params["train"]["progress"])
     return {"checkpoint": str(path), "pretrained_dir": str(pretrained_dir)}
 
 
+@metered("finetune")
 def finetune_step(params: dict[str, Any], training_set_dir: str | Path, pretrained_dir: str | Path, model_dir: str | Path) -> dict[str, Any]:
     """CTR fine-tuning of the pre-trained network (every parameter transferred, only the label masked)."""
     from ctrflow.data.encoding import FeatureEncoder
@@ -147,11 +161,12 @@ def finetune_step(params: dict[str, Any], training_set_dir: str | Path, pretrain
     from ctrflow.training.recipe import finetune_model
 
     pretrained_dir = Path(pretrained_dir)
-    data = split_data(training_set_dir, encoder=FeatureEncoder.load(pretrained_dir / "encoder.json"))
+    data = split_data(training_set_dir, encoder=FeatureEncoder.load(pretrained_dir / "encoder.json"), params=params)
     return finetune_model(params, data, pretrained_dir / CHECKPOINT_NAME, model_dir).summary()
 
 
 # ---- GSVR: the multi-scenario variational model ---------------------------------------------------------
+@metered("train-gsvr")
 def gsvr_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: str | Path, init_embeddings: str | Path | None = None) -> dict[str, Any]:
     """Train GSVR around the configured backbone, optionally initialised from diffusion-pretrained embeddings."""
     from ctrflow.training.recipe import train_model
@@ -161,10 +176,11 @@ def gsvr_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: s
         from ctrflow.training.pretrain import CHECKPOINT_NAME
 
         init = Path(init_embeddings) / CHECKPOINT_NAME if Path(init_embeddings).is_dir() else Path(init_embeddings)
-    return train_model(params, split_data(training_set_dir), model_dir, "gsvr", init_embeddings=init).summary()
+    return train_model(params, split_data(training_set_dir, params=params), model_dir, "gsvr", init_embeddings=init).summary()
 
 
 # ---- DMAE: item modalities as features ------------------------------------------------------------------
+@metered("embed")
 def embed_step(params: dict[str, Any], dataset_dir: str | Path, dataset_out: str | Path) -> dict[str, Any]:
     """Per-item modality embeddings (text, knowledge graph, user-provided) added to the dataset as spec fields."""
     from ctrflow.embeddings import embed_items_step
@@ -180,6 +196,7 @@ def model_name(params: dict[str, Any], dataset: str | None) -> str:
     return model_name_for(params, dataset)
 
 
+@metered("register")
 def register_step(
     params: dict[str, Any],
     model_dir: str | Path,
@@ -226,6 +243,7 @@ def register_step(
     return {"tag": str(tag), "dataset": dataset}
 
 
+@metered("gate")
 def gate_step(params: dict[str, Any], tag: str, training_set_dir: str | Path | None = None) -> dict[str, Any]:
     """The promotion gate from params.yaml (gate section): better than a reference model trained here on the same
     training set (gate.reference_model, plus gate.min_lift_over_reference), not worse than the production model of the
@@ -266,6 +284,7 @@ def gate_step(params: dict[str, Any], tag: str, training_set_dir: str | Path | N
     }
 
 
+@metered("deploy")
 def deploy_step(params: dict[str, Any], tag: str, repo_dir: str | Path, deployment_file: str | Path) -> dict[str, Any]:
     """Check that the model fits the feature repository, promote it to production and record what the service must
     load (model tag, feature repo). A model that does not fit is never promoted (`ModelDoesNotFitError`)."""
@@ -291,6 +310,7 @@ def deploy_step(params: dict[str, Any], tag: str, repo_dir: str | Path, deployme
 
 
 # ---- drift ----------------------------------------------------------------------------------------------
+@metered("quality")
 def quality_step(params: dict[str, Any], requests: str | Path, labels: str | Path, out_dir: str | Path | None) -> Any:
     """Online quality: the request log (sampled to `drift.max_current_rows`, like drift) joined to the label feed."""
     from ctrflow.monitoring.current import CurrentInputError, read_current
@@ -304,6 +324,7 @@ def quality_step(params: dict[str, Any], requests: str | Path, labels: str | Pat
     return quality_report(log, read_labels(labels), out_dir, settings=section(params, "quality"))
 
 
+@metered("drift")
 def drift_step(
     params: dict[str, Any],
     training_set_dir: str | Path,

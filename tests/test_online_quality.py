@@ -145,3 +145,15 @@ def test_cli_monitor_quality(tmp_path):
     assert "online quality: ok" in out.output
     summary = json.loads((tmp_path / "q" / "quality_summary.json").read_text())
     assert summary["join"]["labelled"] == 1000 and summary["verdict"] == "ok"
+    assert (tmp_path / "q" / "quality_over_time.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evidently_online_quality_snapshot_agrees():
+    from ctrflow.monitoring.report import quality_snapshot
+
+    log = served([0.1, 0.4, 0.35, 0.8])
+    labels = pd.concat([clicks_of(log, np.array([0, 0, 1, 1])), horizon(T0 + 3 * HOUR)], ignore_index=True)
+    joined, _ = join_labels(log, labels, window_s=3600)
+    values = {m["config"]["type"].split(":")[-1] + m["config"].get("column", ""): m["value"] for m in quality_snapshot(joined, None).dict()["metrics"]}
+    assert values["RocAuc"] == pytest.approx(0.75)  # Evidently's ROC AUC: the hand-computed 3/4 again
+    assert values["MeanValueclicked"] == 0.5 and values["MeanValueprediction"] == pytest.approx(0.4125)

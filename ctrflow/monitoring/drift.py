@@ -107,6 +107,7 @@ class DriftResult:
     id_coverage: dict[str, float | None] = field(default_factory=dict)  # large id field -> share of current ids seen
     thresholds: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)  # how the current frame was sampled, when it was
+    snapshot: Any = field(default=None, repr=False)  # the whole population's Evidently snapshot (for a workspace)
 
     @property
     def breached(self) -> bool:
@@ -313,6 +314,7 @@ def drift_report(
         thresholds=s.model_dump(),
         sampling=sampling or {},
     )
+    result.snapshot = snapshot
     if snapshot is not None:
         snapshot.save_html(str(result.html_path))
         snapshot.save_json(str(result.json_path))
@@ -399,7 +401,7 @@ def _population(
         m = r["missing"]
         if m["drifted"]:
             reasons.append(
-                f"feature '{c}' missing in {m['current_share']:.1%} of {n_cur:,} current rows "
+                f"feature '{c}' missing in {m['current_share']:.1%} of {m['n_current']:,} current rows "
                 f"(reference {m['reference_share']:.1%}; change > {s.max_missing_share_change}, z-test p={m['p_value']:.2g})"
             )
     if pred_row is not None and pred_row["drifted"] and s.fail_on_prediction_drift:
@@ -445,7 +447,7 @@ def _missing_share_test(ref: pd.Series, cur: pd.Series, s: DriftParams) -> dict:
     enough = n_cur >= s.min_current_rows
     drifted = enough and abs(p_cur - p_ref) > s.max_missing_share_change and p_value < s.pvalue_threshold
     status = TOO_FEW if not enough else (DRIFTED if drifted else NO_DRIFT)
-    return {"reference_share": p_ref, "current_share": p_cur, "p_value": p_value, "status": status, "drifted": drifted}
+    return {"reference_share": p_ref, "current_share": p_cur, "n_current": n_cur, "p_value": p_value, "status": status, "drifted": drifted}
 
 
 def _evidently_run(

@@ -54,7 +54,7 @@ class QualityResult:
     by_scenario: dict[str, dict]
     by_model: dict[str, dict]
     series: list[dict]  # one row per (time window, scenario or "all"): start, scenario, n, auc, predicted, observed
-    join: dict  # served, labelled, clicked, pending, late_clicks, unmatched_clicks
+    join: dict  # served, duplicate_rows, labelled, clicked, pending, late_clicks, unmatched_clicks
     shadow: dict | None  # {model, overall: {...}, by_scenario: {...}} when the log holds shadow scores
     thresholds: dict = field(default_factory=dict)
     summary_path: Path | None = None
@@ -155,6 +155,8 @@ def join_labels(log: pd.DataFrame, labels: pd.DataFrame, window_s: float) -> tup
         raise QualityInputError(f"request log: column 'item_id' must be an integer column, got {served['item_id'].dtype}")
     served["item_id"] = served["item_id"].astype("int64")
     served["ts"] = pd.to_datetime(served["ts"], utc=True)
+    n_logged = len(served)
+    # one outcome per (request, item): a key logged twice (a retried write) is one impression
     served = served.drop_duplicates(["request_id", "item_id"], keep="first").reset_index(drop=True)
     window = pd.Timedelta(seconds=window_s)
 
@@ -172,7 +174,7 @@ def join_labels(log: pd.DataFrame, labels: pd.DataFrame, window_s: float) -> tup
     keep = closed | (served["clicked"] == 1)  # a click inside the window is final even while the window is open
     joined = served[keep].reset_index(drop=True)
     counts = {
-        "served": len(served), "labelled": len(joined), "clicked": int(joined["clicked"].sum()),
+        "served": len(served), "duplicate_rows": n_logged - len(served), "labelled": len(joined), "clicked": int(joined["clicked"].sum()),
         "pending": int((~keep).sum()), "late_clicks": late, "unmatched_clicks": unmatched,
         "label_rows": len(labels), "window_s": window_s,
         "horizon": None if not len(labels) else str(horizon),
