@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,11 @@ class Shadow:
         return n
 
     def scores(self, frame: Any) -> np.ndarray | None:
-        """The challenger's probabilities for the frame's rows (float32), or None when it failed (counted)."""
+        """The challenger's probabilities for the frame's rows (float32), or None when it failed (counted). `frame`:
+        the features as served, a pandas DataFrame or an Arrow table (as the request log takes them)."""
         try:
+            if isinstance(frame, pa.Table):
+                frame = frame.to_pandas()
             out = np.asarray(self.scorer.score(frame), dtype=np.float32)
             if out.shape != (len(frame),):
                 raise ValueError(f"the challenger returned {out.shape} scores for {len(frame)} candidates")

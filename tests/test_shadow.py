@@ -9,6 +9,7 @@ import math
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from click.testing import CliRunner
@@ -151,6 +152,8 @@ def test_a_diverged_challenger_gives_null_scores_never_an_error(artifact, tiny_f
     good = Shadow("m:good", Scorer(loaded.model, loaded.encoder))
     np.testing.assert_allclose(good.scores(frame), Scorer(loaded.model, loaded.encoder).score(frame))
     assert good.columns(frame)["shadow_model"] == "m:good" and good.stats() == {"scored": 2, "failures": 0}
+    as_logged = pa.Table.from_pandas(frame, preserve_index=False)  # the request log's form of the served features
+    np.testing.assert_allclose(good.scores(as_logged), good.scores(frame), rtol=1e-6)
 
     broken = load_model_artifact(artifact)
     with torch.no_grad():
@@ -160,6 +163,7 @@ def test_a_diverged_challenger_gives_null_scores_never_an_error(artifact, tiny_f
     assert bad.columns(frame) == {"shadow_model": "m:bad", "shadow_score": [None] * 4}
     assert bad.columns(frame.drop(columns=["user_id"]))["shadow_score"] == [None] * 4  # a missing column
     assert bad.stats() == {"scored": 0, "failures": 2}
+    assert good.stats() == {"scored": 4, "failures": 0}
 
 
 def test_a_challenger_that_cannot_load_leaves_the_service_without_a_shadow(home, artifact, tiny_dataset, tmp_path):
