@@ -433,10 +433,11 @@ def serve(ctx: click.Context, deployment_file: str, port: int | None, request_lo
     deployment = json.loads(Path(deployment_file).read_text())
     log_dir = request_log or str(Path(deployment_file).parent / "request_log")
     s = params["serving"]
-    env = service_env(deployment, log_dir, s["threads"], s)
+    env = service_env(deployment, log_dir, s["threads"])
     os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
-    from ctrflow.guard import token_from_env
+    from ctrflow.guard import guard_env, token_from_env
 
+    env.update(guard_env(s))  # body limit and token variable for the service's guard
     try:
         token_from_env(env)  # serving.auth_token_env names a variable that is unset: refuse before anything starts
     except RuntimeError as exc:

@@ -227,6 +227,15 @@ def token_from_env(env: Mapping[str, str] | None = None) -> str | None:
     return token.strip()
 
 
+def guard_env(serving: Mapping[str, Any]) -> dict[str, str]:
+    """The service's environment for the params' serving section: CTRFLOW_MAX_REQUEST_BYTES, and
+    CTRFLOW_AUTH_TOKEN_ENV ('' when auth_token_env is null: no authentication, whatever the caller inherited)."""
+    return {
+        ENV_MAX_REQUEST_BYTES: str(int(serving["max_request_bytes"])),
+        ENV_AUTH_TOKEN_ENV: str(serving.get("auth_token_env") or ""),
+    }
+
+
 def max_request_bytes_from_env(env: Mapping[str, str] | None = None) -> int:
     """serving.max_request_bytes as the service's environment carries it (its typed default when absent)."""
     env = os.environ if env is None else env

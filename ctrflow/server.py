@@ -37,23 +37,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def service_env(
-    deployment: dict[str, Any], request_log: str | Path, threads: int = 1, serving: Mapping[str, Any] | None = None
-) -> dict[str, str]:
+def service_env(deployment: dict[str, Any], request_log: str | Path, threads: int = 1) -> dict[str, str]:
     """The environment the service reads its configuration from (see serving/service.py).
 
-    A deployment without `model_tag` serves the registry's production model of `model_name`. `serving`: the params'
-    serving section, for the guard's settings (max_request_bytes, auth_token_env); None leaves the inherited ones.
+    A deployment without `model_tag` serves the registry's production model of `model_name`.
     """
-    from ctrflow.guard import ENV_AUTH_TOKEN_ENV, ENV_MAX_REQUEST_BYTES
-
     env = dict(os.environ)
     env.pop("CTRFLOW_MODEL_TAG", None)
-    if serving is not None:
-        env[ENV_MAX_REQUEST_BYTES] = str(int(serving["max_request_bytes"]))
-        env.pop(ENV_AUTH_TOKEN_ENV, None)
-        if serving.get("auth_token_env"):
-            env[ENV_AUTH_TOKEN_ENV] = str(serving["auth_token_env"])
     tag = deployment.get("model_tag")
     if tag:
         env["CTRFLOW_MODEL_TAG"] = str(tag)
@@ -182,17 +172,15 @@ def start_server(
     log_path: str | Path | None = None,
     ready_timeout: float = 120.0,
     extra_env: dict[str, str] | None = None,
-    serving: Mapping[str, Any] | None = None,
 ) -> RunningServer:
-    """`bentoml serve` in a subprocess; returns once /readyz answers 200 (or raises with the server's log).
-    `serving`: the params' serving section (guard settings, see `service_env`)."""
+    """`bentoml serve` in a subprocess; returns once /readyz answers 200 (or raises with the server's log)."""
     if not isinstance(deployment, dict):
         deployment = json.loads(Path(deployment).read_text())
     port = port or free_port()
     log_path = Path(log_path or Path(request_log).parent / "server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port), "--working-dir", str(REPO_ROOT)]
-    env = service_env(deployment, request_log, threads, serving)
+    env = service_env(deployment, request_log, threads)
     env["CTRFLOW_SERVING_WORKERS"] = str(workers)
     env.update(extra_env or {})
     log_file = open(log_path, "w")  # noqa: SIM115 - handed to the child process

@@ -13,6 +13,8 @@ int64 integers, never booleans, numeric strings or floats: 422 naming the field)
 ({"status", "field", "rule", "message", "value"}, the value cut short) and an optional bearer token (401); /healthz,
 /livez, /readyz and /metrics stay open. With a challenger attached to the production model (`ctrflow models shadow`),
 each request is also scored by it (`ctrflow.shadow`): logged as shadow_model / shadow_score, never returned.
+The guard's environment (`ctrflow.guard.guard_env`, from params `serving`): CTRFLOW_MAX_REQUEST_BYTES (bodies above
+it: 413) and CTRFLOW_AUTH_TOKEN_ENV (the NAME of the variable holding the bearer token; unset or empty: no auth).
 
 Environment (read when a worker constructs the service, never at import: `bentoml serve/build` import this module):
     CTRFLOW_FEATURE_REPO         the applied Feast repository (feature_store.yaml + registry + online store)  [required]
@@ -23,8 +25,6 @@ Environment (read when a worker constructs the service, never at import: `bentom
     CTRFLOW_REQUEST_LOG_FLUSH_ROWS / _FLUSH_SECONDS   flush thresholds (default 2000 rows / 5 s)
     CTRFLOW_TORCH_THREADS        torch intra-op threads per worker (default 1: more gave p99 spikes, PITFALLS.md)
     CTRFLOW_SERVING_WORKERS      worker processes (default 1); BENTOML_HOME: the model store
-    CTRFLOW_MAX_REQUEST_BYTES    serving.max_request_bytes (bodies above it: 413)
-    CTRFLOW_AUTH_TOKEN_ENV       serving.auth_token_env: the NAME of the variable holding the bearer token (unset: open)
 """
 
 import logging
@@ -153,6 +153,8 @@ class RankingService:
         started = time.perf_counter()  # the body was checked by the guard (scenario known, ids distinct int64)
         frame = self._features(user_id, item_ids, scenario)
         scores = self.scorer.score(frame)
+        # the challenger scores the features as served (never raises; logged only, so only when there is a log)
+        shadow = self.shadow.columns(frame) if self.shadow is not None and self.request_log is not None else {}
         unknown_user = self.known_users is not None and user_id not in self.known_users
         unknown_items = [] if self.known_items is None else [i for i in item_ids if i not in self.known_items]
         order = sorted(range(len(item_ids)), key=lambda k: -float(scores[k]))  # stable: ties keep request order
@@ -163,7 +165,6 @@ class RankingService:
             for position, k in enumerate(order, start=1):
                 rank_of[k] = position
             unknown = set(unknown_items)
-            shadow = self.shadow.columns(frame) if self.shadow is not None else {}  # never raises
             self.request_log.log_request(
                 request_id=request_id,
                 user_id=user_id,

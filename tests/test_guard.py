@@ -211,14 +211,15 @@ def test_middleware_token_guards_all_but_probes_and_metrics():
 
 
 def test_the_serving_section_reaches_the_service_environment_and_the_client(monkeypatch):
-    from ctrflow.server import auth_headers, service_env
+    from ctrflow.guard import guard_env
+    from ctrflow.server import auth_headers
 
-    deployment = {"bentoml_home": "/store", "feature_repo": "/repo", "model_tag": "m:1"}
-    monkeypatch.setenv(ENV_AUTH_TOKEN_ENV, "LEFT_OVER")  # an inherited setting never outlives the params
-    env = service_env(deployment, "/log", 1, {"max_request_bytes": 2048, "auth_token_env": None})
-    assert env[ENV_MAX_REQUEST_BYTES] == "2048" and ENV_AUTH_TOKEN_ENV not in env
-    env = service_env(deployment, "/log", 1, {"max_request_bytes": 4096, "auth_token_env": "SERVE_TOKEN"})
+    env = guard_env({"max_request_bytes": 2048, "auth_token_env": None})
+    assert env == {ENV_MAX_REQUEST_BYTES: "2048", ENV_AUTH_TOKEN_ENV: ""}  # overrides an inherited token variable
+    assert token_from_env({**env, "SERVE_TOKEN": "abc"}) is None and max_request_bytes_from_env(env) == 2048
+    env = guard_env({"max_request_bytes": 4096, "auth_token_env": "SERVE_TOKEN"})
     assert (env[ENV_MAX_REQUEST_BYTES], env[ENV_AUTH_TOKEN_ENV]) == ("4096", "SERVE_TOKEN")
+    assert token_from_env({**env, "SERVE_TOKEN": "abc"}) == "abc"
 
     assert auth_headers({"auth_token_env": None}) == {}
     monkeypatch.setenv("SERVE_TOKEN", "abc")

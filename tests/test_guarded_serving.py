@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from ctrflow.config import REPO_ROOT
+from ctrflow.guard import guard_env
 from ctrflow.server import start_server
 
 NAME = "ctrflow-guarded"
@@ -99,7 +100,7 @@ def guarded(world):
     try:
         running = start_server(
             world["deployment"], log_dir, log_path=world["root"] / "guarded.log", ready_timeout=READY_TIMEOUT_S,
-            serving={"max_request_bytes": 1_048_576, "auth_token_env": TOKEN_ENV}, extra_env={TOKEN_ENV: token},
+            extra_env={**guard_env({"max_request_bytes": 1_048_576, "auth_token_env": TOKEN_ENV}), TOKEN_ENV: token},
         )  # fmt: skip
     except (RuntimeError, TimeoutError) as exc:
         pytest.fail(str(exc))
