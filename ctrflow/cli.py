@@ -347,12 +347,13 @@ def models_rollback(ctx: click.Context, name: str | None, reason: str) -> None:
 def models_shadow(ctx: click.Context, tag: str, reason: str) -> None:
     """Attach candidate TAG as the challenger of the production model of its name (same data set).
 
-    From the service's next start, every request is also scored by the challenger: its scores go to the request log
-    (columns shadow_model, shadow_score) and never into the answer; its failures never fail a request."""
+    Within seconds (a running service re-reads the registry every few seconds), every request is also scored by the
+    challenger: its scores go to the request log (columns shadow_model, shadow_score) and never into the answer; its
+    failures never fail a request."""
     from ctrflow import registry
 
     record = registry.attach_shadow(tag, reason=reason)
-    click.echo(f"{record['tag']} now shadows {record['champion']} (takes effect when the service next starts)")
+    click.echo(f"{record['tag']} now shadows {record['champion']} (a running service picks it up within seconds)")
 
 
 @models.command("unshadow")

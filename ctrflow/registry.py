@@ -1036,7 +1036,8 @@ def attach_shadow(tag: str, *, reason: str = "shadow serving") -> dict[str, Any]
     """Attach candidate `tag` as the challenger of the production model of its name; returns the history record.
 
     The service then scores every request with both (the challenger's scores go to the request log, never into the
-    answer; see serving/service.py), from its next start. One challenger per name: attaching another replaces it.
+    answer; see serving/service.py), within seconds (`ctrflow.shadow.ShadowSlot`). One challenger per name: attaching
+    another replaces it.
     Refused (RegistryError) when the name has no production model, when `tag` is not a candidate (production,
     archived, unrecorded or registering), or when it was trained on another data set than the production model.
     """

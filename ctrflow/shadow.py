@@ -4,9 +4,10 @@ logged beside the champion's and never returned.
     ctrflow models shadow <tag>             attach a candidate as the challenger of its name's production model
     ctrflow models promote-challenger       promote it (one step, under the registry lock)
 
-The service (serving/service.py) builds a `Shadow` at start when the registry has a challenger for the model it
-serves and that model is the production one (`Shadow.for_service`). Per request, `Shadow.columns` scores the
-champion's feature frame (the features as served, read once) with the challenger and returns the request-log columns:
+The service (serving/service.py) holds a `ShadowSlot`: the challenger the registry attaches to the model it serves
+(while that model is the production one), re-read every `REFRESH_S` seconds, so attaching or detaching needs no
+restart. Per request, `Shadow.columns` scores the champion's feature frame (the features as served, read once) with
+the challenger and returns the request-log columns:
 
     shadow_model        the challenger's tag (string; on every row of a request the challenger saw)
     shadow_score   its click probability for that candidate (float32; null where it failed)
@@ -35,6 +36,7 @@ import pyarrow as pa
 log = logging.getLogger(__name__)
 
 LOG_EVERY = 1000  # after the first failure, log one in this many
+REFRESH_S = 5.0  # how often a worker re-reads which challenger is attached (two reads of a small JSON file)
 COLUMNS = ("shadow_model", "shadow_score")
 
 _PROMETHEUS: dict[str, Any] = {}
@@ -84,34 +86,6 @@ class Shadow:
         loaded = load_model_artifact(registry.model_path(tag))
         return cls(tag, Scorer(loaded.model, loaded.encoder), metrics=metrics)
 
-    @classmethod
-    def for_service(
-        cls, served_tag: str, feature_repo: str | Path, feature_service: str, *, metrics: bool = False, store: Any = None
-    ) -> Shadow | None:
-        """The challenger of the served model, when the served model is its name's production model and one is
-        attached; None otherwise, and None (logged and counted) when it cannot be loaded: the service starts anyway."""
-        from ctrflow import registry
-
-        name = served_tag.split(":")[0]
-        challenger = registry.shadow_model(name)
-        if not challenger:
-            return None
-        production = registry.production_model(name)
-        if production != served_tag:
-            log.warning(
-                "challenger %s is attached to the production model %s, but this service serves %s: no shadow scoring",
-                challenger, production, served_tag,
-            )  # fmt: skip
-            return None
-        try:
-            shadow = cls.load(challenger, feature_repo, feature_service, metrics=metrics, store=store)
-        except Exception as exc:  # noqa: BLE001 - a challenger never stops the champion from serving
-            count_load_failure(metrics)
-            log.error("challenger %s not attached (serving %s without a shadow): %s", challenger, served_tag, exc)
-            return None
-        log.info("shadow serving: challenger %s scores every request beside %s (logged, never returned)", shadow.tag, served_tag)
-        return shadow
-
     def stats(self) -> dict[str, int]:
         with self._lock:
             return dict(self._stats)
@@ -152,3 +126,89 @@ class Shadow:
         None everywhere when the challenger failed)."""
         scores = self.scores(frame)
         return {"shadow_model": self.tag, "shadow_score": scores if scores is not None else [None] * len(frame)}
+
+
+class ShadowSlot:
+    """The challenger a service scores beside the model it serves, following the registry: attaching, replacing or
+    detaching one (`ctrflow models shadow / unshadow`) takes effect within `refresh_s` seconds, without a restart.
+
+    A challenger is scored only while the served model is its name's production model (a service pinned to an older
+    tag scores none, with one warning). Loading happens in a background thread with its own feature store (the
+    request thread keeps the old challenger, or none, until the new one is ready); a challenger that cannot be loaded
+    (does not fit the feature repository, files missing) is logged and counted (`ctrflow_shadow_failures_total
+    {stage="load"}`) and the service goes on without one. `refresh_s=0`: read once, at construction.
+    """
+
+    def __init__(
+        self, served_tag: str, feature_repo: str | Path, feature_service: str, *, metrics: bool = False, store: Any = None,
+        refresh_s: float = REFRESH_S,
+    ) -> None:  # fmt: skip
+        self.served_tag = served_tag
+        self.name = served_tag.split(":")[0]
+        self.feature_repo = feature_repo
+        self.feature_service = feature_service
+        self.metrics = metrics
+        self.shadow: Shadow | None = None
+        self._seen: tuple[str | None, str | None] | None = None
+        self._stop = threading.Event()
+        self.refresh(store)  # at start, in the constructing thread: it may use the service's own store
+        self._thread = None
+        if refresh_s > 0:
+            self._thread = threading.Thread(target=self._watch, args=(refresh_s,), name="ctrflow-shadow", daemon=True)
+            self._thread.start()
+
+    @property
+    def tag(self) -> str | None:
+        shadow = self.shadow
+        return shadow.tag if shadow is not None else None
+
+    def refresh(self, store: Any = None) -> bool:
+        """Re-read the registry; load, replace or drop the challenger when that changed. True when it changed."""
+        from ctrflow import registry
+
+        try:
+            state = (registry.shadow_model(self.name), registry.production_model(self.name))
+        except Exception:  # noqa: BLE001 - an unreadable ledger keeps what is loaded; the next look may succeed
+            log.warning("shadow serving: the stage ledger could not be read; keeping challenger %s", self.tag, exc_info=True)
+            return False
+        if state == self._seen:
+            return False
+        self._seen = state
+        challenger, production = state
+        if challenger and production != self.served_tag:
+            log.warning(
+                "challenger %s is attached to the production model %s, but this service serves %s: no shadow scoring",
+                challenger, production, self.served_tag,
+            )  # fmt: skip
+            challenger = None
+        if challenger == self.tag:
+            return False
+        if challenger is None:
+            log.warning("shadow serving: challenger %s detached", self.tag)
+            self.shadow = None
+            return True
+        try:
+            loaded = Shadow.load(challenger, self.feature_repo, self.feature_service, metrics=self.metrics, store=store)
+        except Exception as exc:  # noqa: BLE001 - a challenger never stops the champion from serving
+            count_load_failure(self.metrics)
+            log.error("challenger %s not attached (serving %s without a shadow): %s", challenger, self.served_tag, exc)
+            self.shadow = None
+            return True
+        self.shadow = loaded
+        log.warning("shadow serving: challenger %s scores every request beside %s (logged, never returned)", loaded.tag, self.served_tag)
+        return True
+
+    def _watch(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one failure
+                log.exception("shadow serving: refresh failed")
+
+    def columns(self, frame: Any) -> dict[str, Any]:
+        """The current challenger's request-log columns for one request ({} when none is attached); never raises."""
+        shadow = self.shadow  # one read: a swap by the watcher never splits a request
+        return shadow.columns(frame) if shadow is not None else {}
+
+    def close(self) -> None:
+        self._stop.set()

@@ -109,9 +109,10 @@ class RankingService:
         self.store = FeatureStore(repo_path=repo)
         # the guard checks /rank bodies against this model's scenarios, before BentoML parses them
         set_rules("/rank", RankRules(tuple(self.scenarios), MAX_CANDIDATES, request_fields(RankingService.apis["rank"])))
-        from ctrflow.shadow import Shadow
+        from ctrflow.shadow import ShadowSlot
 
-        self.shadow = Shadow.for_service(self.tag, repo, self.feature_service, metrics=True, store=self.store)
+        # the challenger attached to this (production) model, followed while serving (ctrflow models shadow)
+        self.shadow = ShadowSlot(self.tag, repo, self.feature_service, metrics=True, store=self.store)
 
         log_dir = os.environ.get("CTRFLOW_REQUEST_LOG", "")
         self.request_log = None
@@ -154,7 +155,7 @@ class RankingService:
         frame = self._features(user_id, item_ids, scenario)
         scores = self.scorer.score(frame)
         # the challenger scores the features as served (never raises; logged only, so only when there is a log)
-        shadow = self.shadow.columns(frame) if self.shadow is not None and self.request_log is not None else {}
+        shadow = self.shadow.columns(frame) if self.request_log is not None else {}
         unknown_user = self.known_users is not None and user_id not in self.known_users
         unknown_items = [] if self.known_items is None else [i for i in item_ids if i not in self.known_items]
         order = sorted(range(len(item_ids)), key=lambda k: -float(scores[k]))  # stable: ties keep request order
@@ -193,6 +194,7 @@ class RankingService:
     @bentoml.on_shutdown
     def close(self) -> None:
         """Flush the request log before the worker exits."""
+        self.shadow.close()
         if self.request_log is not None:
             self.request_log.close()
 

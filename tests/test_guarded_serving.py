@@ -10,6 +10,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -287,25 +288,54 @@ def test_the_challenger_scores_every_request_logged_beside_the_champion_never_re
     assert any(line.startswith("ctrflow_shadow_scored_total") and float(line.split()[-1]) >= 1 for line in metrics.splitlines())
 
 
+def _shadow_of(log_dir: Path, request_id: str) -> set:
+    from ctrflow.request_log import read_request_log
+
+    log = read_request_log(log_dir)
+    rows = log[log["request_id"] == request_id]
+    assert len(rows), f"request {request_id} is not in the log"
+    return set(rows["shadow_model"].dropna()) if "shadow_model" in rows else set()
+
+
+def _until_shadow(url: str, req: dict, log_dir: Path, wanted: set, timeout: float = 90) -> list[httpx.Response]:
+    """Requests until one is logged with the challenger `wanted` ({} for none); every answer must be a 200."""
+    answers = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answers.append(httpx.post(url + "/rank", json=req, timeout=60))
+        assert answers[-1].status_code == 200, answers[-1].text
+        if _shadow_of(log_dir, answers[-1].json()["request_id"]) == wanted:
+            return answers
+        time.sleep(0.5)
+    raise AssertionError(f"the service did not pick up challenger {wanted or 'none'} within {timeout:.0f}s")
+
+
 @pytest.mark.serving
-def test_a_failing_challenger_never_fails_a_request_and_is_counted(world, guarded):
-    """After the guarded server: the diverged challenger (every score NaN) replaces the good one."""
+def test_a_challenger_attached_live_that_fails_never_fails_a_request_and_is_counted(world, guarded):
+    """After the guarded server: a server with no challenger; the diverged one (every score NaN) is attached while
+    it serves, then detached: no restart, every request answered, every failure counted and logged as null."""
     from ctrflow import registry
     from ctrflow.request_log import read_request_log
 
     guarded["server"].stop()  # the module's guarded server is done: one server at a time on a small machine
-    registry.attach_shadow(world["tags"]["diverged"], reason="a challenger that fails")
+    registry.detach_shadow(NAME)
     log_dir = world["root"] / "log_diverged"
     req = _known(world)
+    diverged = world["tags"]["diverged"]
     with start_server(world["deployment"], log_dir, log_path=world["root"] / "diverged.log", ready_timeout=READY_TIMEOUT_S) as server:
+        _until_shadow(server.url, req, log_dir, set(), timeout=10)
+        registry.attach_shadow(diverged, reason="a challenger that fails")
+        _until_shadow(server.url, req, log_dir, {diverged})
         answers = [httpx.post(server.url + "/rank", json=req, timeout=60) for _ in range(3)]
+        registry.detach_shadow(NAME)
+        _until_shadow(server.url, req, log_dir, set())
         metrics = httpx.get(server.url + "/metrics", timeout=10).text
     assert [a.status_code for a in answers] == [200] * 3, answers[0].text
     assert all(0 < i["score"] < 1 for a in answers for i in a.json()["items"])
-    failures = [line for line in metrics.splitlines() if line.startswith("ctrflow_shadow_failures_total{")]
-    assert any('stage="score"' in line and float(line.split()[-1]) == 3 for line in failures), failures
     log = read_request_log(log_dir)
-    assert len(log) == 3 * len(req["item_ids"])
-    assert (log["shadow_model"] == world["tags"]["diverged"]).all()
-    assert log["shadow_score"].isna().all() and log["prediction"].notna().all()
-    assert "failed to score a request" in Path(world["root"] / "diverged.log").read_text()
+    shadowed = log[log["shadow_model"] == diverged]
+    assert shadowed["shadow_score"].isna().all() and log["prediction"].notna().all()
+    failures = [line for line in metrics.splitlines() if line.startswith("ctrflow_shadow_failures_total{")]
+    scored = shadowed["request_id"].nunique()
+    assert any('stage="score"' in line and float(line.split()[-1]) == scored for line in failures), (scored, failures)
+    assert "failed to score a request" in (world["root"] / "diverged.log").read_text()

@@ -166,14 +166,18 @@ def test_a_diverged_challenger_gives_null_scores_never_an_error(artifact, tiny_f
     assert good.stats() == {"scored": 4, "failures": 0}
 
 
-def test_a_challenger_that_cannot_load_leaves_the_service_without_a_shadow(home, artifact, tiny_dataset, tmp_path):
-    from ctrflow.shadow import Shadow
+def test_the_slot_follows_the_registry_and_survives_a_challenger_that_cannot_load(home, artifact, tiny_dataset, tmp_path):
+    from ctrflow.shadow import ShadowSlot
 
     champion = _register(artifact, tiny_dataset)
     challenger = _register(artifact, tiny_dataset)
     registry.promote(champion, reason="first", force=True)
-    assert Shadow.for_service(champion, tmp_path / "repo", "ctr_ranking") is None  # none attached
+    slot = ShadowSlot(champion, tmp_path / "repo", "ctr_ranking", refresh_s=0)
+    assert slot.shadow is None and slot.columns(None) == {}  # none attached
+    assert slot.refresh() is False  # nothing changed
+    pinned = ShadowSlot(challenger, tmp_path / "repo", "ctr_ranking", refresh_s=0)
     registry.attach_shadow(challenger)
-    assert Shadow.for_service(challenger, tmp_path / "repo", "ctr_ranking") is None  # not serving the champion
-    shutil.rmtree(registry.model_path(challenger))  # the challenger's files are gone
-    assert Shadow.for_service(champion, tmp_path / "repo", "ctr_ranking") is None  # logged and counted, no raise
+    assert pinned.refresh() is False and pinned.shadow is None  # it does not serve the production model
+    shutil.rmtree(registry.model_path(challenger))  # the challenger's files are gone: it cannot be loaded
+    assert slot.refresh() is True and slot.shadow is None  # logged and counted, never raised
+    assert slot.refresh() is False  # not retried until the registry changes again
