@@ -78,6 +78,7 @@ def value_text(value: Any, limit: int = VALUE_CHARS) -> str:
 
 
 _ABSENT = object()
+FROM_ENV = object()  # ServiceGuard(token=FROM_ENV): read the token from the environment
 
 
 @dataclass
@@ -370,17 +371,18 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 class ServiceGuard:
     """ASGI middleware: auth, size limit, strict rules, one error shape (see the module docstring).
 
-    `max_request_bytes` / `token`: None reads them from the worker's environment when the middleware is built
-    (CTRFLOW_MAX_REQUEST_BYTES, and the variable named by CTRFLOW_AUTH_TOKEN_ENV); `open_paths` skip every check.
+    `max_request_bytes` (None) and `token` (`FROM_ENV`) are read from the worker's environment when the middleware
+    is built (CTRFLOW_MAX_REQUEST_BYTES, and the variable named by CTRFLOW_AUTH_TOKEN_ENV); `token=None`: no auth.
+    `open_paths` skip every check.
     """
 
     def __init__(
-        self, app: Callable[..., Awaitable[None]], *, max_request_bytes: int | None = None, token: str | None = None,
+        self, app: Callable[..., Awaitable[None]], *, max_request_bytes: int | None = None, token: Any = FROM_ENV,
         open_paths: Iterable[str] = OPEN_PATHS,
     ) -> None:  # fmt: skip
         self.app = app
         self.max_request_bytes = max_request_bytes if max_request_bytes is not None else max_request_bytes_from_env()
-        self.token = token if token is not None else token_from_env()
+        self.token: str | None = token_from_env() if token is FROM_ENV else token
         self.open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
