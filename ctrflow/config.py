@@ -292,6 +292,12 @@ class GateParams(Section):
 
 
 class ServingParams(Section):
+    # the service's guard (ctrflow.guard): a request body above this many bytes is refused with 413 before it is
+    # parsed (the largest valid /rank body, 1000 int64 ids, is about 21 KB)
+    max_request_bytes: int = Field(1_048_576, ge=1024)
+    # the NAME of an environment variable holding a bearer token; set: every endpoint but /healthz, /livez, /readyz
+    # and /metrics needs `Authorization: Bearer <token>` (401 otherwise); null: no authentication
+    auth_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=0, le=65535)
     workers: int = Field(1, ge=1)

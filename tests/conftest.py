@@ -36,6 +36,7 @@ FILE_LEVELS = {
     "test_dmae.py": "unit",
     "test_embeddings.py": "unit",
     "test_gsvr.py": "unit",
+    "test_guard.py": "unit",
     "test_metrics.py": "unit",
     "test_models.py": "unit",
     "test_trainer.py": "unit",
@@ -60,6 +61,8 @@ FILE_LEVELS = {
     "test_dvc.py": "pipeline",
     "test_pipeline_local.py": "pipeline",
     "test_serving.py": "serving",
+    "test_guarded_serving.py": "serving",
+    "test_shadow.py": "component",
 }
 DEFAULT_LEVEL = "component"
 
