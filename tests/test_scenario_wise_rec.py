@@ -87,3 +87,23 @@ def test_step_lr_matches_torch_step_lr():
     with pytest.raises(ValueError, match="lr_gamma"):
         TrainConfig(lr_step_size=2, lr_gamma=0.0)
     assert np.isclose(TrainConfig().lr_gamma, 1.0) and TrainConfig().lr_step_size == 0
+
+
+def test_batch_norm_option_puts_batchnorm_after_each_hidden_linear(ml1m_dir):
+    from ctrflow.models.blocks.mlp import MLP, RowSafeBatchNorm
+
+    mlp = MLP(4, [8, 3], out_dim=1, batch_norm=True)
+    kinds = [type(m).__name__ for m in mlp.net]
+    assert kinds == ["Linear", "RowSafeBatchNorm", "ReLU", "Linear", "RowSafeBatchNorm", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in MLP(4, [8], out_dim=1).net] == ["Linear", "ReLU", "Linear"]  # default: none
+    bn = RowSafeBatchNorm(3).train()
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    assert torch.allclose(bn(x), x / (1 + bn.eps) ** 0.5)  # one row: running stats (0, 1), not an error
+    ds = load_movielens_1m_swr(ml1m_dir)
+    frame = point_in_time_frame(ds)
+    frame["split"] = make_split(frame, "random", seed=0).to_numpy()
+    data = SplitData.from_frame(frame, ds.spec, where="test")
+    for name in ("sharedbottom", "mmoe", "ple"):
+        model = build_model(name, data.encoder, {**COMMON, **SIZES[name], "batch_norm": True}).train()
+        assert any(isinstance(m, RowSafeBatchNorm) for m in model.modules())
+        assert torch.isfinite(model(data.tensors["train"])).all()

@@ -7,7 +7,9 @@ the script's second, effective `get_movielens_data_rank_multidomain` leaves doma
 features), embedding 16, batch 4096, Adam lr 1e-3, weight decay 1e-5, StepLR(step 2, gamma 0.85), early stopping
 with patience 4 on validation AUC, random 8:1:1 split, no dropout (torch-rechub's MLP default), and these sizes:
 STAR fcn [128, 64, 32] aux [32]; SharedBottom bottom [128] tower [8]; MMoE 3 experts [16] tower [8]; PLE one level,
-2 specific + 1 shared experts [16], tower [8]. Our models keep their shared fallback slot 0, untrained here
+2 specific + 1 shared experts [16], tower [8], every hidden Linear followed by BatchNorm1d (torch-rechub's MLP; the
+`no-batchnorm` variant drops it). Our STAR is the paper's (partitioned normalisation, centre ⊙ scenario weights);
+the script's STAR also batch-normalises and ReLUs its output logit, which we do not copy. Our models keep their shared fallback slot 0, untrained here
 (scenario_dropout 0), which the scored rows never use.
 """
 
@@ -45,4 +47,7 @@ def published_experiment(name: str, variant: str = "published", **overrides: Any
 
 
 def experiments(args: Namespace) -> list[Experiment]:
-    return [published_experiment(name) for name in SIZES]
+    """`published`: the script's models, torch-rechub's BatchNorm1d after every hidden Linear included (STAR keeps
+    its own partitioned normalisation); `no-batchnorm`: the same with our plain MLPs, the protocol detail both ways."""
+    out = [published_experiment(name, batch_norm=True) if name != "star" else published_experiment(name) for name in SIZES]
+    return out + [published_experiment(name, "no-batchnorm", batch_norm=False) for name in SIZES if name != "star"]
