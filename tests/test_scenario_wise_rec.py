@@ -107,3 +107,16 @@ def test_batch_norm_option_puts_batchnorm_after_each_hidden_linear(ml1m_dir):
         model = build_model(name, data.encoder, {**COMMON, **SIZES[name], "batch_norm": True}).train()
         assert any(isinstance(m, RowSafeBatchNorm) for m in model.modules())
         assert torch.isfinite(model(data.tensors["train"])).all()
+
+
+def test_quality_md_prints_published_rows_beside_ours():
+    from benchmarks.harness import render_markdown
+
+    base = {"dataset": "ml-1m-swr", "protocol": "published", "split": "random", "model": "star", "variant": "published"}
+    records = [
+        {**base, "seed": s, "auc": a, "gauc": 0.7, "logloss": 0.5, "scenario_auc": {"<25": 0.81, "25-34": 0.81, ">=35": 0.80}, "epochs": 5, "train_seconds": 100}
+        for s, a in ((0, 0.8000), (1, 0.8020))
+    ]
+    md = render_markdown(records)
+    assert "| star | published | 3 | 0.8096 | – | – | 0.8133 | 0.8137 | 0.7979 | – | – |" in md  # AUC 25-34, <25, >=35
+    assert "- star: -0.0086 (outside ±0.005)" in md  # mean(0.8000, 0.8020) - 0.8096, by hand
