@@ -88,8 +88,11 @@ def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str
 
     dataset = Dataset.load(dataset_dir)
     repo_dir = Path(repo_dir).resolve()
+    profile = section(params, "features").profile
     if not (repo_dir / "feature_store.yaml").exists():
-        features.copy_repo(repo_dir, template=template_repo(params))
+        features.copy_repo(repo_dir, template=template_repo(params), profile=profile)
+    elif (repo_dir / "feature_store.yaml").read_text() != features.profile_file(template_repo(params), profile).read_text():
+        log.warning("feature repo %s keeps its own feature_store.yaml, not profile '%s's (a new --repo gets it)", repo_dir, profile)
     data_dir = repo_dir / "data"
     n = len(dataset.interactions)
     features.write_feature_tables(dataset, data_dir)
@@ -317,16 +320,25 @@ def deploy_step(params: dict[str, Any], tag: str, repo_dir: str | Path, deployme
 # ---- drift ----------------------------------------------------------------------------------------------
 @metered("quality")
 def quality_step(params: dict[str, Any], requests: str | Path, labels: str | Path, out_dir: str | Path | None) -> Any:
-    """Online quality: the request log (sampled to `drift.max_current_rows`, like drift) joined to the label feed."""
+    """Online quality: the request log's join columns (sampled to `quality.max_log_rows`) joined to the label feed."""
     from ctrflow.monitoring.current import CurrentInputError, read_current
-    from ctrflow.monitoring.quality import QualityInputError, quality_report, read_labels
+    from ctrflow.monitoring.quality import (
+        LOG_COLUMNS,
+        SHADOW_MODEL,
+        SHADOW_SCORE,
+        QualityInputError,
+        quality_report,
+        read_labels,
+    )
 
-    d = section(params, "drift")
+    q = section(params, "quality")
     try:
-        log, _ = read_current(requests, max_rows=d.max_current_rows, seed=d.sample_seed)
+        log, sampling = read_current(
+            requests, max_rows=q.max_log_rows, seed=section(params, "drift").sample_seed, columns=[*LOG_COLUMNS, SHADOW_SCORE, SHADOW_MODEL]
+        )
     except CurrentInputError as exc:
         raise QualityInputError(str(exc)) from exc
-    return quality_report(log, read_labels(labels), out_dir, settings=section(params, "quality"))
+    return quality_report(log, read_labels(labels), out_dir, settings=q, sampling=sampling)
 
 
 @metered("drift")
@@ -336,6 +348,7 @@ def drift_step(
     current: str | Path,
     out_dir: str | Path,
     model_dir: str | Path | None = None,
+    timestamp: Any = None,
 ) -> Any:
     """Evidently drift: the training data (its last `drift.reference_rows` train rows, scored by the model) as
     reference; the request log or a slice as current, sampled to `drift.max_current_rows` (`read_current`)."""
@@ -364,4 +377,5 @@ def drift_step(
         prediction_column="prediction" if "prediction" in reference.columns else None,
         settings=d,
         sampling=sampling,
+        timestamp=timestamp,
     )

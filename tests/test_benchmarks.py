@@ -110,3 +110,20 @@ def test_scale_results_merge_by_dataset_and_step_and_render_a_plot(tmp_path) -> 
     hog = ["python3", "-c", "import time; b = bytearray(300 * 2**20); time.sleep(30)"]
     result = measure(hog, limit_s=20, limit_mb=100, interval=0.05)
     assert result["killed"] == "memory" and result["rc"] != 0
+
+
+def test_offline_engines_digest_sees_every_cell_and_merge_replaces_by_engine_and_rows(tmp_path) -> None:
+    import pandas as pd
+
+    from benchmarks import offline_engines
+
+    a = pd.DataFrame({"u": [1, 2], "hist": [[1, 2], []], "cat": ["x", None], "emb": [np.ones(2, np.float32), None]})
+    b = a.copy()
+    assert offline_engines.frame_digest(a) == offline_engines.frame_digest(b)
+    b.at[0, "hist"] = [1, 3]
+    assert offline_engines.frame_digest(a) != offline_engines.frame_digest(b)
+    path = tmp_path / "offline_engines.json"
+    path.write_text(json.dumps([{"engine": "spark", "rows": 10, "join_s": 9}, {"engine": "duckdb", "rows": 10, "join_s": 1}]))
+    merged = offline_engines.merge([{"engine": "spark", "rows": 10, "join_s": 5, "status": "ok"}], path)
+    assert [(r["engine"], r["join_s"]) for r in merged] == [("duckdb", 1), ("spark", 5)]
+    assert "| 10 | spark | ok |" in offline_engines.render(merged)

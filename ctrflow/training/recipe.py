@@ -36,6 +36,7 @@ from ctrflow.models import MODELS, build_model, discover_models
 from ctrflow.models.base import CTRModel, MultiScenarioModel, to_tensors
 from ctrflow.models.blocks.embedding import load_embedding_init
 from ctrflow.models.blocks.scenario import check_training_scenarios
+from ctrflow.training import distributed
 from ctrflow.training.artifact import save_model_artifact
 from ctrflow.training.metrics import evaluate, format_value, one_class_note
 from ctrflow.training.stream import iter_split
@@ -189,6 +190,8 @@ def train_evaluate_save(
     result = Trainer(model, config).fit(
         train_t, data.tensors.get("valid"), resume=resume and config.checkpoint_dir is not None
     )
+    if not distributed.current().is_main:  # a data-parallel run: rank 0 evaluates and saves (same weights)
+        return RecipeResult(model, result, {}, label, None, round(time.perf_counter() - started, 3))
     splits = [s for s in data.tensors if s != "train"] if evaluate_splits is None else list(evaluate_splits)
     metrics: dict[str, Any] = {
         s: evaluate(
