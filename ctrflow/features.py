@@ -635,6 +635,14 @@ def historical_frame(
         }
     )
     tables: dict[str, pa.Table] = {}  # feature name -> table holding it, in key-row order
+    if behaviour_join == "asof" and any(view == "user_behaviour" for view, _, _ in columns):
+        path = getattr(store.get_feature_view("user_behaviour").batch_source, "path", None)
+        if not path or not Path(str(path)).is_file():  # e.g. a SparkSource on s3://: DuckDB here cannot read it
+            log.warning(
+                "historical features: the user_behaviour source %r is not a local Parquet file; its join goes "
+                "through get_historical_features (cost ~ sum over users of events^2)", path,
+            )
+            behaviour_join = "feast"
     asof = [name for view, name, _ in columns if view == "user_behaviour"] if behaviour_join == "asof" else []
     through_feast = [(view, name) for view, name, _ in columns if name not in asof]
     if keys.empty:
