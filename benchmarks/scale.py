@@ -60,23 +60,32 @@ def step_commands(work: Path) -> dict[str, list[str]]:
     }
 
 
-def run_dataset(name: str, workdir: Path, activity_sigma: float, limit_s: float, limit_mb: float) -> list[dict[str, Any]]:
-    """Every step on one data set; stops at the first step that fails (later steps need its output)."""
+def run_dataset(name: str, workdir: Path, activity_sigma: float, limit_s: float, limit_mb: float,
+                steps: tuple[str, ...] = STEPS) -> list[dict[str, Any]]:
+    """The steps (in pipeline order, each needing the ones before it) on one data set; stops at the first that
+    fails. A step's earlier outputs in `workdir/<name>` are reused when the run starts after validate."""
     work = workdir / name
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if steps[0] == STEPS[0]:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     sets = [*dataset_overrides(name, activity_sigma), "train.epochs=1", f"registry.bentoml_home={work / 'bentoml'}"]
     base = [sys.executable, "-m", "ctrflow.cli", "--params", str(ROOT / "params.yaml")]
     for s in sets:
         base += ["--set", s]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "BENTOML_HOME": str(work / "bentoml")}
     records, rows = [], None
+    known = work / "rows.json"  # the validated row count, for runs that start after validate
+    if known.exists():
+        rows = json.loads(known.read_text())["rows"]
     for step, args in step_commands(work).items():
+        if step not in steps:
+            continue
         log_path = work / f"{step}.log"
         result = measure(base + args, limit_s=limit_s, limit_mb=limit_mb, log_path=log_path, env=env, cwd=str(ROOT))
         out = log_path.read_text(errors="replace")
         if step == "validate" and result["rc"] == 0:
             rows = json.loads(out[out.index("{"): out.rindex("}") + 1])["rows"]
+            known.write_text(json.dumps({"rows": rows}))
         # the steps' own closing lines (ctrflow.meter): register prints register's and the gate's
         meter = [line.split(" INFO ", 1)[-1] for line in out.splitlines() if " rows, " in line and "peak RSS" in line]
         record = {
@@ -140,16 +149,17 @@ def render(records: list[dict[str, Any]], md: Path, png: Path) -> None:
         "",
         f"![time and memory against rows]({png.name})",
         "",
-        "| dataset | rows | step | seconds | s / 1M rows | rows/s | peak RSS MB | CPU s | status |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| dataset | rows | step | seconds | s / 1M rows | rows/s | peak RSS MB | CPU s | CPU s / 1M rows | status |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         status = "ok" if r["rc"] == 0 and not r["killed"] else (f"killed ({r['killed']})" if r["killed"] else f"failed rc={r['rc']}")
+        cpu = r.get("cpu_seconds")
+        cpu_per_m = f"{cpu / r['rows'] * 1e6:.1f}" if cpu is not None and r["rows"] and status == "ok" else "-"
+        rows = f"{r['rows']:,}" if r["rows"] else "?"
         lines.append(
-            f"| {r['dataset']} | {r['rows'] or '?':,} | {r['step']} | {r['seconds']:.1f} | {r['s_per_million_rows'] or '-'} | "
-            f"{r['rows_per_s'] or '-'} | {r['peak_rss_mb']:,.0f} | {r.get('cpu_seconds', '-')} | {status} |"
-            if r["rows"] else
-            f"| {r['dataset']} | ? | {r['step']} | {r['seconds']:.1f} | - | - | {r['peak_rss_mb']:,.0f} | {r.get('cpu_seconds', '-')} | {status} |"
+            f"| {r['dataset']} | {rows} | {r['step']} | {r['seconds']:.1f} | {r['s_per_million_rows'] or '-'} | "
+            f"{r['rows_per_s'] or '-'} | {r['peak_rss_mb']:,.0f} | {cpu if cpu is not None else '-'} | {cpu_per_m} | {status} |"
         )
     md.write_text("\n".join(lines) + "\n")
 
@@ -162,6 +172,8 @@ def main() -> None:
     ap.add_argument("--activity-sigma", type=float, default=2.0)
     ap.add_argument("--limit-s", type=float, default=1800, help="kill a step after this many seconds")
     ap.add_argument("--limit-mb", type=float, default=12_000, help="kill a step above this peak RSS")
+    ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS,
+                    help="a prefix or a later run of the pipeline's steps (validate features: the data steps only)")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
@@ -169,7 +181,8 @@ def main() -> None:
     records = json.loads(path.read_text()) if path.exists() else []
     if not args.render_only:
         for name in args.datasets:
-            records = merge(run_dataset(name, Path(args.workdir), args.activity_sigma, args.limit_s, args.limit_mb), path)
+            steps = tuple(s for s in STEPS if s in args.steps)
+            records = merge(run_dataset(name, Path(args.workdir), args.activity_sigma, args.limit_s, args.limit_mb, steps), path)
             render(records, RESULTS / "scale.md", RESULTS / "scale.png")
     render(records, RESULTS / "scale.md", RESULTS / "scale.png")
 

@@ -293,8 +293,8 @@ def _model_name(ctx: click.Context, name: str | None) -> str | None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def models_list(ctx: click.Context, name: str | None, as_json: bool) -> None:
-    """Registered models, newest first, with data set, family and stage (`unrecorded`: in the store, not in the
-    stage ledger: never a candidate)."""
+    """Registered models, newest first, with data set, family, stage (`unrecorded`: in the store, not in the
+    stage ledger: never a candidate) and role (champion: the production model; challenger: shadow-served)."""
     from ctrflow import registry
 
     rows = registry.list_models(_model_name(ctx, name))
@@ -304,12 +304,12 @@ def models_list(ctx: click.Context, name: str | None, as_json: bool) -> None:
     if not rows:
         click.echo("no models registered")
         return
-    click.echo(f"{'tag':40} {'dataset':16} {'family':14} {'stage':11} {'valid_auc':>9} {'test_auc':>9}  created")
+    click.echo(f"{'tag':40} {'dataset':16} {'family':14} {'stage':11} {'role':10} {'valid_auc':>9} {'test_auc':>9}  created")
     for r in rows:
         m = r.get("metrics", {}) or {}
         click.echo(
             f"{r['tag']:40} {str(r.get('dataset') or '-'):16} {str(r.get('model_family') or '-'):14} {r['stage']:11} "
-            f"{_fmt(m.get('valid_auc')):>9} {_fmt(m.get('test_auc')):>9}  {r.get('created', '')}"
+            f"{r.get('role') or '-':10} {_fmt(m.get('valid_auc')):>9} {_fmt(m.get('test_auc')):>9}  {r.get('created', '')}"
         )
 
 
@@ -345,6 +345,74 @@ def models_rollback(ctx: click.Context, name: str | None, reason: str) -> None:
     click.echo(f"rolled back: {tag} is production again")
 
 
+@models.command("shadow")
+@click.argument("tag")
+@click.option("--reason", default="shadow serving", show_default=True, help="Kept in the stage history.")
+@click.pass_context
+def models_shadow(ctx: click.Context, tag: str, reason: str) -> None:
+    """Attach candidate TAG as the challenger of the production model of its name (same data set).
+
+    Within seconds (a running service re-reads the registry every few seconds), every request is also scored by the
+    challenger: its scores go to the request log (columns shadow_model, shadow_score) and never into the answer; its
+    failures never fail a request."""
+    from ctrflow import registry
+
+    record = registry.attach_shadow(tag, reason=reason)
+    click.echo(f"{record['tag']} now shadows {record['champion']} (a running service picks it up within seconds)")
+
+
+@models.command("unshadow")
+@click.option("--name", default=None, help="Model name (default: registry.model_name; unset: the only name with a challenger).")
+@click.pass_context
+def models_unshadow(ctx: click.Context, name: str | None) -> None:
+    """Detach the challenger (it stays a candidate)."""
+    from ctrflow import registry
+
+    tag = registry.detach_shadow(_challenger_name(ctx, name))
+    click.echo(f"{tag} no longer shadows production" if tag else "no challenger was attached")
+
+
+@models.command("promote-challenger")
+@click.option("--name", default=None, help="Model name (default: registry.model_name; unset: the only name with a challenger).")
+@click.option("--reason", default="it did better in shadow serving", show_default=True, help="Kept in the stage history.")
+@click.option("--force", is_flag=True, help="Promote even if the challenger failed its promotion gate (recorded).")
+@click.option("--deployment", "deployment_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Also point this deployment.json at the promoted model (written atomically).")  # fmt: skip
+@click.pass_context
+def models_promote_challenger(ctx: click.Context, name: str | None, reason: str, force: bool, deployment_file: str | None) -> None:
+    """Promote the attached challenger to production in one step (under the registry lock; the champion is
+    archived, the challenger slot freed)."""
+    from ctrflow import registry
+    from ctrflow.registry import PromotionError
+
+    try:
+        record = registry.promote_challenger(_challenger_name(ctx, name), reason=reason, force=force)
+    except PromotionError as exc:
+        raise click.ClickException(f"{exc}\n(--force overrides the gate; the override is recorded)") from None
+    click.echo(f"{record['tag']} is now production (was {record['replaced'] or 'none'})")
+    if deployment_file:
+        path = Path(deployment_file)
+        deployment = json.loads(path.read_text())
+        deployment["model_tag"] = record["tag"]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(deployment, indent=2))
+        os.replace(tmp, path)
+        click.echo(f"{deployment_file} now serves {record['tag']} (restart the service)")
+
+
+def _challenger_name(ctx: click.Context, name: str | None) -> str:
+    """--name, else registry.model_name, else the only name that has a challenger attached."""
+    from ctrflow import registry
+
+    name = _model_name(ctx, name)
+    if name:
+        return name
+    names = sorted(n for n in registry.production_models() if registry.shadow_model(n))
+    if len(names) != 1:
+        raise click.UsageError(f"say which model: --name (names with a challenger: {names or 'none'})")
+    return names[0]
+
+
 # ---- serve ----------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--deployment", "deployment_file", default="runs/latest/deployment.json", type=click.Path(exists=True, dir_okay=False))
@@ -357,6 +425,10 @@ def serve(ctx: click.Context, deployment_file: str, port: int | None, request_lo
     The model must fit the deployment's feature repository (checked first; a mismatch is named and nothing starts).
     SIGTERM, SIGINT (Ctrl-C) or SIGHUP stop the whole server: in-flight requests are answered, the request log is
     flushed, and the command returns once no server process is left and the port is free.
+
+    Guards (params serving section): bodies above serving.max_request_bytes get 413; with serving.auth_token_env
+    naming an environment variable, every endpoint but /healthz, /livez, /readyz and /metrics needs
+    `Authorization: Bearer <its value>` (the command refuses to start when that variable is unset).
     """
     from ctrflow import registry
     from ctrflow.fit_check import check_model_fits
@@ -369,6 +441,13 @@ def serve(ctx: click.Context, deployment_file: str, port: int | None, request_lo
     s = params["serving"]
     env = service_env(deployment, log_dir, s["threads"])
     os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
+    from ctrflow.guard import guard_env, token_from_env
+
+    env.update(guard_env(s))  # body limit and token variable for the service's guard
+    try:
+        token_from_env(env)  # serving.auth_token_env names a variable that is unset: refuse before anything starts
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
     tag = deployment.get("model_tag") or registry.production_model(env["CTRFLOW_MODEL_NAME"])
     if not tag:
         raise click.ClickException(f"no model to serve: '{env['CTRFLOW_MODEL_NAME']}' has no production model and {deployment_file} names none")

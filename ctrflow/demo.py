@@ -41,7 +41,8 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     summary. Raises `registry.GateFailedError` (its message: the summary, the gate's reasons and both models'
     metrics) when the gate fails: nothing new is deployed and nothing is served."""
     from ctrflow import registry
-    from ctrflow.server import rank, start_server
+    from ctrflow.guard import guard_env
+    from ctrflow.server import auth_headers, rank, start_server
     from ctrflow.steps import drift_step, use_bentoml_home
     from pipelines.runner import compile_pipeline, run_training_local
 
@@ -74,12 +75,13 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     request_log = workdir / "request_log"
     s = params["serving"]
     requests = demo_requests(run["training_set"], n_requests)
-    with start_server(deployment, request_log, host=s["host"], port=s["port"], threads=s["threads"]) as server:
+    headers = auth_headers(s)
+    with start_server(deployment, request_log, host=s["host"], port=s["port"], threads=s["threads"], extra_env=guard_env(s)) as server:
         latencies = []
         first = None
         for req in requests:
             t = time.perf_counter()
-            answer = rank(server.url, **req)
+            answer = rank(server.url, **req, headers=headers)
             latencies.append((time.perf_counter() - t) * 1000)
             first = first or answer
         url = server.url

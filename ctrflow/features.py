@@ -11,6 +11,14 @@ Time semantics (no leakage):
   (`ctrflow.data.tables.behaviour_table`), so a join at t never sees the event itself or any event at the same
   instant; plus one closing row per user stamped 1 µs after the user's last event (all their events), which is what
   materialization puts online for serving.
+
+Training sets at scale (`historical_frame`): the profile views go through Feast's `get_historical_features` (one
+row per key: a linear join); the behaviour view, whose rows are already "the state as of each event", is joined
+with one ASOF JOIN in DuckDB over the view's own Parquet source (`_behaviour_asof`), the same rule Feast applies
+(latest row stamped <= the entity row's time) at a cost that grows with rows. Feast's own join of that view pairs
+every entity row with all of its user's earlier behaviour rows before keeping the latest (cost ~ sum over users of
+events^2: 20+ GB on MovieLens-1M); `behaviour_join="feast"` still runs it, as the reference the tests compare with.
+Feast stays the system of record: the views, services, online store and materialization are unchanged.
 """
 
 from __future__ import annotations
@@ -106,11 +114,10 @@ def _type_of(f: FieldSpec, col: pd.Series) -> str:
     if f.kind is FieldKind.EMBEDDING:
         return "Array(Float32)"
     if f.kind is FieldKind.SEQUENCE:
-        for cell in col:
-            if cell is not None and not (np.isscalar(cell) and pd.isna(cell)) and len(cell):
-                first = np.asarray(cell)
-                return "Array(Int64)" if np.issubdtype(first.dtype, np.integer) else "Array(String)"
-        return "Array(String)"
+        # ints only when every element of every list is an int: one float list (ints that met a NaN in pandas) or
+        # one None inside a list makes the whole column text, which takes any element
+        kinds = {np.asarray(c).dtype.kind for c in col if not _missing(c) and len(c)}
+        return "Array(Int64)" if kinds and kinds <= {"i", "u"} else "Array(String)"
     is_int = pd.api.types.is_integer_dtype(col) and not pd.api.types.is_bool_dtype(col)
     if f.kind is FieldKind.NUMERIC:
         if not (is_int or pd.api.types.is_numeric_dtype(col)):
@@ -130,15 +137,23 @@ _ARROW = {
 }
 
 
-def _cast_cell_column(col: pd.Series, type_name: str) -> list | pd.Series:
-    """Values arrow can take with the declared type (strings for String categoricals, lists for arrays)."""
-    def missing(v: object) -> bool:
-        return v is None or (np.isscalar(v) and pd.isna(v))
+def _missing(v: object) -> bool:
+    """None, NaN, NaT, pd.NA (a list is never missing, even if empty)."""
+    return v is None or (np.isscalar(v) and pd.isna(v)) or v is pd.NA
 
+
+def _cast_cell_column(col: pd.Series, type_name: str) -> list | pd.Series:
+    """Values arrow can take with the declared type (strings for String categoricals, lists for arrays).
+
+    Text lists: each element as text; a missing element (None, NaN inside a list) carries nothing and is dropped,
+    as the encoder would map it to the unknown token anyway.
+    """
     if type_name == "String":
-        return [None if missing(v) else str(v) for v in col]
+        return [None if _missing(v) else str(v) for v in col]
+    if type_name == "Array(String)":
+        return [None if _missing(v) else [str(x) for x in np.asarray(v, dtype=object).tolist() if not _missing(x)] for v in col]
     if type_name.startswith("Array("):
-        return [None if missing(v) else list(np.asarray(v).tolist()) for v in col]
+        return [None if _missing(v) else list(np.asarray(v).tolist()) for v in col]
     if type_name == "Int64":
         return col.astype("Int64")
     return pd.to_numeric(col, errors="coerce").astype("float64")

@@ -213,9 +213,11 @@ def register_step(
     item features it was trained with), which `ctrflow.fit_check` compares with a feature repository before serving.
     """
     use_bentoml_home(params)
+    import pyarrow.parquet as pq
+
     from ctrflow import registry
     from ctrflow.data.encoding import FeatureEncoder
-    from ctrflow.data.spec import FeatureSpec
+    from ctrflow.data.spec import Entity, FeatureSpec
 
     model_dir = Path(model_dir)
     metrics = json.loads((model_dir / "metrics.json").read_text())
@@ -226,7 +228,10 @@ def register_step(
     fingerprint_inputs = sorted(Path(dataset_dir).glob("*.parquet")) if dataset_dir else [model_dir / "encoder.json"]
     items = None
     if training_set_dir is not None:
-        frame = pd.read_parquet(Path(training_set_dir) / TRAINING_FRAME)
+        path = Path(training_set_dir) / TRAINING_FRAME
+        wanted = [spec.item_key, *(f.column for f in spec.fields if f.entity is Entity.ITEM)]  # all the fingerprint reads
+        present = set(pq.ParquetFile(path).schema_arrow.names)
+        frame = pd.read_parquet(path, columns=[c for c in dict.fromkeys(wanted) if c in present])
         key_field = next((f.name for f in spec.fields if f.column == spec.item_key), None)
         vocab = encoder.vocabs.get(key_field, []) if key_field else []
         items = registry.item_fingerprint(frame, spec, vocab or frame[spec.item_key].unique())
@@ -315,16 +320,25 @@ def deploy_step(params: dict[str, Any], tag: str, repo_dir: str | Path, deployme
 # ---- drift ----------------------------------------------------------------------------------------------
 @metered("quality")
 def quality_step(params: dict[str, Any], requests: str | Path, labels: str | Path, out_dir: str | Path | None) -> Any:
-    """Online quality: the request log (sampled to `drift.max_current_rows`, like drift) joined to the label feed."""
+    """Online quality: the request log's join columns (sampled to `quality.max_log_rows`) joined to the label feed."""
     from ctrflow.monitoring.current import CurrentInputError, read_current
-    from ctrflow.monitoring.quality import QualityInputError, quality_report, read_labels
+    from ctrflow.monitoring.quality import (
+        LOG_COLUMNS,
+        SHADOW_MODEL,
+        SHADOW_SCORE,
+        QualityInputError,
+        quality_report,
+        read_labels,
+    )
 
-    d = section(params, "drift")
+    q = section(params, "quality")
     try:
-        log, _ = read_current(requests, max_rows=d.max_current_rows, seed=d.sample_seed)
+        log, sampling = read_current(
+            requests, max_rows=q.max_log_rows, seed=section(params, "drift").sample_seed, columns=[*LOG_COLUMNS, SHADOW_SCORE, SHADOW_MODEL]
+        )
     except CurrentInputError as exc:
         raise QualityInputError(str(exc)) from exc
-    return quality_report(log, read_labels(labels), out_dir, settings=section(params, "quality"))
+    return quality_report(log, read_labels(labels), out_dir, settings=q, sampling=sampling)
 
 
 @metered("drift")
@@ -334,6 +348,7 @@ def drift_step(
     current: str | Path,
     out_dir: str | Path,
     model_dir: str | Path | None = None,
+    timestamp: Any = None,
 ) -> Any:
     """Evidently drift: the training data (its last `drift.reference_rows` train rows, scored by the model) as
     reference; the request log or a slice as current, sampled to `drift.max_current_rows` (`read_current`)."""
@@ -362,4 +377,5 @@ def drift_step(
         prediction_column="prediction" if "prediction" in reference.columns else None,
         settings=d,
         sampling=sampling,
+        timestamp=timestamp,
     )

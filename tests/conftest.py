@@ -36,6 +36,7 @@ FILE_LEVELS = {
     "test_dmae.py": "unit",
     "test_embeddings.py": "unit",
     "test_gsvr.py": "unit",
+    "test_guard.py": "unit",
     "test_metrics.py": "unit",
     "test_models.py": "unit",
     "test_trainer.py": "unit",
@@ -50,12 +51,18 @@ FILE_LEVELS = {
     "test_monitor_loop.py": "component",
     "test_pipeline_families.py": "component",
     "test_pipeline_submit.py": "component",
+    "test_recipe.py": "component",  # real `ctrflow` processes killed and resumed
     "test_registry.py": "component",
+    "test_registry_faults.py": "component",  # its tests are also marked slow
+    "test_request_log.py": "component",  # a real writer process killed
     "test_scale.py": "component",
     "test_validation.py": "component",
+    "test_lifecycle.py": "serving",  # marked so in the file too
     "test_dvc.py": "pipeline",
     "test_pipeline_local.py": "pipeline",
     "test_serving.py": "serving",
+    "test_guarded_serving.py": "serving",
+    "test_shadow.py": "component",
 }
 DEFAULT_LEVEL = "component"
 

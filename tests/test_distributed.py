@@ -3,7 +3,8 @@
 - the sharding and the loss weights, by hand;
 - without dropout, two processes take the steps of one process (the same global batches, the gradient of the
   global batch's mean loss): the same losses and validation scores every epoch, to float rounding; with dropout
-  (each rank draws its own masks) they reach the one-process validation AUC within 0.002;
+  (each rank draws its own masks) they reach the one-process validation AUC within 0.002; sparse embedding tables
+  (SparseAdam, sparse gradients all-reduced) take the same steps too;
 - a checkpoint written by a two-process run resumes in one process and ends with the weights of an uninterrupted
   one-process run (to float rounding).
 The runs are real `ctrflow` processes on the tiny synthetic training set (4,800 train rows, a small DCNv2).
@@ -37,6 +38,8 @@ TINY = {
     "train.embedding_dim": 4,
     "models.dcnv2": {"cross_layers": 1, "mlp": [16], "dropout": 0.0},
 }
+
+SPARSE = {"train.model": "lr", "models.lr": {"sparse": True}, "train.epochs": 1}
 
 
 # ---- by hand ------------------------------------------------------------------------------------------------
@@ -107,6 +110,8 @@ def runs(tiny_training_set, tmp_path_factory) -> dict[str, dict]:
         "resumed": _train(tmp, tiny_training_set, "cut"),
         "one_dropout": _train(tmp, tiny_training_set, "one_dropout", **{"models.dcnv2.dropout": 0.1}),
         "two_dropout": _train(tmp, tiny_training_set, "two_dropout", nproc=2, **{"models.dcnv2.dropout": 0.1}),
+        # sparse embedding tables: SparseAdam on sparse gradients that DDP all-reduces
+        **{f"sparse_{n}": _train(tmp, tiny_training_set, f"sparse_{n}", nproc=n, **SPARSE) for n in (1, 2)},
     }
 
 
@@ -137,3 +142,8 @@ def test_a_checkpoint_of_a_two_process_run_resumes_in_one_process(runs) -> None:
     # 2 epochs on two processes + 1 on one = 3 on one, to float rounding
     assert _max_weight_difference(resumed, uninterrupted) < 1e-5
     assert resumed["valid_auc"] == pytest.approx(uninterrupted["valid_auc"], abs=1e-5)
+
+
+def test_sparse_embedding_tables_take_the_same_steps_on_two_processes(runs) -> None:
+    assert _max_weight_difference(runs["sparse_1"], runs["sparse_2"]) < 1e-5
+    assert runs["sparse_2"]["valid_auc"] == pytest.approx(runs["sparse_1"]["valid_auc"], abs=1e-5)

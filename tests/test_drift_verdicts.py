@@ -221,6 +221,10 @@ def test_a_scenario_with_too_few_rows_is_not_enough_data_not_a_breach(tmp_path):
     cur = pd.concat([rows(900, 2, "home"), rows(5, 3, "search").assign(price=np.nan)], ignore_index=True)
     r = drift_report(ref, cur, SPEC, tmp_path, prediction_column=None)
     assert r.scenarios["search"].verdict == NOT_ENOUGH_DATA and r.verdict == OK
+    # a scenario with no traffic at all is listed too (a surface down shows up in the table), still not a breach
+    r = drift_report(ref, rows(900, 2, "home"), SPEC, tmp_path, prediction_column=None)
+    assert r.scenarios["search"].verdict == NOT_ENOUGH_DATA and r.scenarios["search"].n_current == 0 and r.verdict == OK
+    assert r.scenarios["search"].notes == ["scenario 'search' has no current rows (reference 600)"]
 
 
 def test_sampled_read_is_seeded_and_uniform(tmp_path):

@@ -192,8 +192,10 @@ def test_each_run_is_a_snapshot_in_the_evidently_workspace(incident):
     (project,) = ws.search_project("ctrflow")
     assert len(ws.list_runs(project.id)) == 2  # the drift and the online-quality snapshots of this run
     assert set(run.workspace["snapshots"]) == {"drift", "online quality"}
-    panels = [p.title for tab in project.dashboard.model().tabs for p in project.dashboard.model().panels if p.id in tab.panels]
-    assert {"online AUC", "observed vs predicted CTR"} <= set(panels)
+    model = project.dashboard.model()
+    (tab,) = model.tabs
+    assert len(tab.panels) == len(set(tab.panels)) == len(model.panels) == 4  # each panel once
+    assert {"online AUC", "observed vs predicted CTR"} <= {p.title for p in model.panels}
     snapshot = ws.get_run(project.id, run.workspace["snapshots"]["online quality"])
     metrics = json.dumps(snapshot.model_dump(mode="json") if hasattr(snapshot, "model_dump") else snapshot.dict(), default=str)
     assert "RocAuc" in metrics
@@ -228,3 +230,28 @@ def test_decide_records_a_failed_submission_and_keeps_the_request(tmp_path):
     assert d.request_path is None and not (tmp_path / "no").exists()
     d = decide({}, {"verdict": "not_enough_data", "reasons": []}, {"verdict": "not_enough_data", "reasons": []}, tmp_path)
     assert d.verdict == "not_enough_data" and d.exit_code == 3
+
+
+def test_evidently_ui_series_shows_online_auc_over_days(tmp_path):
+    """What `evidently ui --workspace` plots: the RocAuc series over the runs' dates, read through its own storage."""
+    import asyncio
+
+    from evidently.ui.service.base import SeriesFilter
+    from evidently.ui.service.storage.common import NoopAuthManager
+    from evidently.ui.workspace import Workspace, create_local_project_manager
+
+    ts = training_set(tmp_path)
+    aucs = []
+    for day, incident in ((1, False), (2, True)):
+        log_dir, labels = traffic(tmp_path, incident=incident, seed=20 + day)
+        run = monitor_run(params(tmp_path), ts, log_dir, tmp_path / f"out{day}", labels=labels, run_at=f"2026-03-0{day}T08:00:00+00:00")
+        aucs.append(run.quality.overall["auc"])
+    project_id = Workspace(str(tmp_path / "ws")).search_project("ctrflow")[0].id
+    storage = create_local_project_manager(str(tmp_path / "ws"), False, NoopAuthManager()).data_storage
+    auc = SeriesFilter(tags=[], metadata={}, metric="evidently:metric_v2:RocAuc", metric_labels={})
+    response = asyncio.run(storage.get_data_series(project_id, [auc], None, None))
+    assert [s.timestamp.isoformat() for s in response.sources] == ["2026-03-01T08:00:00", "2026-03-02T08:00:00"]
+    (series,) = response.series
+    assert series.values == pytest.approx(aucs)  # Evidently's ROC AUC per run = ours
+    history = [json.loads(x) for x in (tmp_path / "ws" / "history.jsonl").read_text().splitlines()]
+    assert [h["verdict"] for h in history] == ["ok", "breached"]

@@ -186,6 +186,29 @@ def test_malformed_requests_get_4xx_naming_the_field(server, body, field):
 
 
 @pytest.mark.serving
+def test_a_served_item_id_2_63_minus_1_keeps_drift_running(server, deployment, tiny_dataset, tmp_path):
+    """The API accepts any int64 item id; once one near 2**63 is served and logged, drift over the log still runs
+    and compares ids exactly (issue 14: it stopped with "cannot safely cast non-equivalent float64 to int64")."""
+    from ctrflow.monitoring import drift_report, read_request_log
+
+    user, scenario, items = _known(deployment)
+    top = 2**63 - 1
+    r = _rank(server["url"], user_id=user, scenario=scenario, item_ids=[top, *items[:20]])
+    assert r.status_code == 200, r.text
+    request_id = r.json()["request_id"]
+    deadline, rows = time.monotonic() + 20, pd.DataFrame()
+    while time.monotonic() < deadline and len(rows) < 21:  # flushed every 0.5 s
+        log = read_request_log(server["log_dir"])
+        rows = log[log["request_id"] == request_id] if len(log) else log
+        time.sleep(0.3)
+    assert len(rows) == 21 and top in set(rows["item_id"].tolist())
+    train = deployment["frame"][deployment["frame"]["split"] == "train"]
+    result = drift_report(train, rows, tiny_dataset.spec, tmp_path, prediction_column=None, min_current_rows=1, by_scenario=False)
+    assert result.verdict in ("ok", "breached")  # it ran; 21 rows are not meant to say more
+    assert result.id_coverage["item_id"] == pytest.approx(20 / 21)  # the 20 training items seen, 2**63-1 not
+
+
+@pytest.mark.serving
 def test_request_log_holds_every_candidate(server, deployment):
     from ctrflow.request_log import read_request_log
 

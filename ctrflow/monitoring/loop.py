@@ -153,7 +153,8 @@ def monitor_run(
 
     out = Path(out_dir)
     run_at = run_at or _now()
-    drift = drift_step(params, training_set, current, out / "drift", model_dir=model_dir)
+    stamp = dt.datetime.fromisoformat(run_at)
+    drift = drift_step(params, training_set, current, out / "drift", model_dir=model_dir, timestamp=stamp)
     quality = quality_step(params, current, labels, out / "quality") if labels is not None else None
     inputs = {"training_set": str(training_set), "current": str(current), "labels": None if labels is None else str(labels),
               "model_dir": None if model_dir is None else str(model_dir), "report": str(out / report.REPORT_NAME)}  # fmt: skip
@@ -170,7 +171,7 @@ def monitor_run(
 
             joined = pd.read_parquet(quality.summary_path.parent / "labelled_requests.parquet")
             if len(joined):
-                snapshots.append(("online quality", report.quality_snapshot(joined, dt.datetime.fromisoformat(run_at))))
+                snapshots.append(("online quality", report.quality_snapshot(joined, stamp)))
         run.workspace = report.add_to_workspace(m.workspace, m.project, snapshots)
     (out / "monitor_run.json").write_text(json.dumps({
         "run_at": run_at, "verdict": run.verdict, "exit_code": run.exit_code, "reasons": run.reasons,

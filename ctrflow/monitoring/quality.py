@@ -219,16 +219,20 @@ def quality_report(
     out_dir: str | Path | None = None,
     *,
     settings: QualityParams | dict | None = None,
+    sampling: dict | None = None,
     **overrides: Any,
 ) -> QualityResult:
     """Join, score every group, give the verdict; writes ``quality_summary.json`` and the labelled rows
-    (``labelled_requests.parquet``) into `out_dir` when given."""
+    (``labelled_requests.parquet``) into `out_dir` when given. `sampling` (from `read_current`) is recorded in the
+    join counts when the log was sampled (then ``unmatched_clicks`` includes clicks of rows left out)."""
     base = settings if isinstance(settings, QualityParams) else QualityParams.model_validate(settings or {})
     try:
         s = QualityParams.model_validate({**base.model_dump(), **overrides})
     except Exception as exc:  # pydantic names the key and rule
         raise QualityInputError(f"quality settings: {exc}") from exc
     joined, counts = join_labels(log, labels, s.attribution_window_s)
+    if sampling and sampling.get("sampled"):  # clicks of rows outside the sample count as unmatched: say so
+        counts["log_sampled"] = {k: sampling[k] for k in ("rows_total", "rows_read", "seed")}
     y = joined["clicked"].to_numpy(dtype="float64")
     p = joined["prediction"].to_numpy(dtype="float64")
 
@@ -266,20 +270,24 @@ def _groups(frame: pd.DataFrame, column: str) -> list[tuple[Any, np.ndarray]]:
 
 
 def _series(joined: pd.DataFrame, y: np.ndarray, p: np.ndarray, s: QualityParams) -> list[dict]:
-    """Per time window (and per scenario in it): the figures of `group_quality`, oldest first."""
+    """Per time window: all traffic, each scenario, and (when the log holds more than one) each model; the figures
+    of `group_quality`, oldest first. Each row has `start`, `scenario` and `model` ("all" where not split)."""
     if joined.empty:
         return []
     starts = joined["ts"].dt.tz_convert("UTC").dt.floor(s.time_window)
+    several_models = "model" in joined.columns and joined["model"].nunique() > 1
     rows = []
     for start in sorted(starts.unique()):
-        in_window = (starts == start).to_numpy()
-        g = group_quality(y[in_window], p[in_window], s)
-        rows.append({"start": str(start), "scenario": "all", **{k: v for k, v in g.items() if k != "reasons"}})
-        sub = joined[in_window]
-        for k, idx in _groups(sub, "scenario"):
-            full = np.flatnonzero(in_window)[idx]
+        in_window = np.flatnonzero((starts == start).to_numpy())
+        sub = joined.iloc[in_window]
+        groups = [("all", "all", np.arange(len(sub)))]
+        groups += [(k, "all", idx) for k, idx in _groups(sub, "scenario")]
+        if several_models:
+            groups += [("all", k, idx) for k, idx in _groups(sub, "model")]
+        for scenario, model, idx in groups:
+            full = in_window[idx]
             g = group_quality(y[full], p[full], s)
-            rows.append({"start": str(start), "scenario": k, **{kk: v for kk, v in g.items() if kk != "reasons"}})
+            rows.append({"start": str(start), "scenario": scenario, "model": model, **{k: v for k, v in g.items() if k != "reasons"}})
     return rows
 
 

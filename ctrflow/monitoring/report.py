@@ -61,8 +61,9 @@ def plot_quality(series: list[dict], path: Path) -> Path | None:
 
     frame = pd.DataFrame(series)
     frame["start"] = pd.to_datetime(frame["start"])
+    frame["line"] = [sc if m == "all" else f"model {m}" for sc, m in zip(frame["scenario"], frame.get("model", pd.Series("all", index=frame.index)))]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name, g in frame.groupby("scenario"):
+    for name, g in frame.groupby("line"):
         style = {"linewidth": 2.5, "color": "black"} if name == "all" else {}
         axes[0].plot(g["start"], g["auc"].astype(float), marker="o", label=name, **style)
         axes[1].plot(g["start"], g["ratio"].astype(float), marker="o", label=name, **style)
@@ -184,8 +185,8 @@ def write_report(run: Any, out_dir: Path, history: list[dict]) -> Path:
         parts += [
             "<h2 id='series'>Series over time windows</h2>",
             _img(quality_png, "online AUC and calibration per window"),
-            _table("series-table", ["window start", "scenario", "verdict", "rows", "online AUC", "observed/predicted"],
-                   [[s["start"], s["scenario"], s["verdict"], s["n"], s["auc"], s["ratio"]] for s in q.series]),  # fmt: skip
+            _table("series-table", ["window start", "scenario", "model", "verdict", "rows", "online AUC", "observed/predicted"],
+                   [[s["start"], s["scenario"], s.get("model", "all"), s["verdict"], s["n"], s["auc"], s["ratio"]] for s in q.series]),  # fmt: skip
         ]
     parts += [
         "<h2 id='history'>Over runs</h2>",
@@ -204,6 +205,8 @@ def quality_snapshot(joined: pd.DataFrame, timestamp: Any) -> Any:
     from evidently import BinaryClassification, DataDefinition, Dataset, Report
     from evidently.metrics import MeanValue, RocAuc, RowCount
 
+    from ctrflow.monitoring.drift import _naive_utc
+
     frame = joined[["clicked", "prediction"]].astype({"clicked": "int64", "prediction": "float64"})
     definition = DataDefinition(
         numerical_columns=["clicked", "prediction"],
@@ -212,7 +215,9 @@ def quality_snapshot(joined: pd.DataFrame, timestamp: Any) -> Any:
     metrics: list = [RowCount(), MeanValue(column="clicked"), MeanValue(column="prediction")]
     if frame["clicked"].nunique() == 2:
         metrics.insert(0, RocAuc())
-    return Report(metrics).run(Dataset.from_pandas(frame, data_definition=definition), None, timestamp=timestamp, name="online quality")
+    return Report(metrics).run(
+        Dataset.from_pandas(frame, data_definition=definition), None, timestamp=_naive_utc(timestamp), name="online quality"
+    )
 
 
 def add_to_workspace(path: str | Path, project_name: str, snapshots: list[tuple[str, Any]]) -> dict:
@@ -234,24 +239,24 @@ def add_to_workspace(path: str | Path, project_name: str, snapshots: list[tuple[
 
 
 def _add_panels(project: Any) -> None:
-    """The project's dashboard in `evidently ui`: online AUC, observed vs predicted CTR, and drift scores over runs."""
+    """The project's dashboard in `evidently ui`: online AUC, observed vs predicted CTR, and drift scores over runs.
+
+    Panels go to the first tab (`tab=None`): evidently 0.7.23's `add_panel(tab="name")` lists a panel twice in an
+    existing named tab."""
     from evidently.sdk.models import PanelMetric
     from evidently.sdk.panels import line_plot_panel
 
     dashboard = project.dashboard
-    dashboard.add_panel(line_plot_panel("online AUC", [PanelMetric(legend="online AUC", metric="RocAuc")], size="half"), tab="ctrflow")
+    dashboard.add_panel(line_plot_panel("online AUC", [PanelMetric(legend="online AUC", metric="RocAuc")], size="half"))
     dashboard.add_panel(
         line_plot_panel("observed vs predicted CTR", [
             PanelMetric(legend="observed CTR", metric="MeanValue", metric_labels={"column": "clicked"}),
             PanelMetric(legend="predicted CTR", metric="MeanValue", metric_labels={"column": "prediction"}),
         ], size="half"),
-        tab="ctrflow",
     )  # fmt: skip
     dashboard.add_panel(
-        line_plot_panel("value drift score per column (p-value or distance)", [PanelMetric(legend="drift score", metric="ValueDrift")]),
-        tab="ctrflow",
+        line_plot_panel("value drift score per column (p-value or distance)", [PanelMetric(legend="drift score", metric="ValueDrift")])
     )
     dashboard.add_panel(
-        line_plot_panel("missing values per column (share)", [PanelMetric(legend="missing share", metric="MissingValueCount", view_params={"type": "share"})]),
-        tab="ctrflow",
+        line_plot_panel("missing values per column (share)", [PanelMetric(legend="missing share", metric="MissingValueCount", view_params={"type": "share"})])
     )

@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("gloo", "nccl")
+BACKENDS = ("gloo",)  # the trainer keeps the model on the CPU: nccl (GPU tensors only) would need it on a device
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def init_from_env(backend: str = "gloo", timeout_s: float = 1800) -> World:
     """Join the process group the launcher's environment describes (env:// rendezvous: RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT); a no-op world of one when not launched. The group is destroyed at exit.
 
-    Raises ValueError for an unknown backend (gloo: CPU; nccl: one GPU per process)."""
+    Raises ValueError for a backend other than gloo (CPU)."""
     if backend not in BACKENDS:
         raise ValueError(f"train.backend must be one of {BACKENDS}, got '{backend}'")
     if not launched():

@@ -373,6 +373,8 @@ class Trainer:
         valid_t = as_tensors(valid, "valid") if valid is not None and len(valid) else None
         if valid_t is not None and len(valid_t["label"]) == 0:
             valid_t = None
+        if len(train_t["label"]) == 0:
+            raise ValueError("train: 0 rows")
         if len(train_t["label"]) < self.world.size:
             raise ValueError(f"train: {len(train_t['label'])} rows, fewer than the {self.world.size} processes")
         monitor = self._resolve_monitor(valid_t)
