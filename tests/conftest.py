@@ -42,6 +42,7 @@ FILE_LEVELS = {
     "test_components.py": "component",
     "test_features.py": "component",
     "test_monitoring.py": "component",
+    "test_online.py": "component",
     "test_pipeline_families.py": "component",
     "test_pipeline_submit.py": "component",
     "test_registry.py": "component",
