@@ -67,7 +67,7 @@ def _env_float(name: str, default: float) -> float:
 
 SERVING_DEFAULTS = ServingParams()  # the typed defaults (params.yaml `serving`) when the environment sets none
 _METRICS: dict[str, Any] = {}
-STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
+STAGE_BUCKETS = (0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 def _metrics() -> dict[str, Any]:
