@@ -154,6 +154,22 @@ def bare_model_p50_ms(model_dir: str, feature_repo: str, request: dict[str, Any]
     return loaded.name, float(np.median(times))
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a process group (the server's arbiter and
+    workers): per request, a cost that the machine's other load does not inflate as it inflates latency."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                t = proc.cpu_times()
+                total += t.user + t.system
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return total
+
+
 def _logged(log_dir: Path) -> int:
     from ctrflow.request_log import read_request_log
 
@@ -176,13 +192,15 @@ def render(records: list[dict[str, Any]]) -> str:
         "request and answer that scores the same model on pre-built tensors (benchmarks/bare_service.py), the floor; "
         "`bare-batched`: the same with BentoML adaptive batching (max 32 requests, 10 ms). "
         "One torch thread per worker; closed-loop clients on the same machine. Stage p50/p99 from the service's "
-        "Prometheus histograms (bucket-interpolated). Rows of one `run` id were measured in the same invocation; "
+        "Prometheus histograms (bucket-interpolated). `server CPU ms/req`: CPU time of the server's processes per "
+        "answered request (what the machine's other load does not inflate). Rows of one `run` id were measured in the same invocation; "
         "`load` is the 1-minute load average before/after the run on a 2-core machine shared with other jobs. "
         "Written by `python -m benchmarks.serving`.",
         "",
         "| model | family | endpoint | workers | candidates | concurrency | requests | errors | p50 ms | p99 ms | rps "
-        "| read p50/p99 | encode p50/p99 | model p50/p99 | log p50/p99 | bare model p50 ms | logged requests | load | run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| read p50/p99 | encode p50/p99 | model p50/p99 | log p50/p99 | server CPU ms/req | bare model p50 ms "
+        "| logged requests | load | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         st = r.get("stages_ms") or {}
@@ -191,7 +209,8 @@ def render(records: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r.get('family', '–')} | {r.get('endpoint', 'rank')} | {r.get('workers', 1)} | {r['candidates']} "
             f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['rps']} "
-            f"| {' | '.join(cells)} | {r['bare_model_p50_ms']:.2f} | {_fmt(r.get('logged_requests'))} "
+            f"| {' | '.join(cells)} | {_fmt(r.get('server_cpu_ms_per_request'))} | {r['bare_model_p50_ms']:.2f} "
+            f"| {_fmt(r.get('logged_requests'))} "
             f"| {'–' if not load_avg else f'{load_avg[0]:.1f}/{load_avg[1]:.1f}'} | {r.get('run', '–')} |"
         )
     return "\n".join(lines) + "\n"
@@ -217,12 +236,15 @@ def measure(
             load_before = os.getloadavg()[0]
             logged_before = _logged(log_dir) if endpoint == "rank" else 0
             before = httpx.get(server.url + "/metrics", timeout=30).text
+            cpu_before = group_cpu_s(server.process.pid)
             result = load(server.url, requests, concurrency, duration, batched=endpoint == "bare-batched")
+            cpu = group_cpu_s(server.process.pid) - cpu_before
             after = httpx.get(server.url + "/metrics", timeout=30).text
             logged = _logged(log_dir) - logged_before if endpoint == "rank" else None
             record = {
                 "endpoint": endpoint, "model": target["model"], "family": run.get("family"), "workers": workers,
                 "threads": 1, "candidates": candidates, "concurrency": concurrency, **result,
+                "server_cpu_ms_per_request": round(cpu * 1000 / max(result["answered"], 1), 2),
                 "stages_ms": stage_breakdown(before, after) if endpoint == "rank" else None,
                 "bare_model_p50_ms": round(target["bare"], 3), "logged_requests": logged,
                 "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)], "run": run_id,
