@@ -10,7 +10,7 @@ export BENTOML_DO_NOT_TRACK := true
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test test-quick lint install clean repro bench-deps
+.PHONY: run test test-quick lint install clean repro bench-deps system-deps
 
 install: $(STAMP)
 
@@ -29,13 +29,27 @@ $(STAMP): pyproject.toml | $(PY)
 run: $(STAMP)
 	$(VENV)/bin/ctrflow run-all --workdir runs/latest
 
-test: $(STAMP)
+# Debian packages of the production-engine tests, installed when missing: redis-server (tests start their own on a
+# free port), PostgreSQL (tests use $$CTRFLOW_TEST_PG, default 127.0.0.1:5432, or start their own cluster on a free
+# port), a Java runtime for pyspark. The tests stop every service they start.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v java >/dev/null || missing="$$missing default-jre-headless"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
 # the fast levels (tests/conftest.py sets each test's level): unit + component, nothing marked slow, on both cores
 # (one file per worker, so module fixtures are built once); under 2 minutes on 2 cores
-test-quick: $(STAMP)
+test-quick: $(STAMP) system-deps
 	$(VENV)/bin/pytest -n 2 --dist loadfile -m "(unit or component) and not slow"
 
 repro: $(STAMP)

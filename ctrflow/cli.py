@@ -293,7 +293,8 @@ def serve(ctx: click.Context, deployment_file: str, port: int | None, request_lo
 # ---- monitor --------------------------------------------------------------------------------------------
 @cli.group()
 def monitor() -> None:
-    """Monitoring: data and prediction drift (Evidently)."""
+    """Monitoring: drift (Evidently), online quality, and the loop. Exit codes: 0 ok, 1 breach, 2 usage error,
+    3 not enough data."""
 
 
 @monitor.command("drift")
@@ -303,13 +304,30 @@ def monitor() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.pass_context
 def monitor_drift(ctx: click.Context, training_set: str, current: str, model_dir: str | None, out_dir: str) -> None:
-    """Exit code 1 when drift crosses the thresholds in params.yaml (drift section)."""
+    """Exit code: 0 ok, 1 breach (thresholds in params.yaml, drift section), 3 not enough data to test, 2 usage error."""
     from ctrflow.steps import drift_step
 
     result = drift_step(_params(ctx), training_set, current, out_dir, model_dir=model_dir)
     click.echo(result.summary())
-    click.echo(f"HTML: {result.html_path}\nJSON: {result.json_path}")
-    sys.exit(1 if result.breached else 0)
+    click.echo(f"HTML: {result.html_path}\nJSON: {result.json_path}\nsummary: {result.summary_path}")
+    sys.exit(result.exit_code)
+
+
+@monitor.command("quality")
+@click.option("--requests", "requests_path", required=True, type=click.Path(exists=True), help="The request log folder (or a Parquet slice).")
+@click.option("--labels", required=True, type=click.Path(exists=True), help="The label feed: Parquet with request_id, item_id, clicked, timestamp.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.pass_context
+def monitor_quality(ctx: click.Context, requests_path: str, labels: str, out_dir: str) -> None:
+    """Online AUC and calibration from delayed clicks, per scenario, model and time window (params.yaml: quality).
+
+    Exit code: 0 ok, 1 breach, 3 not enough labelled rows, 2 usage error."""
+    from ctrflow.steps import quality_step
+
+    result = quality_step(_params(ctx), requests_path, labels, out_dir)
+    click.echo(result.summary())
+    click.echo(f"summary: {result.summary_path}")
+    sys.exit(result.exit_code)
 
 
 # ---- pipeline -------------------------------------------------------------------------------------------

@@ -234,9 +234,42 @@ class ServingParams(Section):
 
 
 class DriftParams(Section):
-    stattest_threshold: float = Field(0.1, gt=0)  # per-feature p-value (KS/chi2) or distance (Wasserstein/JS)
-    max_drifted_share: float = Field(0.5, ge=0, le=1)  # fail when more than this share of features drift
+    """Drift verdicts (ctrflow/monitoring/drift.py; monitoring/README.md explains each key to on-call)."""
+
+    stattest_threshold: float = Field(0.1, gt=0)  # distance tests (normed Wasserstein / Jensen-Shannon): drift at >=
+    pvalue_threshold: float = Field(0.01, gt=0, lt=1)  # p-value tests (KS / chi-square, missing-share z): drift below
+    pvalue_max_rows: int = Field(1000, ge=1)  # a p-value test while the smaller non-null sample has <= this many values
+    min_current_rows: int = Field(100, ge=1)  # fewer current (non-null) values: "not enough data", never a breach
+    max_missing_share_change: float = Field(0.1, ge=0, le=1)  # missing-value share moved by more (absolute): drift
+    max_drifted_share: float = Field(0.5, ge=0, le=1)  # fail when more than this share of tested features drift
     fail_on_prediction_drift: bool = True
+    by_scenario: bool = True  # also test each scenario on its own (a scenario's breach is a breach)
+    max_current_rows: int = Field(200_000, ge=1)  # a larger request log is sampled down to this many rows
+    sample_seed: int = 0  # the seed of that uniform sample (the same log gives the same sample)
+    reference_rows: int = Field(20_000, ge=1)  # the most recent training rows used as the reference
+
+
+class QualityParams(Section):
+    """Online quality from delayed clicks (ctrflow/monitoring/quality.py; monitoring/README.md)."""
+
+    attribution_window_s: float = Field(3600.0, gt=0)  # a click counts within this many seconds after serving
+    time_window: str = "1D"  # the series' window (a pandas offset alias: 1h, 1D, 7D)
+    min_labelled_rows: int = Field(200, ge=1)  # fewer labelled rows in a group: "not enough data" for it
+    max_calibration_error: float = Field(0.25, gt=0)  # breach when |observed CTR / predicted CTR - 1| exceeds this
+    pvalue_threshold: float = Field(0.01, gt=0, lt=1)  # ... and the clicks are this significantly off (z-test)
+    min_online_auc: float | None = Field(None, ge=0, le=1)  # optional floor on a group's online AUC
+
+
+class MonitoringParams(Section):
+    """The loop: `ctrflow monitor run` and the scheduled monitoring pipeline (pipelines/monitoring.py)."""
+
+    schedule_cron: str = "0 0 3 * * *"  # KFP's six fields, seconds first: daily at 03:00
+    retrain_on_breach: bool = True  # a breach writes a retraining request (JSON)
+    submit_training: bool = False  # ... and submits the training pipeline to `kfp_host`
+    kfp_host: str | None = None  # the Kubeflow Pipelines API endpoint for that submission
+    feature_repo: str | None = None  # the Feast repo path the submitted training run uses
+    workspace: str | None = "runs/evidently"  # an Evidently workspace: one snapshot per run (null: none)
+    project: str = "ctrflow"  # the workspace project the snapshots go to
 
 
 class RegistryParams(Section):
@@ -432,6 +465,8 @@ class Params(Section):
     gate: GateParams = GateParams()
     serving: ServingParams = ServingParams()
     drift: DriftParams = DriftParams()
+    quality: QualityParams = QualityParams()
+    monitoring: MonitoringParams = MonitoringParams()
     registry: RegistryParams = RegistryParams()
     sparse_scenario: SparseScenarioParams = SparseScenarioParams()
     embeddings: EmbeddingsParams = EmbeddingsParams()

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -260,17 +261,51 @@ def load_feature_spec(data_dir: str | Path) -> FeatureSpec:
 
 
 # ---- the repository ------------------------------------------------------------------------------------------
-def copy_repo(dest: Path, template: Path | None = None) -> Path:
-    """Copy the template repo (definitions and config only: no data, registry or online store) to `dest`."""
+PROFILES = ("local", "production")  # features.profile: which feature_store yaml a new repo copy gets
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def profile_file(template: Path, profile: str = "local") -> Path:
+    """The store configuration of a profile: `feature_store.yaml` (local: DuckDB, SQLite, file registry) or
+    `feature_store.<profile>.yaml` (production: Spark, Redis, PostgreSQL SQL registry). Raises ValueError naming the
+    profiles when there is no such file."""
+    path = Path(template) / ("feature_store.yaml" if profile == "local" else f"feature_store.{profile}.yaml")
+    if not path.exists():
+        raise ValueError(f"features.profile '{profile}': {path} does not exist (profiles: {PROFILES})")
+    return path
+
+
+def copy_repo(dest: Path, template: Path | None = None, profile: str = "local") -> Path:
+    """Copy the template repo (definitions and config only: no data, registry or online store) to `dest`.
+
+    The copy's feature_store.yaml is the profile's (`profile_file`); the other profiles' files are left out.
+    """
     template = Path(template) if template else TEMPLATE_REPO
     dest = Path(dest)
     if not (template / "feature_store.yaml").exists():
         raise FileNotFoundError(f"{template}: no feature_store.yaml, not a Feast repository")
+    config = profile_file(template, profile)
     shutil.copytree(
         template, dest, dirs_exist_ok=True,
-        ignore=shutil.ignore_patterns("data", ".feast", "__pycache__", "*.db", "*.parquet", ".ipynb_checkpoints"),
+        ignore=shutil.ignore_patterns(
+            "data", ".feast", "__pycache__", "*.db", "*.parquet", ".ipynb_checkpoints", "feature_store.*.yaml"
+        ),
     )
+    shutil.copyfile(config, dest / "feature_store.yaml")
     return dest
+
+
+def check_store_env(repo_dir: str | Path) -> None:
+    """Raise EnvironmentError naming every environment variable feature_store.yaml refers to that is unset.
+
+    Feast expands ${VAR} when it loads the file and leaves an unset one as the literal text, which then fails far
+    away (a Redis host called "${CTRFLOW_REDIS}"); hosts and credentials live only in the environment.
+    """
+    path = Path(repo_dir) / "feature_store.yaml"
+    text = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())  # comments may name variables
+    missing = sorted({a or b for a, b in _ENV_REF.findall(text)} - set(os.environ))
+    if missing:
+        raise OSError(f"{path}: environment variables {missing} are not set (hosts and credentials of the stores it names)")
 
 
 def _repo_objects(repo_dir: Path, data_dir: Path) -> list:
@@ -312,14 +347,49 @@ def _repo_objects(repo_dir: Path, data_dir: Path) -> list:
     return objects
 
 
+@contextlib.contextmanager
+def registry_lock(repo_dir: str | Path):
+    """Hold a PostgreSQL advisory lock per Feast project while a SQL registry on PostgreSQL is created and applied.
+
+    Feast's SQL registry creates its tables and upserts each object with a read-then-write of its own, so two
+    concurrent `feast apply`s on one database fail ("duplicate key ... projects", measured here) or interleave
+    their objects. With the lock they run one after the other and the registry holds one whole apply. Any other
+    registry (the file registry of the local profile): nothing to hold.
+    """
+    import yaml
+
+    config = yaml.safe_load(os.path.expandvars((Path(repo_dir) / "feature_store.yaml").read_text())) or {}
+    registry = config.get("registry")
+    url = str(registry.get("path", "")) if isinstance(registry, dict) and registry.get("registry_type") == "sql" else ""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import hashlib
+
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    # one 63-bit key per (project): applies of other projects in the same database do not wait
+    key = int.from_bytes(hashlib.sha256(f"ctrflow-feast-apply:{config.get('project')}".encode()).digest()[:8], "big") >> 1
+    engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        engine.dispose()
+
+
 def apply_repo(repo_dir: str | Path, data_dir: str | Path) -> FeatureStore:
-    """`feast apply` in-process: register the views built from data_dir/spec.json, create the online tables."""
-    from feast import Entity as FeastEntity
-    from feast import FeatureService, FeatureStore, FeatureView, Project
-    from feast.data_source import DataSource
-    from feast.feature_view import DUMMY_ENTITY
-    from feast.repo_contents import RepoContents
-    from feast.repo_operations import apply_total_with_repo_instance
+    """`feast apply` in-process: register the views built from data_dir/spec.json, create the online tables.
+
+    Raises OSError naming the unset environment variables feature_store.yaml refers to (check_store_env); a SQL
+    registry on PostgreSQL is applied under `registry_lock`, so concurrent applies leave it whole.
+    """
+    from feast import FeatureStore
 
     started = time.perf_counter()
     repo_dir = Path(repo_dir).resolve()
@@ -327,8 +397,23 @@ def apply_repo(repo_dir: str | Path, data_dir: str | Path) -> FeatureStore:
     for table in TABLES:
         if not (data_dir / f"{table}.parquet").exists():
             raise FileNotFoundError(f"{data_dir}/{table}.parquet is missing: run write_feature_tables first")
+    check_store_env(repo_dir)
     objects = _repo_objects(repo_dir, data_dir)
-    store = FeatureStore(repo_path=str(repo_dir))
+    with registry_lock(repo_dir):
+        store = _apply(FeatureStore(repo_path=str(repo_dir)), objects)
+    log.info(
+        "feast apply: %d objects in %s (data %s, %.1fs)", len(objects), repo_dir, data_dir, time.perf_counter() - started
+    )
+    return store
+
+
+def _apply(store: FeatureStore, objects: list) -> FeatureStore:
+    from feast import Entity as FeastEntity
+    from feast import FeatureService, FeatureView, Project
+    from feast.data_source import DataSource
+    from feast.feature_view import DUMMY_ENTITY
+    from feast.repo_contents import RepoContents
+    from feast.repo_operations import apply_total_with_repo_instance
 
     contents = RepoContents(
         projects=[Project(name=store.config.project)],
@@ -348,10 +433,6 @@ def apply_repo(repo_dir: str | Path, data_dir: str | Path) -> FeatureStore:
         if line.strip():
             log.debug("feast apply: %s", line)
     store.refresh_registry()
-    log.info(
-        "feast apply: %d views, %d services in %s (data %s, %.1fs)",
-        len(contents.feature_views), len(contents.feature_services), repo_dir, data_dir, time.perf_counter() - started,
-    )
     return store
 
 

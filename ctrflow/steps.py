@@ -291,36 +291,51 @@ def deploy_step(params: dict[str, Any], tag: str, repo_dir: str | Path, deployme
 
 
 # ---- drift ----------------------------------------------------------------------------------------------
+def quality_step(params: dict[str, Any], requests: str | Path, labels: str | Path, out_dir: str | Path | None) -> Any:
+    """Online quality: the request log (sampled to `drift.max_current_rows`, like drift) joined to the label feed."""
+    from ctrflow.monitoring.current import CurrentInputError, read_current
+    from ctrflow.monitoring.quality import QualityInputError, quality_report, read_labels
+
+    d = section(params, "drift")
+    try:
+        log, _ = read_current(requests, max_rows=d.max_current_rows, seed=d.sample_seed)
+    except CurrentInputError as exc:
+        raise QualityInputError(str(exc)) from exc
+    return quality_report(log, read_labels(labels), out_dir, settings=section(params, "quality"))
+
+
 def drift_step(
     params: dict[str, Any],
     training_set_dir: str | Path,
     current: str | Path,
     out_dir: str | Path,
     model_dir: str | Path | None = None,
-    reference_rows: int = 20_000,
 ) -> Any:
-    """Evidently drift: the training data (scored by the model) as reference, the request log or a slice as current."""
-    from ctrflow.monitoring import drift_report, read_request_log
+    """Evidently drift: the training data (its last `drift.reference_rows` train rows, scored by the model) as
+    reference; the request log or a slice as current, sampled to `drift.max_current_rows` (`read_current`)."""
+    from ctrflow.monitoring import DriftInputError, drift_report
+    from ctrflow.monitoring.current import CurrentInputError, read_current
     from ctrflow.training.artifact import Scorer, load_model_artifact
 
+    d = section(params, "drift")
     frame, spec = load_training_set(training_set_dir)
-    reference = frame[frame["split"] == "train"].tail(reference_rows).reset_index(drop=True)
-    current_path = Path(current)
-    current_df = read_request_log(current_path) if current_path.is_dir() else pd.read_parquet(current_path)
+    reference = frame[frame["split"] == "train"].tail(d.reference_rows).reset_index(drop=True)
+    try:
+        current_df, sampling = read_current(current, max_rows=d.max_current_rows, seed=d.sample_seed)
+    except CurrentInputError as exc:
+        raise DriftInputError(str(exc)) from exc
     if model_dir is not None:
         loaded = load_model_artifact(model_dir)
         scorer = Scorer(loaded.model, loaded.encoder)
         reference["prediction"] = scorer.score(reference)
         if "prediction" not in current_df.columns:
             current_df["prediction"] = scorer.score(current_df)
-    d = section(params, "drift")
     return drift_report(
         reference,
         current_df,
         spec,
         out_dir,
         prediction_column="prediction" if "prediction" in reference.columns else None,
-        stattest_threshold=d.stattest_threshold,
-        max_drifted_share=d.max_drifted_share,
-        fail_on_prediction_drift=d.fail_on_prediction_drift,
+        settings=d,
+        sampling=sampling,
     )

@@ -43,6 +43,8 @@ FILE_LEVELS = {
     "test_features.py": "component",
     "test_monitoring.py": "component",
     "test_online.py": "component",
+    "test_drift_verdicts.py": "component",
+    "test_online_quality.py": "component",
     "test_pipeline_families.py": "component",
     "test_pipeline_submit.py": "component",
     "test_registry.py": "component",
@@ -58,6 +60,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not any(item.get_closest_marker(level) for level in LEVELS):
             item.add_marker(getattr(pytest.mark, FILE_LEVELS.get(item.path.name, DEFAULT_LEVEL)))
+
+
+# ---- real services on free localhost ports (tests/services.py) --------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_url():
+    """A redis-server of this session on a free port; $CTRFLOW_REDIS (what the production profile reads) names it."""
+    from services import redis_server
+
+    with redis_server() as url, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTRFLOW_REDIS", url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def online_repo(request):
+    """online_repo(repo, store): point a repo copy's online store at `store` ("sqlite": as copied; "redis": the
+    production profile's block, on this session's redis-server)."""
+    from services import use_production_stores
+
+    def configure(repo, store: str):
+        if store == "redis":
+            request.getfixturevalue("redis_url")  # started on first use only
+            use_production_stores(repo, "online_store")
+        elif store != "sqlite":
+            raise ValueError(f"online store '{store}': one of sqlite, redis")
+        return repo
+
+    return configure
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 import pytest
+from services import ONLINE_STORES
 
 from ctrflow import features as F
 from ctrflow.data.frames import point_in_time_frame
@@ -50,6 +51,18 @@ def store(dataset, tmp_path_factory):
     F.write_feature_tables(dataset, root / "data")
     repo = F.copy_repo(root / "repo")
     return F.apply_repo(repo, root / "data")
+
+
+@pytest.fixture(scope="module", params=ONLINE_STORES)
+def online_store(request, dataset, tmp_path_factory, online_repo):
+    """An applied store whose online store is SQLite or Redis (one parameter), materialized past the last event."""
+    root = tmp_path_factory.mktemp(f"feast-{request.param}")
+    F.write_feature_tables(dataset, root / "data")
+    repo = online_repo(F.copy_repo(root / "repo"), request.param)
+    store = F.apply_repo(repo, root / "data")
+    assert type(store._get_provider().online_store).__name__.lower().startswith(request.param)
+    F.materialize(store, end=(dataset.interactions.event_timestamp.max() + pd.Timedelta(days=1)).to_pydatetime())
+    return store
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +130,9 @@ def test_historical_frame_equals_point_in_time_frame(offline, dataset):
         assert offline.at[i, "hist_item_ids"] == behaviour_at(dataset.interactions, row.user_id, row.event_timestamp, 10)
 
 
-def test_online_equals_offline_after_materialize(store, dataset):
+def test_online_equals_offline_after_materialize(online_store, dataset):
+    store = online_store
     end = dataset.interactions.event_timestamp.max() + pd.Timedelta(days=1)
-    F.materialize(store, end=end.to_pydatetime())
     items = [1, 2, 3, 5, 42, 150]
     busiest = int(dataset.interactions.user_id.value_counts().index[0])
     for user in (USER, busiest, 17):
@@ -136,8 +149,8 @@ def test_online_equals_offline_after_materialize(store, dataset):
     assert F.online_frame(store, USER, items, "home")["hist_item_ids"].iloc[0] == [1, 2, 3, 5]
 
 
-def test_unknown_user_and_item_are_missing_not_errors(store, dataset):
-    F.materialize(store, end=(dataset.interactions.event_timestamp.max() + pd.Timedelta(days=1)).to_pydatetime())
+def test_unknown_user_and_item_are_missing_not_errors(online_store, dataset):
+    store = online_store
     online = F.online_frame(store, UNKNOWN, [1, UNKNOWN], "home")
     assert online["hist_item_ids"].tolist() == [[], []]
     assert online["user_n_events"].tolist() == [0, 0] and online["user_n_events"].dtype == np.int64

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ctrflow.config import DriftParams
 from ctrflow.monitoring import DriftInputError, drift_report, read_request_log
 
 SHIFTED = ("region", "price")  # the two features the shifted frame changes
@@ -71,11 +72,9 @@ def test_request_log_of_same_data_is_not_breached(scored, spec, tmp_path):
     assert evidently_json["metrics"]
     summary = json.loads(result.summary_path.read_text())
     assert summary["breached"] is False
-    assert summary["thresholds"] == {
-        "stattest_threshold": 0.05,
-        "max_drifted_share": 0.5,
-        "fail_on_prediction_drift": True,
-    }
+    assert summary["thresholds"] == DriftParams().model_dump()  # the typed defaults, all recorded
+    assert summary["verdict"] == "ok" and summary["exit_code"] == 0
+    assert {row["scenario"] for row in summary["scenario_table"]} == set(scored["scenario"].astype(str))
     assert "drift check: ok" in result.summary()
 
 
@@ -90,8 +89,10 @@ def test_shifted_data_is_breached_and_names_the_features(shifted_result):
     assert not r.per_feature["gender"]["drifted"]
     assert r.prediction_drift["drifted"]
     assert r.drifted_share == pytest.approx(2 / len(r.per_feature))
-    # 2 of 11 features is under the 0.5 share, so the breach comes from the prediction alone
-    assert len(r.reasons) == 1 and "prediction" in r.reasons[0]
+    # 2 of 11 features is under the 0.5 share, so the breach comes from the prediction alone (overall, and in
+    # every scenario, each tested on its own)
+    assert len(r.overall.reasons) == 1 and "prediction" in r.overall.reasons[0]
+    assert all(p.breached and "prediction" in p.reasons[0] for p in r.scenarios.values())
     text = r.summary()
     assert "BREACHED" in text and "region" in text and "price" in text
     on_disk = json.loads(r.summary_path.read_text())
@@ -101,8 +102,8 @@ def test_shifted_data_is_breached_and_names_the_features(shifted_result):
 def test_drifted_share_threshold_names_features_in_reasons(scored, shifted, spec, tmp_path):
     r = drift_report(scored, shifted, spec, tmp_path, max_drifted_share=0.1, fail_on_prediction_drift=False)
     assert r.breached
-    assert len(r.reasons) == 1
-    assert "share 0.18 > max_drifted_share 0.1" in r.reasons[0]
+    assert len(r.overall.reasons) == 1
+    assert "2 of 11 tested features drifted (share 0.18 > max_drifted_share 0.1)" in r.overall.reasons[0]
     assert "region (" in r.reasons[0] and "price (" in r.reasons[0]
 
 
@@ -117,9 +118,9 @@ def test_feature_missing_in_every_current_row_breaches(scored, spec, tmp_path):
     cur = scored.assign(price=np.nan)
     r = drift_report(scored, cur, spec, tmp_path, prediction_column=None)
     assert r.breached and r.prediction_drift is None
-    assert r.per_feature["price"]["drifted"] and r.per_feature["price"]["test"] == "all values missing"
+    assert r.per_feature["price"]["missing"]["drifted"] and r.per_feature["price"]["status"] == "not enough data"
     assert r.drifted_features == ["price"]
-    assert any("'price' is null in all 6,000 current rows" in reason for reason in r.reasons)
+    assert any("feature 'price' missing in 100.0% of 6,000 current rows" in reason for reason in r.reasons)
 
 
 def test_missing_spec_column_names_column_and_frame(scored, spec, tmp_path):
@@ -138,7 +139,7 @@ def test_bad_input_gives_clear_errors(scored, spec, tmp_path):
     bad.loc[:2, "price"] = "n/a"
     with pytest.raises(DriftInputError, match=r"current frame: column 'price' .* 3 of 6,000 rows are not"):
         drift_report(scored, bad, spec, tmp_path)
-    with pytest.raises(DriftInputError, match="max_drifted_share must be in"):
+    with pytest.raises(DriftInputError, match="max_drifted_share"):
         drift_report(scored, scored, spec, tmp_path, max_drifted_share=1.5)
     with pytest.raises(DriftInputError, match="does not exist"):
         read_request_log(tmp_path / "nowhere")

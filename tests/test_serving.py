@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from services import ONLINE_STORES
 
 from ctrflow.server import start_server
 
@@ -70,23 +71,32 @@ def deployment(tmp_path_factory, tiny_dataset, tiny_frame):
             os.environ["BENTOML_HOME"] = saved_home
 
 
-@pytest.fixture(scope="module")
-def server(deployment):
-    """A real `bentoml serve` subprocess (default model = the registry's production one); always terminated."""
-    log_dir = deployment["root"] / "request_log"
-    served = {"bentoml_home": deployment["bentoml_home"], "feature_repo": deployment["repo"], "model_name": MODEL_NAME}
+@pytest.fixture(scope="module", params=ONLINE_STORES)
+def server(request, deployment, online_repo):
+    """A real `bentoml serve` subprocess (default model = the registry's production one) reading its features from
+    the SQLite or the Redis online store (one parameter); always terminated."""
+    from ctrflow import features
+
+    repo, store = deployment["repo"], deployment["store"]
+    if request.param != "sqlite":  # the same feature tables, applied and materialized into the other online store
+        repo = online_repo(features.copy_repo(deployment["root"] / f"repo-{request.param}"), request.param)
+        store = features.apply_repo(repo, deployment["repo"] / "data")
+        features.materialize(store)
+    log_dir = deployment["root"] / f"request_log-{request.param}"
+    served = {"bentoml_home": deployment["bentoml_home"], "feature_repo": repo, "model_name": MODEL_NAME}
     try:
         running = start_server(
             served,
             log_dir,
-            log_path=deployment["root"] / "server.log",
+            log_path=deployment["root"] / f"server-{request.param}.log",
             ready_timeout=READY_TIMEOUT_S,
             extra_env={"CTRFLOW_REQUEST_LOG_FLUSH_SECONDS": "0.5"},
         )
     except (RuntimeError, TimeoutError) as exc:
         pytest.fail(str(exc))
     with running:
-        yield {"url": running.url, "proc": running.process, "log_dir": log_dir, "server_log": running.log_path}
+        yield {"url": running.url, "proc": running.process, "log_dir": log_dir, "server_log": running.log_path,
+               "store": store}
 
 
 def _rank(url: str, **body) -> httpx.Response:
@@ -130,7 +140,7 @@ def test_rank_sorted_and_equal_to_in_process_scorer(server, deployment):
     assert body["fallback"] == {"user": False, "items": []}
 
     loaded = load_model_artifact(registry.model_path(deployment["tag"]))  # BENTOML_HOME: the fixture's store
-    expected = Scorer(loaded.model, loaded.encoder).score(features.online_frame(deployment["store"], user, items, scenario))
+    expected = Scorer(loaded.model, loaded.encoder).score(features.online_frame(server["store"], user, items, scenario))
     served = {i["item_id"]: i["score"] for i in body["items"]}
     np.testing.assert_allclose([served[i] for i in items], expected, rtol=1e-5, atol=1e-6)
 

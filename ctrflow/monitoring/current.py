@@ -1,0 +1,99 @@
+"""Reading the current frame for monitoring: a request-log folder, a folder of Parquet files or one file, sampled
+down to a bounded number of rows so memory stays bounded however large the log grows.
+
+Sampling rule: when the source holds N > `max_rows` rows, `max_rows` row positions are drawn uniformly without
+replacement with `numpy.random.default_rng(seed)` over the rows in source order (Parquet parts in name order, then
+the segments not compacted yet), and only those rows are kept while the source is read batch by batch (peak memory:
+the sample plus one record batch). The same log and seed give the same sample. Ids stay int64 (nullable Int64
+where values are missing), never float64.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from ctrflow.request_log import SEGMENT_SUFFIX, SEGMENTS, _concat, _read_segment, _stem, _to_pandas
+
+
+class CurrentInputError(ValueError):
+    """The current frame cannot be read; the message names the path and the cause."""
+
+
+def read_current(
+    path: str | Path, *, max_rows: int | None = None, seed: int = 0, columns: list[str] | None = None
+) -> tuple[pd.DataFrame, dict]:
+    """Rows of a request log (or a Parquet slice) as a frame, sampled to at most `max_rows` (module docstring).
+
+    Returns (frame, sampling) where sampling = {rows_total, rows_read, sampled, seed, rule}. Raises
+    CurrentInputError when the path is missing, holds no Parquet or no rows, or cannot be read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CurrentInputError(f"request log: {path} does not exist")
+    if path.is_dir() and not any(path.rglob("*.parquet")) and not any((path / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}")):
+        raise CurrentInputError(f"request log: no *.parquet file under {path}")
+    try:
+        dataset = pads.dataset(str(path), format="parquet", partitioning="hive")  # skips _segments and .tmp files
+        segments = _segment_tables(path, dataset) if path.is_dir() else []
+        n_parts = dataset.count_rows()
+    except (OSError, pa.ArrowException) as exc:
+        raise CurrentInputError(f"request log: cannot read Parquet at {path}: {exc}") from exc
+    total = n_parts + sum(t.num_rows for t in segments)
+    if total == 0:
+        raise CurrentInputError(f"request log: {path} holds no rows")
+    keep = None
+    if max_rows is not None and total > max_rows:
+        keep = np.sort(np.random.default_rng(seed).choice(total, size=max_rows, replace=False))
+    tables: list[pa.Table] = []
+    offset = 0
+    cols = None if columns is None else [c for c in columns if c in dataset.schema.names]
+    try:
+        for batch in dataset.to_batches(columns=cols):
+            tables.append(_take(pa.Table.from_batches([batch]), keep, offset))
+            offset += batch.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise CurrentInputError(f"request log: cannot read Parquet at {path}: {exc}") from exc
+    for t in segments:
+        t = t.select([c for c in t.column_names if columns is None or c in columns])
+        tables.append(_take(t, keep, offset))
+        offset += t.num_rows
+    table = _concat([t for t in tables if t.num_rows] or tables[:1])
+    frame = _to_pandas(table)
+    if "ts" in frame.columns:
+        frame = frame.sort_values("ts", kind="stable").reset_index(drop=True)
+    sampling = {
+        "rows_total": int(total),
+        "rows_read": len(frame),
+        "sampled": keep is not None,
+        "seed": seed,
+        "rule": "uniform without replacement over rows in source order (numpy default_rng(seed))" if keep is not None else "all rows",
+    }
+    return frame, sampling
+
+
+def _take(table: pa.Table, keep: np.ndarray | None, offset: int) -> pa.Table:
+    if keep is None:
+        return table
+    lo, hi = np.searchsorted(keep, [offset, offset + table.num_rows])
+    return table.take(pa.array(keep[lo:hi] - offset))
+
+
+def _segment_tables(directory: Path, dataset: pads.Dataset) -> list[pa.Table]:
+    """The rows of segments not compacted yet (a segment whose part exists is skipped: never a row twice)."""
+    part_stems = {_stem(Path(f)) for f in dataset.files}
+    tables: list[pa.Table] = []
+    for seg in sorted((directory / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}")):
+        if _stem(seg) in part_stems:
+            continue
+        try:
+            records, _ = _read_segment(seg)
+        except FileNotFoundError:  # compacted since the listing: its part was not in the dataset; read it now
+            part = directory / f"part-{_stem(seg)}.parquet"
+            records = [pads.dataset(str(part)).to_table()] if part.exists() else []
+        tables.extend(records)
+    return tables

@@ -1,0 +1,238 @@
+"""Drift verdicts on-call can act on: real Evidently runs on small hand-made frames whose answers can be worked out.
+
+The five faults of issue 14: a 2-row sample was BREACHED (now "not enough data", exit 3); a feature missing in 80%
+of current rows was "ok" (now a breach on its missing share); 64-bit ids lost in float64 (coverage now exact); a
+served item id 2**63-1 broke every later drift run (now read and compared as int64); a column null in every
+reference row stopped drift altogether (now "untestable", the rest checked).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from ctrflow.cli import cli
+from ctrflow.data.spec import FeatureSpec, FieldSpec
+from ctrflow.monitoring import (
+    BREACHED,
+    EXIT_BREACH,
+    EXIT_NOT_ENOUGH_DATA,
+    EXIT_OK,
+    NOT_ENOUGH_DATA,
+    OK,
+    drift_report,
+    read_current,
+    read_request_log,
+)
+from ctrflow.request_log import RequestLogger
+
+SPEC = FeatureSpec(
+    fields=[
+        FieldSpec("user_id", "categorical", "user", large=True),
+        FieldSpec("item_id", "categorical", "item", large=True),
+        FieldSpec("gender", "categorical", "user"),
+        FieldSpec("price", "numeric", "item", buckets=4),
+    ],
+    scenarios=["home", "search"],
+)
+BIG = 2**62
+
+
+def rows(n: int, seed: int, scenario: str | None = None) -> pd.DataFrame:
+    """n rows of one fixed generator (so two seeds give two samples of one distribution)."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({
+        "user_id": rng.integers(1, 200, n), "item_id": rng.integers(1, 100, n),
+        "gender": rng.choice(["F", "M"], n), "price": rng.uniform(1, 100, n).round(2),
+    })  # fmt: skip
+    if scenario is not None:
+        frame["scenario"] = scenario
+    return frame
+
+
+@pytest.fixture(scope="module")
+def reference() -> pd.DataFrame:
+    return rows(2000, 0)
+
+
+# ---- 1. a sample too small to test is "not enough data", never a breach --------------------------------------
+@pytest.mark.parametrize("n", [2, 8, 99])
+def test_tiny_current_sample_is_not_enough_data(reference, n, tmp_path):
+    r = drift_report(reference, reference.head(n), SPEC, tmp_path, prediction_column=None)
+    assert r.verdict == NOT_ENOUGH_DATA and not r.breached and r.exit_code == EXIT_NOT_ENOUGH_DATA == 3
+    assert r.reasons == []
+    assert f"{n:,} current rows, fewer than min_current_rows=100" in r.overall.notes[0]
+    assert "NOT ENOUGH DATA" in r.summary()
+    summary = json.loads(r.summary_path.read_text())
+    assert summary["verdict"] == "not_enough_data" and summary["exit_code"] == 3
+    assert r.html_path.exists()  # a page that says why, for whoever opens the report
+
+
+def test_enough_rows_of_the_same_distribution_is_ok_with_a_pvalue_test(reference, tmp_path):
+    # 150 current rows: the smaller sample is <= pvalue_max_rows (1000), so KS / chi-square p-values are used, not
+    # distances (a normed Wasserstein of 150 rows from the same distribution is itself ~0.1: a false alarm)
+    r = drift_report(reference, rows(150, 1), SPEC, tmp_path, prediction_column=None)
+    assert r.verdict == OK and r.exit_code == EXIT_OK
+    assert r.per_feature["price"]["test"] == "ks" and r.per_feature["gender"]["test"] == "chisquare"
+    assert r.per_feature["price"]["threshold"] == 0.01
+    assert r.per_feature["price"]["score"] > 0.01  # a p-value: same distribution
+
+
+def test_a_real_shift_in_a_small_sample_is_still_caught(reference, tmp_path):
+    cur = rows(150, 1).assign(price=lambda f: f["price"] + 50.0)  # half the range moved: KS p ~ 1e-30
+    r = drift_report(reference, cur, SPEC, tmp_path, prediction_column=None)
+    assert r.per_feature["price"]["status"] == "drifted" and r.per_feature["price"]["score"] < 1e-10
+    assert r.per_feature["gender"]["status"] == "no drift"
+    assert r.drifted_share == 0.5 and not r.breached  # 1 of 2 is not more than max_drifted_share 0.5
+    r = drift_report(reference, cur, SPEC, tmp_path, prediction_column=None, max_drifted_share=0.4)
+    assert r.breached and r.exit_code == EXIT_BREACH and "1 of 2 tested features drifted (share 0.50" in r.reasons[0]
+
+
+def test_cli_exit_codes(reference, tmp_path):
+    ts = tmp_path / "training_set"
+    ts.mkdir()
+    reference.assign(split="train", label=0).to_parquet(ts / "frame.parquet")
+    SPEC.save(ts / "spec.json")
+    reference.head(2).to_parquet(tmp_path / "two.parquet")
+    rows(300, 1).to_parquet(tmp_path / "same.parquet")
+    rows(300, 1).assign(gender=None).to_parquet(tmp_path / "gone.parquet")
+    for name, code, text in (("two", 3, "NOT ENOUGH DATA"), ("same", 0, "drift check: ok"), ("gone", 1, "BREACHED")):
+        out = CliRunner().invoke(cli, ["monitor", "drift", "--training-set", str(ts), "--current", str(tmp_path / f"{name}.parquet"), "--out", str(tmp_path / name)])
+        assert out.exit_code == code, (name, out.output)
+        assert text in out.output
+
+
+# ---- 2. the missing-value share is a drift signal of its own ------------------------------------------------
+def test_feature_missing_in_most_current_rows_breaches(reference, tmp_path):
+    cur = rows(500, 1)
+    cur["gender"] = cur["gender"].astype(object)
+    cur.loc[:399, "gender"] = None  # 400 of 500: 80%
+    r = drift_report(reference, cur, SPEC, tmp_path, prediction_column=None)
+    m = r.per_feature["gender"]["missing"]
+    assert (m["reference_share"], m["current_share"]) == (0.0, 0.8)
+    # pooled share 400/2500 = 0.16; se = sqrt(0.16*0.84*(1/2000+1/500)) = 0.0183; z = 0.8/0.0183 = 43.6
+    assert m["p_value"] < 1e-100 and m["drifted"]
+    assert r.breached and r.exit_code == EXIT_BREACH
+    assert r.reasons == [
+        "feature 'gender' missing in 80.0% of 500 current rows (reference 0.0%; change > 0.1, z-test p=0)"
+    ]
+    # the 100 values that did arrive have the reference's distribution: the value test alone says no drift
+    assert r.per_feature["gender"]["status"] == "no drift"
+    assert r.drifted_features == ["gender"]
+
+
+def test_small_missing_share_change_is_not_drift(reference, tmp_path):
+    cur = rows(500, 1)
+    cur.loc[:24, "price"] = np.nan  # 25 of 500 = 5%: under max_missing_share_change 0.1
+    r = drift_report(reference, cur, SPEC, tmp_path, prediction_column=None)
+    m = r.per_feature["price"]["missing"]
+    assert m["current_share"] == 0.05 and not m["drifted"] and r.verdict == OK
+
+
+def test_feature_missing_in_every_current_row_breaches(reference, tmp_path):
+    r = drift_report(reference, rows(300, 1).assign(price=np.nan), SPEC, tmp_path, prediction_column=None)
+    assert r.breached and r.per_feature["price"]["missing"]["current_share"] == 1.0
+    assert r.per_feature["price"]["status"] == "not enough data"  # no value arrived to value-test
+    assert r.per_feature["gender"]["status"] == "no drift"  # the rest is still checked
+    assert any("feature 'price' missing in 100.0% of 300 current rows" in x for x in r.reasons)
+
+
+# ---- 3 and 4. ids stay int64 end to end ---------------------------------------------------------------------
+def test_hashed_64_bit_id_coverage_is_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = rows(1000, 0).assign(
+        user_id=(BIG + 2 * rng.integers(0, 100, 1000)).astype("int64"), item_id=(BIG + 2 * rng.integers(0, 50, 1000)).astype("int64")
+    )
+    cur = ref.head(200).copy()
+    cur["user_id"] += 1  # odd: never in the reference (float64 would round BIG + 1 to BIG and call it seen)
+    cur.loc[cur.index[:50], "item_id"] += 1  # 50 of 200 unseen
+    r = drift_report(ref, cur, SPEC, tmp_path, prediction_column=None)
+    assert r.id_coverage == {"user_id": 0.0, "item_id": 0.75}
+    assert "user_id coverage (current ids seen in reference): 0.0%" in r.summary()
+
+
+def test_served_item_id_2_63_minus_1_does_not_break_drift(reference, tmp_path):
+    """The service accepts any int64 item id; an unknown one is logged with null item features and must stay
+    exact through the request log, its sampled read and the coverage figure."""
+    top = 2**63 - 1
+    cur = rows(150, 1)
+    cur.loc[0, "item_id"] = top
+    cur.loc[0, "price"] = np.nan  # unknown item: no features
+    with RequestLogger(tmp_path / "log", flush_rows=100) as log:
+        for start in range(0, 150, 50):
+            chunk = cur.iloc[start : start + 50]
+            log.log_request(
+                request_id=f"r{start}", user_id=int(chunk["user_id"].iloc[0]), scenario="home", model="m",
+                features=chunk[["gender", "price"]], item_ids=chunk["item_id"].tolist(),
+                predictions=np.full(len(chunk), 0.1),
+            )  # fmt: skip
+    logged = read_request_log(tmp_path / "log")
+    assert logged["item_id"].dtype == np.int64 and top in set(logged["item_id"].tolist())
+    sampled, info = read_current(tmp_path / "log", max_rows=100, seed=3)
+    assert len(sampled) == 100 and info["rows_total"] == 150 and info["sampled"]
+    assert sampled["item_id"].dtype == np.int64
+    r = drift_report(reference, logged, SPEC, tmp_path / "out", prediction_column=None)
+    assert r.verdict == OK
+    # every logged user id is one of the reference's (same generator, ids 1..199, seen in 2,000 rows) except by
+    # chance; the item ids are 1..99 (all seen) plus the one 2**63-1: exactly 149 of 150
+    assert r.id_coverage["item_id"] == pytest.approx(149 / 150)
+
+
+# ---- 5. a column that cannot be tested is reported, the rest checked ----------------------------------------
+def test_column_null_in_every_reference_row_is_untestable_and_the_rest_is_checked(reference, tmp_path):
+    ref = reference.assign(gender=None)
+    cur = rows(300, 1).assign(gender=None, price=lambda f: f["price"] + 50.0)
+    r = drift_report(ref, cur, SPEC, tmp_path, prediction_column=None)
+    assert r.per_feature["gender"]["status"] == "untestable" and r.per_feature["gender"]["test"] is None
+    assert not r.per_feature["gender"]["missing"]["drifted"]  # null before, null now: nothing moved
+    assert any("'gender' is untestable: null in all 2,000 reference rows" in n for n in r.overall.notes)
+    assert r.per_feature["price"]["status"] == "drifted"  # still checked, and drifted
+    assert r.drifted_share == 1.0 and r.breached  # 1 of 1 tested feature
+
+
+# ---- per scenario ----------------------------------------------------------------------------------------------
+def test_a_feature_gone_in_one_scenario_is_caught_in_that_scenario(tmp_path):
+    ref = pd.concat([rows(1800, 0, "home"), rows(600, 1, "search")], ignore_index=True)
+    cur = pd.concat([rows(900, 2, "home"), rows(100, 3, "search").assign(price=np.nan)], ignore_index=True)
+    r = drift_report(ref, cur, SPEC, tmp_path, prediction_column=None)
+    # overall the missing share is 100/1000 = 0.1, not more than 0.1: only the scenario view sees it
+    assert r.overall.verdict == OK and r.per_feature["price"]["missing"]["current_share"] == 0.1
+    assert r.scenarios["home"].verdict == OK and r.scenarios["search"].verdict == BREACHED
+    assert r.breached and len(r.reasons) == 1
+    # pooled 100/2400; se = sqrt(0.0417*0.9583*(1/600+1/100)) = 0.0214; z = 1/0.0214 = 46.8: p ~ 1e-154
+    assert r.reasons[0].startswith(
+        "scenario 'search': feature 'price' missing in 100.0% of 100 current rows (reference 0.0%; change > 0.1, z-test p="
+    )
+    assert r.scenarios["search"].per_feature["price"]["missing"]["p_value"] < 1e-100
+    table = {row["scenario"]: row for row in r.scenario_table()}
+    assert table["search"]["drifted_features"] == ["price"] and table["home"]["drifted_features"] == []
+    assert (tmp_path / "scenarios" / "search" / "drift_report.html").exists()
+    on_disk = json.loads(r.summary_path.read_text())
+    assert [row["verdict"] for row in on_disk["scenario_table"]] == ["ok", "breached"]
+
+
+def test_a_scenario_with_too_few_rows_is_not_enough_data_not_a_breach(tmp_path):
+    ref = pd.concat([rows(1800, 0, "home"), rows(600, 1, "search")], ignore_index=True)
+    cur = pd.concat([rows(900, 2, "home"), rows(5, 3, "search").assign(price=np.nan)], ignore_index=True)
+    r = drift_report(ref, cur, SPEC, tmp_path, prediction_column=None)
+    assert r.scenarios["search"].verdict == NOT_ENOUGH_DATA and r.verdict == OK
+
+
+def test_sampled_read_is_seeded_and_uniform(tmp_path):
+    frame = rows(1000, 0).assign(row=np.arange(1000))
+    (tmp_path / "log").mkdir()
+    frame.iloc[:600].to_parquet(tmp_path / "log" / "part-a.parquet")
+    frame.iloc[600:].to_parquet(tmp_path / "log" / "part-b.parquet")
+    a, info = read_current(tmp_path / "log", max_rows=300, seed=1)
+    b, _ = read_current(tmp_path / "log", max_rows=300, seed=1)
+    c, _ = read_current(tmp_path / "log", max_rows=300, seed=2)
+    assert info == {**info, "rows_total": 1000, "rows_read": 300, "sampled": True, "seed": 1}
+    assert a["row"].tolist() == b["row"].tolist() != c["row"].tolist()
+    assert a["row"].is_unique and set(a["row"]) <= set(range(1000))
+    assert 0 < (a["row"] >= 600).sum() < 300  # both parts contribute
+    full, info = read_current(tmp_path / "log", max_rows=5000)
+    assert len(full) == 1000 and not info["sampled"]
