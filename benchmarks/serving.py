@@ -154,29 +154,41 @@ def bare_model_p50_ms(model_dir: str, feature_repo: str, request: dict[str, Any]
     return loaded.name, float(np.median(times))
 
 
-def group_cpu_s(pgid: int) -> float:
-    """CPU seconds (user + system) used so far by the live processes of a process group (the server's arbiter and
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a server process and its live descendants (BentoML's arbiter and
     workers): per request, a cost that the machine's other load does not inflate as it inflates latency."""
     import psutil
 
     total = 0.0
-    for proc in psutil.process_iter():
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for proc in procs:
         try:
-            if os.getpgid(proc.pid) == pgid:
-                t = proc.cpu_times()
-                total += t.user + t.system
-        except (ProcessLookupError, PermissionError, psutil.Error):
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
             continue
     return total
 
 
-def _logged(log_dir: Path) -> int:
+def logged_between(log_dir: Path, windows: list[tuple[float, float]]) -> list[int]:
+    """Requests in the request log (read after the server stopped, so everything is compacted) whose time stamp falls
+    in each (start, end) window (epoch seconds): the log rows of each load level."""
     from ctrflow.request_log import read_request_log
 
     if not log_dir.exists():
-        return 0
+        return [0] * len(windows)
     log = read_request_log(log_dir)
-    return int(log["request_id"].nunique()) if len(log) else 0
+    if not len(log):
+        return [0] * len(windows)
+    import pandas as pd
+
+    ts = pd.to_datetime(log.groupby("request_id")["ts"].first(), utc=True)
+    seconds = (ts - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
+    return [int(((seconds >= a) & (seconds <= b)).sum()) for a, b in windows]
 
 
 def _fmt(v: Any) -> str:
@@ -227,30 +239,36 @@ def measure(
     extra = {"CTRFLOW_BARE_CANDIDATES": str(candidates)}
     service = "serving.service:RankingService" if endpoint == "rank" else BARE_SERVICE
     records = []
-    with start_server(deployment, log_dir, workers=workers, threads=1, service=service, extra_env=extra, ready_timeout=300) as server:
+    server_log = log_dir.parent / f"{log_dir.name}.server.log"
+    with start_server(deployment, log_dir, workers=workers, threads=1, service=service, extra_env=extra, log_path=server_log, ready_timeout=300) as server:
         for body in requests[: 10 * workers]:  # warm-up: every worker
             httpx.post(server.url + "/rank", json=body, timeout=30)
             if endpoint == "bare-batched":
                 httpx.post(server.url + "/rank_batched", json={"item_counts": [len(body["item_ids"])]}, timeout=30)
+        windows = []
         for concurrency in concurrencies:
             load_before = os.getloadavg()[0]
-            logged_before = _logged(log_dir) if endpoint == "rank" else 0
+            start = time.time()
             before = httpx.get(server.url + "/metrics", timeout=30).text
-            cpu_before = group_cpu_s(server.process.pid)
+            cpu_before = server_cpu_s(server.process.pid)
             result = load(server.url, requests, concurrency, duration, batched=endpoint == "bare-batched")
-            cpu = group_cpu_s(server.process.pid) - cpu_before
+            cpu = server_cpu_s(server.process.pid) - cpu_before
             after = httpx.get(server.url + "/metrics", timeout=30).text
-            logged = _logged(log_dir) - logged_before if endpoint == "rank" else None
+            windows.append((start, time.time()))
             record = {
                 "endpoint": endpoint, "model": target["model"], "family": run.get("family"), "workers": workers,
                 "threads": 1, "candidates": candidates, "concurrency": concurrency, **result,
                 "server_cpu_ms_per_request": round(cpu * 1000 / max(result["answered"], 1), 2),
                 "stages_ms": stage_breakdown(before, after) if endpoint == "rank" else None,
-                "bare_model_p50_ms": round(target["bare"], 3), "logged_requests": logged,
+                "bare_model_p50_ms": round(target["bare"], 3), "logged_requests": None,
                 "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)], "run": run_id,
             }  # fmt: skip
             records.append(record)
             print(json.dumps(record), flush=True)
+    if endpoint == "rank":  # the server is stopped: every answered request is compacted into the log
+        for record, logged in zip(records, logged_between(log_dir, windows)):
+            record["logged_requests"] = logged
+            print(f"{endpoint} w{workers} c{record['concurrency']}: {logged} logged, {record['answered']} answered", flush=True)
     return records
 
 
