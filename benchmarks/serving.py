@@ -225,7 +225,39 @@ def render(records: list[dict[str, Any]]) -> str:
             f"| {_fmt(r.get('logged_requests'))} "
             f"| {'–' if not load_avg else f'{load_avg[0]:.1f}/{load_avg[1]:.1f}'} | {r.get('run', '–')} |"
         )
+    lines += ["", *targets(records)]
     return "\n".join(lines) + "\n"
+
+
+def targets(records: list[dict[str, Any]]) -> list[str]:
+    """Issue 10's targets per model, from the newest run that measured it: c=1 p99 of `rank` (<= 10 ms; DMAE
+    <= 25 ms), and `rank` rps at c=8 with 2 workers over the `bare` rps of the same run (>= 0.8)."""
+    out = ["## Targets (newest run per model)", ""]
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("endpoint") in ("rank", "bare") and r.get("workers") is not None:
+            by_model.setdefault(r["model"], []).append(r)
+    for model, rs in sorted(by_model.items()):
+        newest = max(r.get("run", "") for r in rs)
+        rs = [r for r in rs if r.get("run", "") == newest]
+        def get(e: str, w: int, c: int, rs: list[dict[str, Any]] = rs) -> dict[str, Any] | None:
+            return next((r for r in rs if r["endpoint"] == e and r["workers"] == w and r["concurrency"] == c), None)
+
+        limit = 25.0 if model == "dmae" else 10.0
+        parts = []
+        for w in (1, 2):
+            one = get("rank", w, 1)
+            if one:
+                parts.append(f"c=1, {w} worker(s): p99 {one['p99_ms']} ms (target <= {limit:g}: {'met' if one['p99_ms'] <= limit else 'NOT met'})")
+        rank8, bare8 = get("rank", 2, 8), get("bare", 2, 8)
+        if rank8 and bare8 and bare8["rps"]:
+            ratio = rank8["rps"] / bare8["rps"]
+            parts.append(f"c=8, 2 workers: {rank8['rps']} rps vs bare {bare8['rps']} = {ratio:.2f}x (target >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'})")
+        errors = sum(r["errors"] for r in rs if r["endpoint"] == "rank")
+        logged_ok = all(r.get("logged_requests") == r.get("answered") for r in rs if r["endpoint"] == "rank")
+        parts.append(f"rank errors {errors}; request-log rows = answered requests: {'yes' if logged_ok else 'NO'}")
+        out.append(f"- **{model}** (run {newest}): " + "; ".join(parts))
+    return out
 
 
 def measure(

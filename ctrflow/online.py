@@ -132,6 +132,23 @@ def normalise_value(name: str, type_name: str, v: Any) -> Any:
     return math.nan if v is None else v
 
 
+def _repeat(one: pa.Array, n: int, zeros: pa.Array) -> pa.Array:
+    """A one-row Arrow array repeated n times (the user's value on every candidate's row)."""
+    if one.null_count:
+        return pa.nulls(n, one.type)
+    t = one.type
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        return pa.array(np.repeat(one.to_numpy(zero_copy_only=False), n), type=t)
+    if pa.types.is_list(t):
+        flat = one.flatten()
+        if flat.null_count:
+            return one.take(zeros)
+        k = len(flat)
+        child = pa.array(np.tile(flat.to_numpy(zero_copy_only=False), n), type=t.value_type) if k else flat
+        return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), child, type=t)
+    return one.take(zeros)
+
+
 # ---- the item snapshot --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ItemSnapshot:
@@ -144,6 +161,7 @@ class ItemSnapshot:
     log_table: pa.Table
     marker: str | None
     built_at: float
+    key_codes: dict[str, np.ndarray]  # the item key's fields: code of each snapshot id ([N + 1], row N: 0)
 
     def rows(self, item_ids: list[int]) -> np.ndarray:
         """Row index per candidate (N for an item the snapshot does not hold)."""
@@ -174,7 +192,12 @@ def _all_item_ids(store: Any, encoder: FeatureEncoder) -> np.ndarray:
 
 
 def build_snapshot(
-    store: Any, service: str, encoder: FeatureEncoder, item_fields: list[FieldSpec], to_arrow: Callable[..., pa.Array] | None
+    store: Any,
+    service: str,
+    encoder: FeatureEncoder,
+    item_fields: list[FieldSpec],
+    to_arrow: Callable[..., pa.Array] | None,
+    key_fields: list[tuple[FieldSpec, ValueEncoder]] = (),  # type: ignore[assignment]
 ) -> ItemSnapshot:
     """Read every item's features from the online store (in chunks of ITEM_CHUNK) and encode them. Off the hot path
     (start and refresh), so pandas and the encoder's own transform are used here: the item side equals today's path
@@ -198,7 +221,8 @@ def build_snapshot(
         log_table = pa.Table.from_arrays(arrays, names=value_columns)
     else:
         log_table = pa.table({})
-    return ItemSnapshot(ids, {int(i): k for k, i in enumerate(ids)}, encoded, log_table, marker, time.time())
+    key_codes = {f.name: np.asarray([enc.code(int(i)) for i in ids] + [0], dtype=np.int64) for f, enc in key_fields}
+    return ItemSnapshot(ids, {int(i): k for k, i in enumerate(ids)}, encoded, log_table, marker, time.time(), key_codes)
 
 
 # ---- the scorer -------------------------------------------------------------------------------------------------
@@ -262,7 +286,9 @@ class OnlineScorer:
                     f"field '{f.name}' (column '{f.column}'): served by no view of feature service '{service}' "
                     f"(item view columns {sorted(item_columns)}, user view columns {sorted(user_columns)})"
                 )
-        self.snapshot = build_snapshot(store, service, encoder, self.item_fields, to_arrow)
+        self._views = self._direct_views()
+        self._provider = self.store._get_provider() if self._views is not None else None
+        self.snapshot = build_snapshot(store, service, encoder, self.item_fields, to_arrow, self.key_fields)
         self.refreshes = 0
         self.refresh_errors = 0
         self._stop = threading.Event()
@@ -277,7 +303,7 @@ class OnlineScorer:
         if not force and materialization_marker(self.store.repo_path) == self.snapshot.marker:
             return False
         started = time.perf_counter()
-        snapshot = build_snapshot(self.store, self.service, self.encoder, self.item_fields, self.to_arrow)
+        snapshot = build_snapshot(self.store, self.service, self.encoder, self.item_fields, self.to_arrow, self.key_fields)
         self.snapshot = snapshot  # one reference assignment: a request in flight keeps the snapshot it read
         self.refreshes += 1
         log.info(
@@ -300,17 +326,48 @@ class OnlineScorer:
         self._stop.set()
 
     # ---- scoring -------------------------------------------------------------------------------------------
+    def _direct_views(self) -> list[tuple[Any, list[str]]] | None:
+        """(feature view, feature names) per user view when the provider can be read directly: views without a TTL
+        (so no age filter applies) keyed by the user key alone; None otherwise (read through get_online_features)."""
+        views = []
+        try:
+            for view in USER_VIEWS:
+                names = [name for v, name, _ in self.user_columns if v == view]
+                if not names:
+                    continue
+                fv = self.store.get_feature_view(view)
+                if (fv.ttl and fv.ttl.total_seconds() > 0) or list(fv.join_keys) != [self.encoder.spec.user_key]:
+                    return None
+                views.append((fv, names))
+        except Exception:  # noqa: BLE001 - any doubt: the public API
+            return None
+        return views
+
     def read_user(self, user_id: int) -> dict[str, Any]:
-        """The user's online features (one read, one entity), normalised as `online_frame` holds them."""
+        """The user's online features (one entity), normalised as `online_frame` holds them.
+
+        The provider's online_read per user view (the store's own read, without get_online_features' request
+        planning: ~0.05 ms instead of ~0.5 ms on SQLite) when `_direct_views` allows; else get_online_features."""
         from feast.type_map import feast_value_type_to_python_type
 
         if not self.user_refs:
             return {}
-        proto = self.store.get_online_features(features=self.user_refs, entity_rows=[{self.encoder.spec.user_key: int(user_id)}]).proto
-        results = dict(zip(proto.metadata.feature_names.val, proto.results))
-        return {
-            name: normalise_value(name, t, feast_value_type_to_python_type(results[name].values[0])) for _, name, t in self.user_columns
-        }
+        if self._views is not None:
+            from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+            from feast.protos.feast.types.Value_pb2 import Value
+
+            key = EntityKey(join_keys=[self.encoder.spec.user_key], entity_values=[Value(int64_val=int(user_id))])
+            raw: dict[str, Any] = {}
+            for fv, names in self._views:
+                _, values = self._provider.online_read(config=self.store.config, table=fv, entity_keys=[key], requested_features=names)[0]
+                for name in names:
+                    v = (values or {}).get(name)
+                    raw[name] = None if v is None else feast_value_type_to_python_type(v)
+        else:
+            proto = self.store.get_online_features(features=self.user_refs, entity_rows=[{self.encoder.spec.user_key: int(user_id)}]).proto
+            results = dict(zip(proto.metadata.feature_names.val, proto.results))
+            raw = {name: feast_value_type_to_python_type(results[name].values[0]) for _, name, _ in self.user_columns}
+        return {name: normalise_value(name, t, raw[name]) for _, name, t in self.user_columns}
 
     def batch(self, user_id: int, user: dict[str, Any], scenario: str, item_ids: list[int], snapshot: ItemSnapshot) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         """The model's input tensors for one request ([n, ...] per field) and the candidates' snapshot rows."""
@@ -320,8 +377,12 @@ class OnlineScorer:
         batch: dict[str, torch.Tensor] = {}
         for f in self.item_fields:
             batch[f.name] = snapshot.encoded[f.name].index_select(0, index)
+        outside = np.flatnonzero(rows == len(snapshot.ids))  # ids the snapshot does not hold: looked up one by one
         for f, enc in self.key_fields:
-            batch[f.name] = torch.from_numpy(np.fromiter((enc.code(i) for i in item_ids), dtype=np.int64, count=n))
+            codes = snapshot.key_codes[f.name][rows]
+            for k in outside:
+                codes[k] = enc.code(item_ids[k])
+            batch[f.name] = torch.from_numpy(codes)
         values = {**user, self.encoder.spec.user_key: int(user_id)}
         for f, enc in self.user_fields:
             one = torch.from_numpy(enc(values.get(f.column))).unsqueeze(0)
@@ -364,7 +425,7 @@ class OnlineScorer:
                     cell[0] = v
                 else:
                     cell = np.asarray([v])
-                arrays.append(self.to_arrow(name, cell).take(zeros))
+                arrays.append(_repeat(self.to_arrow(name, cell), n, zeros))
             names.append(name)
         return pa.Table.from_arrays(arrays, names=names)
 

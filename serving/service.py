@@ -32,6 +32,7 @@ from collections import Counter
 from typing import Annotated, Any
 
 import bentoml
+import numpy as np
 from bentoml.exceptions import InvalidArgument
 from pydantic import Field
 
@@ -199,14 +200,13 @@ class RankingService:
         scores = ranked.scores
         unknown_user = self.known_users is not None and user_id not in self.known_users
         unknown_items = [] if self.known_items is None else [i for i in item_ids if i not in self.known_items]
-        order = sorted(range(len(item_ids)), key=lambda k: -float(scores[k]))  # stable: ties keep request order
+        order = np.argsort(-scores, kind="stable")  # stable: ties keep request order
         request_id = uuid.uuid4().hex
         latency_ms = (time.perf_counter() - started) * 1000
         t_log = time.perf_counter()
         if self.request_log is not None:
-            rank_of = [0] * len(item_ids)
-            for position, k in enumerate(order, start=1):
-                rank_of[k] = position
+            rank_of = np.empty(len(item_ids), dtype=np.int32)
+            rank_of[order] = np.arange(1, len(item_ids) + 1, dtype=np.int32)
             unknown = set(unknown_items)
             self.request_log.log_request(
                 request_id=request_id,
@@ -219,7 +219,9 @@ class RankingService:
                 extra={
                     "rank": rank_of,
                     "fallback_user": unknown_user,
-                    "fallback_item": [i in unknown for i in item_ids],
+                    "fallback_item": np.fromiter((i in unknown for i in item_ids), dtype=bool, count=len(item_ids))
+                    if unknown
+                    else np.zeros(len(item_ids), dtype=bool),
                     "latency_ms": latency_ms,
                 },
             )
@@ -238,7 +240,7 @@ class RankingService:
             "model": self.tag,
             "user_id": user_id,
             "scenario": scenario,
-            "items": [{"item_id": item_ids[k], "score": float(scores[k])} for k in order],
+            "items": [{"item_id": item_ids[k], "score": v} for k, v in zip(order.tolist(), scores[order].tolist())],
             "fallback": {"user": unknown_user, "items": unknown_items},
         }
 

@@ -107,6 +107,29 @@ def test_fast_path_scores_equal_the_frame_path_for_every_family(online, family):
         assert set(got.timings) == {"feature_read", "encode", "model"}
 
 
+def test_user_read_direct_and_through_get_online_features_agree(online):
+    """Views without TTL are read through the provider directly; the public get_online_features path (used for views
+    with a TTL) gives the same values, for a known and an unknown user."""
+    from ctrflow.models import build_model
+    from ctrflow.online import OnlineScorer
+
+    fast = OnlineScorer(online["store"], SERVICE, build_model("lr", online["encoder"], {}), online["encoder"], refresh_s=0)
+    assert fast._views is not None  # the tiny repo's user views have no TTL
+    frame = online["frame"]
+    for user in (int(frame["user_id"].iloc[0]), int(frame["user_id"].max()) + 1000):
+        direct = fast.read_user(user)
+        fast._views = None
+        public = fast.read_user(user)
+        fast._views = fast._direct_views()
+        assert direct.keys() == public.keys()
+        for name in direct:
+            a, b = direct[name], public[name]
+            if isinstance(a, list | np.ndarray):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+            else:
+                assert (pd.isna(a) and pd.isna(b)) or a == b, f"{name}: {a!r} != {b!r}"
+
+
 def test_request_log_rows_equal_the_frame_path(online, tmp_path):
     """The features logged from the fast path are the values online_frame serves, column for column."""
     from ctrflow import features
