@@ -8,14 +8,15 @@ and read only the user's features per request; so does this module.
   same read and normalisation as `features.online_frame`), encoded by the model's own `FeatureEncoder` into one
   tensor per item-side field ([N + 1, ...]; the last row is "an item the store does not hold": every feature
   missing), plus the raw values as an Arrow table for the request log. Immutable: a refresh builds a new one.
-- `OnlineScorer.rank_scores`: one `get_online_features` call for the user's views (a single entity), the user's
-  fields encoded without pandas (`encode_value`, the encoder's rules for one value), the item fields gathered from
+- `OnlineScorer.rank_scores`: one online read of the user's views (a single entity; the provider's online_read per
+  view when the views have no TTL, else `get_online_features`), the user's fields encoded without pandas
+  (`ValueEncoder`, the encoder's rules for one value), the item fields gathered from
   the snapshot by row index, the model in inference mode. Scores equal `Scorer.score(online_frame(...))` (tests).
 - Refresh: `features.materialize` records the materialisation in `<repo>/materialized.json`. A background thread
   of each worker reads that marker every `refresh_s` seconds (params `serving.item_cache_refresh_s`) and, when it
   changed, builds a new snapshot and swaps the reference; a request holds the snapshot it started with, so no
-  request fails or sees a half-built table. Staleness bound: an item value materialised at time t is served from
-  t + refresh_s + the build time (about 1 s per 10k items) at the latest; an item the store gains after the snapshot
+  request fails or sees a half-built table. Staleness bound: an item value whose materialisation finished at time t
+  is served from t + refresh_s + the snapshot's build time (logged with each refresh) at the latest; an item the store gains after the snapshot
   is scored as unknown-to-the-store (all features missing, as today's path scores an unknown item) until then.
 
 Errors: construction raises KeyError naming the field when a model field is served by no view of the feature
