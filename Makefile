@@ -50,7 +50,7 @@ test: $(STAMP) system-deps
 # the fast levels (tests/conftest.py sets each test's level): unit + component, nothing marked slow, on both cores
 # (one file per worker, so module fixtures are built once); under 2 minutes on 2 cores
 test-quick: $(STAMP) system-deps
-	$(VENV)/bin/pytest -n 2 --dist loadfile -m "(unit or component) and not slow"
+	$(VENV)/bin/pytest -n 2 --dist loadfile -m "(unit or component) and not slow and not spark"
 
 repro: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro

@@ -12,7 +12,7 @@ import os
 BASE_IMAGE = os.environ.get("CTRFLOW_BASE_IMAGE", "ctrflow/python3.11:0.1.0")
 
 from components.deploy import deploy_model  # noqa: E402
-from components.drift import check_drift  # noqa: E402
+from components.drift import check_drift, check_quality, request_retraining  # noqa: E402
 from components.embed import embed_items  # noqa: E402
 from components.features import build_features  # noqa: E402
 from components.finetune import finetune_model  # noqa: E402
@@ -27,12 +27,14 @@ __all__ = [
     "BASE_IMAGE",
     "build_features",
     "check_drift",
+    "check_quality",
     "deploy_model",
     "embed_items",
     "finetune_model",
     "pretrain_model",
     "promotion_gate",
     "register_model",
+    "request_retraining",
     "train_model",
     "train_multiscenario",
     "validate_data",

@@ -28,6 +28,7 @@ import functools
 import inspect
 import json
 import os
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -35,7 +36,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +76,11 @@ class _Issues(ValueError):
 def _render(path: Iterable[str], kind: str, text: str) -> str:
     dotted = ".".join(str(p) for p in path)
     return f"unknown key '{dotted}'{text}" if kind == "unknown" else f"{dotted}: {text}"
+
+
+def did_you_mean(key: str, valid: Iterable[str]) -> str:
+    """" (did you mean 'epochs'?)" for the nearest valid name, else " (valid keys: ...)": the tail of an error."""
+    return _hint(key, valid)
 
 
 def _hint(key: str, valid: Iterable[str]) -> str:
@@ -114,7 +129,17 @@ def _fields_at(cls: Any, loc: tuple[str, ...]) -> list[str] | None:
 class Section(BaseModel):
     """A params.yaml section: unknown keys rejected with the nearest valid name; an empty (null) section = defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    # ±inf and NaN are never a setting: `lr: .inf` or `--set train.lr=nan` would only surface as a diverged run
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_no_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true/false as 1/0 for an int or float field: `epochs: yes` would train one epoch
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and not takes_bool(annotation):
+            raise ValueError(f"expected {_type_words(annotation)}, got a yes/no value ({str(value).lower()})")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -124,6 +149,26 @@ class Section(BaseModel):
             return data
         fields = cls.model_fields
         return {k: v for k, v in data.items() if not (v is None and k in fields and _section_type(fields[k].annotation))}
+
+
+def takes_bool(annotation: Any) -> bool:
+    """Whether a field of this type means a yes/no value by true/false (bool, Any, or a union holding either)."""
+    if annotation is bool or annotation is Any:
+        return True
+    if typing.get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(takes_bool(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _type_words(annotation: Any) -> str:
+    """'int', 'float', 'int or None' ...: the type as a user reads it."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _section_type(annotation: Any) -> type[Section] | None:
@@ -136,6 +181,9 @@ class SyntheticParams(Section):
     n_users: int = Field(2000, ge=1)
     n_items: int = Field(1000, ge=1)
     n_interactions: int = Field(50_000, ge=1)
+    # log-normal sigma of per-user activity (events per user): 1.0 gives a max near 50x the mean; 2.0 a longer
+    # tail (some users with thousands of events), as real logs have
+    activity_sigma: float = Field(1.0, gt=0)
 
 
 class DataParams(Section):
@@ -173,6 +221,9 @@ class PipelineParams(Section):
 class FeaturesParams(Section):
     repo: str = "feature_repo"  # the Feast repository a new run's repo is copied from (its feature_store.yaml picks the stores)
     service: str = "ctr_ranking"  # the feature service of the training set and the online reads
+    # which stores a new run's repo copy gets (ctrflow.features.profile_file): local = DuckDB + SQLite + file registry;
+    # production = Spark + Redis + SQL registry on PostgreSQL, hosts and credentials from environment variables
+    profile: Literal["local", "production"] = "local"
 
 
 class TrainParams(Section):
@@ -188,6 +239,21 @@ class TrainParams(Section):
     threads: int = Field(2, ge=1)  # torch intra-op threads
     embedding_dim: int = Field(16, ge=1)  # every model's embedding width unless its section sets its own
     progress: bool = True  # progress bars
+    # encoded training rows above this many MiB are streamed from memory-mapped files instead of held as tensors
+    memory_budget_mb: float = Field(1024, gt=0)
+    nproc: int = Field(1, ge=1)  # data-parallel processes on this machine (>1: the training commands run under torchrun)
+    backend: Literal["gloo"] = "gloo"  # torch.distributed backend of a data-parallel run; the trainer runs on CPU
+
+
+class PyTorchJobParams(Section):
+    """`ctrflow pytorchjob`: the training step as a Kubeflow PyTorchJob (ctrflow.training.pytorchjob)."""
+
+    namespace: str = "kubeflow"
+    replicas: int = Field(2, ge=1)  # pods, one training process each: a Master and replicas - 1 Workers
+    cpu: str = "2"  # per pod (requests = limits); set train.threads to match
+    memory: str = "4Gi"  # per pod: every pod holds the whole training set
+    volume_claim: str = "ctrflow-data"  # PersistentVolumeClaim (ReadWriteMany) with the training set and the output
+    mount_path: str = "/data"  # where it is mounted in every pod
 
 
 class DGenCTRPretrain(Section):
@@ -226,6 +292,12 @@ class GateParams(Section):
 
 
 class ServingParams(Section):
+    # the service's guard (ctrflow.guard): a request body above this many bytes is refused with 413 before it is
+    # parsed (the largest valid /rank body, 1000 int64 ids, is about 21 KB)
+    max_request_bytes: int = Field(1_048_576, ge=1024)
+    # the NAME of an environment variable holding a bearer token; set: every endpoint but /healthz, /livez, /readyz
+    # and /metrics needs `Authorization: Bearer <token>` (401 otherwise); null: no authentication
+    auth_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=0, le=65535)
     workers: int = Field(2, ge=1)  # BentoML worker processes: two, so one worker's crash is not an outage
@@ -258,6 +330,7 @@ class QualityParams(Section):
     max_calibration_error: float = Field(0.25, gt=0)  # breach when |observed CTR / predicted CTR - 1| exceeds this
     pvalue_threshold: float = Field(0.01, gt=0, lt=1)  # ... and the clicks are this significantly off (z-test)
     min_online_auc: float | None = Field(None, ge=0, le=1)  # optional floor on a group's online AUC
+    max_log_rows: int = Field(2_000_000, ge=1)  # the request log's join columns, sampled down to this many rows
 
 
 class MonitoringParams(Section):
@@ -393,7 +466,10 @@ def known_model_names() -> list[str]:
 
 @functools.cache
 def _adapter(annotation: Any) -> TypeAdapter:
-    return TypeAdapter(annotation)
+    """A validator for one type; floats refuse ±inf and NaN, as the sections do (a model type keeps its own config)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return TypeAdapter(annotation)
+    return TypeAdapter(annotation, config=ConfigDict(allow_inf_nan=False))
 
 
 def _model_issues(name: str, section: Mapping[str, Any] | None) -> dict[str, Any] | list:
@@ -425,6 +501,10 @@ def _model_issues(name: str, section: Mapping[str, Any] | None) -> dict[str, Any
                 out[key] = nested
             continue
         sub = MODEL_SUBSECTIONS.get(name, {}).get(key)
+        if isinstance(value, bool) and not takes_bool(args[key]):
+            expected = f"expected {_type_words(args[key])}, got a yes/no value ({str(value).lower()})"
+            issues.append(((name, str(key)), "invalid", expected))
+            continue
         try:
             checked = _adapter(args[key]).validate_python({} if sub and value is None else value)
         except ValidationError as exc:
@@ -462,6 +542,7 @@ class Params(Section):
     features: FeaturesParams = FeaturesParams()
     train: TrainParams = TrainParams()
     models: dict[str, dict[str, Any]] = {}  # models.<name>: the constructor arguments of model <name>
+    pytorchjob: PyTorchJobParams = PyTorchJobParams()
     gate: GateParams = GateParams()
     serving: ServingParams = ServingParams()
     drift: DriftParams = DriftParams()
@@ -575,16 +656,33 @@ def typed(cls: type[SectionT], data: Mapping[str, Any] | None, path: str) -> Sec
 
 # ---- files and overrides ----------------------------------------------------------------------------------
 def params_path(path: str | Path | None = None) -> Path:
-    """Explicit path, else $CTRFLOW_PARAMS, else ./params.yaml, else the one beside the package."""
-    for candidate in (path, os.environ.get("CTRFLOW_PARAMS"), "params.yaml", REPO_ROOT / "params.yaml"):
-        if candidate and Path(candidate).exists():
-            return Path(candidate).resolve()
-    raise FileNotFoundError(f"params.yaml not found (tried {path!r}, $CTRFLOW_PARAMS, ./params.yaml, {REPO_ROOT})")
+    """Explicit path, else $CTRFLOW_PARAMS, else ./params.yaml, else the one beside the package.
+
+    A file the user named (the path, or $CTRFLOW_PARAMS) must exist: falling back to another params.yaml would run
+    with settings nobody chose. Raises FileNotFoundError naming what was tried.
+    """
+    for named, how in ((path, "the params file"), (os.environ.get("CTRFLOW_PARAMS"), "$CTRFLOW_PARAMS")):
+        if named:
+            if not Path(named).is_file():
+                raise FileNotFoundError(f"{how} {str(named)!r} does not exist (or is not a file)")
+            return Path(named).resolve()
+    for candidate in (Path("params.yaml"), REPO_ROOT / "params.yaml"):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(f"params.yaml not found (tried ./params.yaml and {REPO_ROOT / 'params.yaml'})")
 
 
-def read_params(path: str | Path | None = None) -> dict[str, Any]:
-    """params.yaml as written (not validated)."""
-    file = params_path(path)
+def overlay_path(profile: str, params_file: str | Path | None = None) -> Path:
+    """`params.<profile>.yaml`: beside the params file, else beside the package. Raises FileNotFoundError."""
+    name = f"params.{profile}.yaml"
+    folders = [Path(params_file).resolve().parent] if params_file else []
+    for folder in (*folders, REPO_ROOT):
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"profile '{profile}': no {name} beside {params_file or 'params.yaml'} or in {REPO_ROOT}")
+
+
+def _read_yaml_mapping(file: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:
@@ -594,21 +692,42 @@ def read_params(path: str | Path | None = None) -> dict[str, Any]:
     return raw or {}
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Params:
-    """params.yaml (+ overrides: dotted keys -> values), validated and typed. Raises `ConfigError`."""
+def read_params(path: str | Path | None = None, profile: str | None = None) -> dict[str, Any]:
+    """params.yaml as written (not validated), with the overlay `params.<profile>.yaml` merged over it.
+
+    A profile is a partial params file (`ctrflow --profile production`); "local" (or None) is params.yaml alone.
+    """
     file = params_path(path)
-    params = read_params(file)
+    raw = _read_yaml_mapping(file)
+    if profile and profile != "local":
+        raw = merge(raw, _read_yaml_mapping(overlay_path(profile, file)))
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None, profile: str | None = None
+) -> Params:
+    """params.yaml (+ the profile's overlay, + overrides: dotted keys -> values), validated and typed.
+
+    Raises `ConfigError`; FileNotFoundError when the profile has no overlay file.
+    """
+    file = params_path(path)
+    params = read_params(file, profile)
     if overrides:
         params = merge(params, overrides)
-    return validate(params, f"{file.name}{' with --set overrides' if overrides else ''}")
+    where = file.name + (f" with profile {profile}" if profile and profile != "local" else "")
+    return validate(params, f"{where}{' with --set overrides' if overrides else ''}")
 
 
-def load_params(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """params.yaml (+ overrides) validated and default-filled, as a plain nested dict (`params["train"]["epochs"]`).
+def load_params(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None, profile: str | None = None
+) -> dict[str, Any]:
+    """params.yaml (+ profile overlay, + overrides) validated and default-filled, as a plain nested dict
+    (`params["train"]["epochs"]`).
 
     Raises `ConfigError` for an unknown key (naming the nearest valid one), a value of the wrong type or out of range.
     """
-    return load_config(path, overrides).model_dump()
+    return load_config(path, overrides, profile).model_dump()
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -719,7 +838,9 @@ def parse_value(key: str, text: str, params: Mapping[str, Any] | None = None) ->
             errors.append(exc)
     # explain with the reading the user most likely meant: a list/mapping as such, a scalar as the text typed
     structured = [e for v, e in zip(candidates, errors) if isinstance(v, list | dict)]
-    reason = _problems((structured or errors[-1:])[0], (), annotation)[0][2]
+    path, kind, reason = _problems((structured or errors[-1:])[0], (), annotation)[0]
+    if kind == "unknown":  # a key inside a mapping value (`data.synthetic={n_user: 5}`): name it as a dotted key
+        raise ConfigError([_render((*key.split("."), *path), kind, reason)], "--set")
     raise ConfigError([f"{key}={text}: {reason}"], "--set")
 
 

@@ -41,7 +41,8 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     summary. Raises `registry.GateFailedError` (its message: the summary, the gate's reasons and both models'
     metrics) when the gate fails: nothing new is deployed and nothing is served."""
     from ctrflow import registry
-    from ctrflow.server import rank, start_server
+    from ctrflow.guard import guard_env
+    from ctrflow.server import auth_headers, rank, start_server
     from ctrflow.steps import drift_step, use_bentoml_home
     from pipelines.runner import compile_pipeline, run_training_local
 
@@ -74,15 +75,16 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     request_log = workdir / "request_log"
     s = params["serving"]
     requests = demo_requests(run["training_set"], n_requests)
+    headers = auth_headers(s)
     with start_server(
         deployment, request_log, host=s["host"], port=s["port"], workers=s["workers"], threads=s["threads"],
-        item_cache_refresh_s=s["item_cache_refresh_s"],
+        item_cache_refresh_s=s["item_cache_refresh_s"], extra_env=guard_env(s),
     ) as server:
         latencies = []
         first = None
         for req in requests:
             t = time.perf_counter()
-            answer = rank(server.url, **req)
+            answer = rank(server.url, **req, headers=headers)
             latencies.append((time.perf_counter() - t) * 1000)
             first = first or answer
         url = server.url
@@ -94,7 +96,8 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     drift = drift_step(params, run["training_set"], request_log, workdir / "reports" / "drift", model_dir=run["model_dir"])
     lines.append(f"drift report (HTML):    {drift.html_path}")
     lines.append(f"drift report (JSON):    {drift.json_path}")
-    lines.append(f"drift verdict:          {'BREACHED: ' + '; '.join(drift.reasons) if drift.breached else 'within thresholds'}")
+    verdict = {"breached": "BREACHED: " + "; ".join(drift.reasons), "ok": "within thresholds", "not_enough_data": "not enough data to test"}
+    lines.append(f"drift verdict:          {verdict[drift.verdict]}")
     summary = "\n".join(lines)
     (workdir / "summary.txt").write_text(summary + "\n")
     return summary

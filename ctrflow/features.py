@@ -11,6 +11,14 @@ Time semantics (no leakage):
   (`ctrflow.data.tables.behaviour_table`), so a join at t never sees the event itself or any event at the same
   instant; plus one closing row per user stamped 1 µs after the user's last event (all their events), which is what
   materialization puts online for serving.
+
+Training sets at scale (`historical_frame`): the profile views go through Feast's `get_historical_features` (one
+row per key: a linear join); the behaviour view, whose rows are already "the state as of each event", is joined
+with one ASOF JOIN in DuckDB over the view's own Parquet source (`_behaviour_asof`), the same rule Feast applies
+(latest row stamped <= the entity row's time) at a cost that grows with rows. Feast's own join of that view pairs
+every entity row with all of its user's earlier behaviour rows before keeping the latest (cost ~ sum over users of
+events^2: 20+ GB on MovieLens-1M); `behaviour_join="feast"` still runs it, as the reference the tests compare with.
+Feast stays the system of record: the views, services, online store and materialization are unchanged.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
-from ctrflow.data.tables import BEHAVIOUR_COUNT_FIELDS, HIST_FIELD, TS_DTYPE, Dataset, behaviour_table
+from ctrflow.data.tables import BEHAVIOUR_COUNT_FIELDS, HIST_FIELD, TS_DTYPE, Dataset, behaviour_arrow
 
 if TYPE_CHECKING:  # feast takes seconds to import: only the functions that need it import it
     from feast import FeatureService, FeatureStore
@@ -108,11 +116,10 @@ def _type_of(f: FieldSpec, col: pd.Series) -> str:
     if f.kind is FieldKind.EMBEDDING:
         return "Array(Float32)"
     if f.kind is FieldKind.SEQUENCE:
-        for cell in col:
-            if cell is not None and not (np.isscalar(cell) and pd.isna(cell)) and len(cell):
-                first = np.asarray(cell)
-                return "Array(Int64)" if np.issubdtype(first.dtype, np.integer) else "Array(String)"
-        return "Array(String)"
+        # ints only when every element of every list is an int: one float list (ints that met a NaN in pandas) or
+        # one None inside a list makes the whole column text, which takes any element
+        kinds = {np.asarray(c).dtype.kind for c in col if not _missing(c) and len(c)}
+        return "Array(Int64)" if kinds and kinds <= {"i", "u"} else "Array(String)"
     is_int = pd.api.types.is_integer_dtype(col) and not pd.api.types.is_bool_dtype(col)
     if f.kind is FieldKind.NUMERIC:
         if not (is_int or pd.api.types.is_numeric_dtype(col)):
@@ -132,15 +139,23 @@ _ARROW = {
 }
 
 
-def _cast_cell_column(col: pd.Series, type_name: str) -> list | pd.Series:
-    """Values arrow can take with the declared type (strings for String categoricals, lists for arrays)."""
-    def missing(v: object) -> bool:
-        return v is None or (np.isscalar(v) and pd.isna(v))
+def _missing(v: object) -> bool:
+    """None, NaN, NaT, pd.NA (a list is never missing, even if empty)."""
+    return v is None or (np.isscalar(v) and pd.isna(v)) or v is pd.NA
 
+
+def _cast_cell_column(col: pd.Series, type_name: str) -> list | pd.Series:
+    """Values arrow can take with the declared type (strings for String categoricals, lists for arrays).
+
+    Text lists: each element as text; a missing element (None, NaN inside a list) carries nothing and is dropped,
+    as the encoder would map it to the unknown token anyway.
+    """
     if type_name == "String":
-        return [None if missing(v) else str(v) for v in col]
+        return [None if _missing(v) else str(v) for v in col]
+    if type_name == "Array(String)":
+        return [None if _missing(v) else [str(x) for x in np.asarray(v, dtype=object).tolist() if not _missing(x)] for v in col]
     if type_name.startswith("Array("):
-        return [None if missing(v) else list(np.asarray(v).tolist()) for v in col]
+        return [None if _missing(v) else list(np.asarray(v).tolist()) for v in col]
     if type_name == "Int64":
         return col.astype("Int64")
     return pd.to_numeric(col, errors="coerce").astype("float64")
@@ -186,14 +201,32 @@ def feature_behaviour_table(interactions: pd.DataFrame, max_len: int) -> pd.Data
 
     A row stamped t holds events strictly before t, so the closing row holds every event of the user: it is the
     state served online after materialization, and no training event is ever joined to it (it is later than all).
+    A pandas view of `behaviour_arrow(..., closing=True)`, which write_feature_tables writes as it is.
     """
-    inter = interactions[["user_id", "item_id", "label", TIMESTAMP]]
-    last = inter.groupby("user_id", sort=False)[TIMESTAMP].max()
-    closing = pd.DataFrame(
-        {"user_id": last.index.to_numpy(np.int64), "item_id": np.int64(-1), "label": np.int64(0), TIMESTAMP: last.to_numpy()}
+    table = behaviour_arrow(interactions, max_len, closing=True)
+    return pd.DataFrame(
+        {
+            "user_id": table.column("user_id").to_numpy(),
+            TIMESTAMP: pd.Series(table.column(TIMESTAMP).to_pandas()).astype(TS_DTYPE),
+            HIST_FIELD: table.column(HIST_FIELD).to_pylist(),
+            **{c: table.column(c).to_numpy() for c in BEHAVIOUR_COUNT_FIELDS},
+        }
     )
-    closing[TIMESTAMP] = (closing[TIMESTAMP] + pd.Timedelta(microseconds=1)).astype(TS_DTYPE)
-    return behaviour_table(pd.concat([inter, closing], ignore_index=True), max_len)
+
+
+def _write_behaviour(interactions: pd.DataFrame, max_len: int, path: Path) -> int:
+    """The behaviour view's table (with closing rows) straight from Arrow: no Python list per row. Returns rows."""
+    table = behaviour_arrow(interactions, max_len, closing=True)
+    schema = pa.schema(
+        [
+            pa.field("user_id", pa.int64(), nullable=False),
+            pa.field(HIST_FIELD, pa.list_(pa.int64())),
+            *(pa.field(c, pa.int64()) for c in BEHAVIOUR_COUNT_FIELDS),
+            pa.field(TIMESTAMP, pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    )
+    pq.write_table(pa.Table.from_arrays([table.column(f.name) for f in schema], schema=schema), path)
+    return table.num_rows
 
 
 def write_feature_tables(dataset: Dataset, data_dir: str | Path) -> dict[str, Path]:
@@ -236,15 +269,12 @@ def write_feature_tables(dataset: Dataset, data_dir: str | Path) -> dict[str, Pa
     paths["item_profile"] = _write_table(
         items, spec.item_key, [(f.column, types[f.column]) for f in item_fields], data_dir / "item_profile.parquet"
     )
-    behaviour = feature_behaviour_table(inter, spec[HIST_FIELD].max_len)
-    paths["user_behaviour"] = _write_table(
-        behaviour, "user_id", [(HIST_FIELD, "Array(Int64)"), *((c, "Int64") for c in BEHAVIOUR_COUNT_FIELDS)],
-        data_dir / "user_behaviour.parquet",
-    )
+    paths["user_behaviour"] = data_dir / "user_behaviour.parquet"
+    n_behaviour = _write_behaviour(inter, spec[HIST_FIELD].max_len, paths["user_behaviour"])
     paths["spec"] = spec.save(data_dir / "spec.json")
     log.info(
         "feature tables: %d users, %d items, %d behaviour rows -> %s (%.1fs)",
-        len(users), len(items), len(behaviour), data_dir, time.perf_counter() - started,
+        len(users), len(items), n_behaviour, data_dir, time.perf_counter() - started,
     )
     return paths
 
@@ -495,13 +525,91 @@ def _normalise(name: str, type_name: str, values: list) -> np.ndarray:
     return out
 
 
-def historical_frame(store: FeatureStore, entity_df: pd.DataFrame, service: str = "ctr_ranking") -> pd.DataFrame:
-    """Point-in-time join through Feast: one row per entity row, in its order, with its columns and index kept.
+BEHAVIOUR_JOINS = ("asof", "feast")
+
+
+def _behaviour_asof(store: FeatureStore, keys: pd.DataFrame, names: list[str]) -> pa.Table:
+    """The behaviour view's features at each key row: an ASOF JOIN in DuckDB over the view's own batch source.
+
+    The view holds one row per (user, event time) whose values are valid from that time on (TTL 0), so Feast's
+    point-in-time rule "latest row with timestamp <= the entity row's" is exactly `ASOF LEFT JOIN ... ON user_id =
+    user_id AND entity time >= row time`. DuckDB runs it as a sort-merge: cost grows with rows, not with the
+    product of each user's events (which is what a join over every earlier row and a pick of the latest costs).
+    Returns a table in key-row order: _ROW plus `names` (null where the user has no row at or before that time).
+    """
+    import duckdb
+
+    source = store.get_feature_view("user_behaviour").batch_source
+    path = getattr(source, "path", None)
+    if not path or not Path(path).exists():
+        raise FileNotFoundError(f"feature view 'user_behaviour': its batch source path {path!r} is not a readable file")
+    con = duckdb.connect()
+    try:
+        con.execute("SET preserve_insertion_order = false")
+        # DuckDB (>= 1.3) plans an ASOF join whose one side looks small as a nested loop + arg_max; a registered
+        # Arrow table has no row estimate (~1 row), which turns a linear join into entity rows x behaviour rows
+        with contextlib.suppress(duckdb.Error):
+            con.execute("SET asof_loop_join_threshold = 0")
+        con.register("entity_rows", pa.Table.from_pandas(keys[["user_id", TIMESTAMP, _ROW]], preserve_index=False))
+        cols = ", ".join(f'b."{n}"' for n in names)
+        return con.execute(
+            f"""
+            SELECT e.{_ROW}, {cols}
+            FROM entity_rows e ASOF LEFT JOIN read_parquet(?) b
+              ON e.user_id = b.user_id AND e.{TIMESTAMP} >= b.{TIMESTAMP}
+            ORDER BY e.{_ROW}
+            """,
+            [str(path)],
+        ).to_arrow_table()
+    finally:
+        con.close()
+
+
+def _list_cells(column: pa.ChunkedArray) -> np.ndarray:
+    """A list column as a 1-d object array of int64 numpy arrays (empty where null), views of one Arrow buffer."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        arr = arr.fill_null(pa.scalar([], arr.type))
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    starts = offsets[:-1] - offsets[0]
+    values = values[offsets[0] : offsets[-1]]
+    return _cells([values[s:e] for s, e in zip(starts, starts + np.diff(offsets))])
+
+
+def _normalise_column(name: str, type_name: str, column: pa.ChunkedArray) -> np.ndarray:
+    """`_normalise` of a whole Arrow column, vectorised for scalars (millions of rows): the same values and dtypes."""
+    if type_name == "String":
+        out = column.to_numpy(zero_copy_only=False).astype(object)
+        out[pd.isna(out)] = np.nan
+        return out
+    if type_name == "Int64" or type_name.startswith("Float"):
+        values = column.to_numpy(zero_copy_only=False)  # int64, or float64 with NaN where a value is missing
+        return values.astype(np.float64) if type_name.startswith("Float") else values
+    return _normalise(name, type_name, column.to_pylist())
+
+
+def historical_frame(
+    store: FeatureStore,
+    entity_df: pd.DataFrame,
+    service: str = "ctr_ranking",
+    behaviour_join: str = "asof",
+    lists: bool = True,
+) -> pd.DataFrame:
+    """Point-in-time features of a feature service: one row per entity row, in its order, with its columns and
+    index kept.
 
     Equals `ctrflow.data.frames.point_in_time_frame` on the same rows: hist_item_ids as lists ([] when none),
     user_n_events/user_n_pos int64 (0 when none), profile fields NaN/None for unknown users or items.
+    `behaviour_join`: "asof" (default) reads the profile views through Feast's `get_historical_features` (one
+    matching row per key: linear) and the behaviour view with `_behaviour_asof` (linear); "feast" sends every view
+    through `get_historical_features`, whose join pairs each entity row with all of its user's earlier behaviour
+    rows (cost ~ sum over users of events^2). Both give the same frame. `lists=False` gives hist_item_ids as int64
+    numpy arrays (views of one buffer: far less memory than Python lists on millions of rows; same Parquet).
     """
     started = time.perf_counter()
+    if behaviour_join not in BEHAVIOUR_JOINS:
+        raise ValueError(f"behaviour_join must be one of {BEHAVIOUR_JOINS}, got '{behaviour_join}'")
     missing = [c for c in ("user_id", "item_id", TIMESTAMP) if c not in entity_df.columns]
     if missing:
         raise KeyError(f"entity_df: columns {missing} are missing (it has {list(entity_df.columns)}, {len(entity_df)} rows)")
@@ -522,18 +630,45 @@ def historical_frame(store: FeatureStore, entity_df: pd.DataFrame, service: str 
             _ROW: np.arange(len(entity_df), dtype=np.int64),
         }
     )
+    tables: dict[str, pa.Table] = {}  # feature name -> table holding it, in key-row order
+    asof = [name for view, name, _ in columns if view == "user_behaviour"] if behaviour_join == "asof" else []
+    through_feast = [(view, name) for view, name, _ in columns if name not in asof]
     if keys.empty:
-        table = pa.table({_ROW: pa.array([], pa.int64()), **{name: pa.array([], _ARROW[t]) for _, name, t in columns}})
+        empty = pa.table({_ROW: pa.array([], pa.int64()), **{name: pa.array([], _ARROW[t]) for _, name, t in columns}})
+        tables = {name: empty for _, name, _ in columns}
     else:
-        table = store.get_historical_features(entity_df=keys, features=feature_service).to_arrow()
-    rows = table.column(_ROW).to_numpy()
-    if len(rows) != len(keys) or not np.array_equal(np.sort(rows), keys[_ROW].to_numpy()):
-        raise RuntimeError(f"feast returned {len(rows)} rows for {len(keys)} entity rows (service '{service}')")
-    table = table.take(pa.array(np.argsort(rows, kind="stable")))  # back to entity_df's row order
+        if through_feast:
+            refs = feature_service if not asof else [f"{view}:{name}" for view, name in through_feast]
+            t = time.perf_counter()
+            table = store.get_historical_features(entity_df=keys, features=refs).to_arrow()
+            log.info("historical features: get_historical_features, %d views, %d rows (%.1fs)",
+                     len({v for v, _ in through_feast}), len(keys), time.perf_counter() - t)  # fmt: skip
+            rows = table.column(_ROW).to_numpy()
+            if len(rows) != len(keys) or not np.array_equal(np.sort(rows), keys[_ROW].to_numpy()):
+                raise RuntimeError(f"feast returned {len(rows)} rows for {len(keys)} entity rows (service '{service}')")
+            table = table.take(pa.array(np.argsort(rows, kind="stable")))  # back to entity_df's row order
+            tables.update({name: table for _, name in through_feast})
+            del table
+        if asof:
+            t = time.perf_counter()
+            table = _behaviour_asof(store, keys, asof)
+            log.info("historical features: behaviour ASOF join, %d rows (%.1fs)", len(keys), time.perf_counter() - t)
+            if table.num_rows != len(keys) or not np.array_equal(table.column(_ROW).to_numpy(), keys[_ROW].to_numpy()):
+                raise RuntimeError(f"behaviour ASOF join returned {table.num_rows} rows for {len(keys)} entity rows")
+            tables.update({name: table for name in asof})
     frame = entity_df.copy()
-    for _, name, type_name in columns:
-        frame[name] = _normalise(name, type_name, table.column(name).to_pylist())  # positional
-    log.info("historical features: %d rows, service '%s' (%.1fs)", len(frame), service, time.perf_counter() - started)
+    for _, name, type_name in columns:  # positional
+        column = tables[name].column(name)
+        if name == HIST_FIELD and not lists:
+            frame[name] = _list_cells(column)
+        elif name in BEHAVIOUR_COUNT_FIELDS:
+            frame[name] = column.fill_null(0).to_numpy().astype(np.int64)
+        else:
+            frame[name] = _normalise_column(name, type_name, column)
+    log.info(
+        "historical features: %d rows, service '%s', behaviour join %s (%.1fs)",
+        len(frame), service, behaviour_join, time.perf_counter() - started,
+    )
     return frame
 
 

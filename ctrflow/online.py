@@ -412,8 +412,14 @@ class OnlineScorer:
         assert self.to_arrow is not None, "OnlineScorer: log_features needs to_arrow"
         n = len(item_ids)
         now = np.full(n, np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us"))
-        names = ["event_timestamp"]  # user_id, item_id and scenario are the log's own columns
-        arrays = [pa.array(now, pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC"))]
+        # user_id, item_id and scenario are the log's own columns (it skips them here); a challenger scores them
+        names = ["user_id", "item_id", "scenario", "event_timestamp"]
+        arrays = [
+            pa.array(np.full(n, int(user_id), dtype=np.int64)),
+            pa.array(np.asarray(item_ids, dtype=np.int64)),
+            pa.array([scenario] * n, pa.string()),
+            pa.array(now, pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
+        ]
         zeros = pa.array(np.zeros(n, dtype=np.int64))
         items = ranked.snapshot.log_table.take(pa.array(ranked.rows))
         for view, name, _ in self._columns_in_order():

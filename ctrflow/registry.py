@@ -709,7 +709,8 @@ def history(name: str = DEFAULT_NAME) -> list[dict[str, Any]]:
 
 
 def list_models(name: str | None = None) -> list[dict[str, Any]]:
-    """Registered models, newest first: tag, stage, created, family, dataset and headline metrics.
+    """Registered models, newest first: tag, stage, role (champion / challenger / ''), created, family, dataset and
+    headline metrics.
 
     Repairs an interrupted registration first when no other process holds the registry lock (a held lock means a
     registration is under way: its model shows as `registering`). Models the ledger never recorded show as
@@ -731,6 +732,7 @@ def list_models(name: str | None = None) -> list[dict[str, Any]]:
                 "name": model.tag.name,
                 "stage": _stage_of(ledger, tag),
                 "created": model.info.creation_time.isoformat(timespec="seconds"),
+                "role": _role(ledger, tag),
                 "model_family": model.info.labels.get("model_family", ""),
                 "dataset": model.info.labels.get("dataset", ""),
                 "metrics": _headline(metrics),
@@ -740,6 +742,12 @@ def list_models(name: str | None = None) -> list[dict[str, Any]]:
         )
     rows.sort(key=lambda r: r.pop("_created"), reverse=True)
     return rows
+
+
+def _role(ledger: dict[str, Any], tag: str) -> str:
+    """'champion' (the production model), 'challenger' (attached for shadow serving) or ''."""
+    entry = ledger["models"].get(tag.split(":")[0], {})
+    return "champion" if entry.get("production") == tag else "challenger" if entry.get("shadow") == tag else ""
 
 
 def check_consistency() -> list[str]:
@@ -775,6 +783,8 @@ def check_consistency() -> list[str]:
         prods = [t for t, s in e.get("stages", {}).items() if s == PRODUCTION]
         if len(prods) > 1 or (e.get("production") and prods != [e["production"]]):
             problems.append(f"'{n}': production {e.get('production')} but stages say {prods}")
+        if e.get("shadow") and e.get("stages", {}).get(e["shadow"]) != CANDIDATE:
+            problems.append(f"'{n}': challenger {e['shadow']} is not a candidate")
     return problems
 
 
@@ -974,6 +984,8 @@ def promote(tag: str, *, reason: str, force: bool = False) -> dict[str, Any]:
         record = _transition(entry, tag, PRODUCTION, "promote", reason, forced=force, gate=gate_info, replaced=current)
         entry["production"] = tag
         entry["production_history"].append(tag)
+        if entry.get("shadow") == tag:  # a champion does not shadow itself: the challenger slot is freed
+            entry["shadow"] = None
     return record
 
 
@@ -1014,6 +1026,74 @@ def rollback(name: str = DEFAULT_NAME, *, reason: str) -> str:
     return previous
 
 
+# ---- shadow serving: a challenger scored beside the production model, never returned ------------------------
+def shadow_model(name: str = DEFAULT_NAME) -> str | None:
+    """The challenger attached to the production model of `name` (`attach_shadow`), or None."""
+    return _read_ledger()["models"].get(name, {}).get("shadow")
+
+
+def attach_shadow(tag: str, *, reason: str = "shadow serving") -> dict[str, Any]:
+    """Attach candidate `tag` as the challenger of the production model of its name; returns the history record.
+
+    The service then scores every request with both (the challenger's scores go to the request log, never into the
+    answer; see serving/service.py), within seconds (`ctrflow.shadow.ShadowSlot`). One challenger per name: attaching
+    another replaces it.
+    Refused (RegistryError) when the name has no production model, when `tag` is not a candidate (production,
+    archived, unrecorded or registering), or when it was trained on another data set than the production model.
+    """
+    tag = resolve_tag(tag)
+    name = tag.split(":")[0]
+    dataset = model_dataset(tag)
+    with _ledger() as ledger:
+        entry = _entry(ledger, name)
+        production = entry["production"]
+        if production is None:
+            raise RegistryError(f"'{name}' has no production model: a challenger shadows the production model; promote one first")
+        current_stage = _stage_of(ledger, tag)
+        if current_stage != CANDIDATE:
+            raise RegistryError(f"{tag} is {current_stage}: only a candidate can be attached as a challenger")
+        prod_dataset = model_dataset(production)
+        if dataset and prod_dataset and dataset != prod_dataset:
+            raise RegistryError(
+                f"{tag} was trained on data set '{dataset}', production {production} on '{prod_dataset}': a challenger "
+                "must score the same requests on the same features"
+            )
+        record = {
+            "at": _now(), "by": _who(), "action": "shadow", "tag": tag, "from": current_stage, "to": current_stage,
+            "reason": reason, "champion": production, "replaced": entry.get("shadow"),
+        }  # fmt: skip
+        entry["shadow"] = tag
+        entry["history"].append(record)
+    return record
+
+
+def detach_shadow(name: str = DEFAULT_NAME, *, reason: str = "shadow serving ended") -> str | None:
+    """Detach the challenger of `name` (it stays a candidate); returns its tag, or None when none was attached."""
+    with _ledger() as ledger:
+        entry = _entry(ledger, name)
+        tag = entry.get("shadow")
+        if tag:
+            entry["shadow"] = None
+            entry["history"].append(
+                {"at": _now(), "by": _who(), "action": "unshadow", "tag": tag, "from": None, "to": None, "reason": reason}
+            )
+    return tag
+
+
+def promote_challenger(name: str = DEFAULT_NAME, *, reason: str, force: bool = False) -> dict[str, Any]:
+    """Promote the attached challenger of `name` to production (the champion is archived, the challenger slot freed),
+    all under the registry lock: no other writer can attach, promote or roll back in between.
+
+    Without `force` the challenger must have passed its promotion gate (as for `promote`); `force=True` records that
+    a person overrode it. Raises RegistryError when no challenger is attached.
+    """
+    with _locked():
+        tag = shadow_model(name)
+        if not tag:
+            raise RegistryError(f"'{name}' has no challenger attached (`ctrflow models shadow <tag>` attaches one)")
+        return promote(tag, reason=f"challenger promoted: {reason}", force=force)
+
+
 def archive(tag: str, *, reason: str) -> dict[str, Any]:
     """Retire a candidate (a production model is replaced by promote or rollback, not archived directly)."""
     tag = resolve_tag(tag)
@@ -1022,6 +1102,8 @@ def archive(tag: str, *, reason: str) -> dict[str, Any]:
         entry = _entry(ledger, name)
         if entry["production"] == tag:
             raise RegistryError(f"{tag} is in production: promote another model or roll back instead")
+        if entry.get("shadow") == tag:  # an archived model is no challenger
+            entry["shadow"] = None
         return _transition(entry, tag, ARCHIVED, "archive", reason)
 
 

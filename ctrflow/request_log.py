@@ -66,6 +66,9 @@ BASE_TYPES = {
     "prediction": pa.float32(),
     "fallback_user": pa.bool_(),
     "fallback_item": pa.bool_(),
+    # shadow serving (ctrflow.shadow), present only while a challenger is attached: its tag and its score, per row
+    "shadow_model": pa.string(),
+    "shadow_score": pa.float32(),
 }
 SEGMENTS = "_segments"  # a leading underscore: Parquet dataset readers skip it
 SEGMENT_SUFFIX = ".arrows"

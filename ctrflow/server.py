@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,20 @@ def start_server(
     raise TimeoutError(f"bentoml serve not ready after {ready_timeout:.0f}s; log:\n{log_path.read_text()[-4000:]}")
 
 
-def rank(url: str, user_id: int, scenario: str, item_ids: list[int], timeout: float = 30.0) -> dict[str, Any]:
-    response = httpx.post(url + "/rank", json={"user_id": user_id, "scenario": scenario, "item_ids": item_ids}, timeout=timeout)
+def auth_headers(serving: Mapping[str, Any] | None) -> dict[str, str]:
+    """The Authorization header for a service whose serving section names a token variable ({} when none does)."""
+    from ctrflow.guard import ENV_AUTH_TOKEN_ENV, token_from_env
+
+    name = (serving or {}).get("auth_token_env")
+    if not name:
+        return {}
+    return {"Authorization": f"Bearer {token_from_env({**os.environ, ENV_AUTH_TOKEN_ENV: str(name)})}"}
+
+
+def rank(
+    url: str, user_id: int, scenario: str, item_ids: list[int], timeout: float = 30.0, headers: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    body = {"user_id": user_id, "scenario": scenario, "item_ids": item_ids}
+    response = httpx.post(url + "/rank", json=body, timeout=timeout, headers=dict(headers or {}))
     response.raise_for_status()
     return response.json()

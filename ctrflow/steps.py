@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ctrflow.config import REPO_ROOT, section
+from ctrflow.meter import metered, progress
 
 log = logging.getLogger("ctrflow")
 
@@ -32,6 +33,7 @@ def use_bentoml_home(params: dict[str, Any]) -> str:
 
 
 # ---- validate -------------------------------------------------------------------------------------------
+@metered("validate")
 def validate_step(params: dict[str, Any], dataset_out: str | Path, report_dir: str | Path) -> dict[str, Any]:
     """Load the configured source, validate it (raises DataValidationError), save the canonical tables.
 
@@ -77,6 +79,7 @@ def template_repo(params: dict[str, Any]) -> Path:
     raise FileNotFoundError(f"features.repo '{repo}': no feature_store.yaml there (looked in {Path.cwd()} and {REPO_ROOT})")
 
 
+@metered("features")
 def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str | Path, training_set_dir: str | Path) -> dict[str, Any]:
     """Feature tables → Feast apply → point-in-time training set (with its split) → materialise online."""
     from ctrflow import features
@@ -85,16 +88,23 @@ def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str
 
     dataset = Dataset.load(dataset_dir)
     repo_dir = Path(repo_dir).resolve()
+    profile = section(params, "features").profile
     if not (repo_dir / "feature_store.yaml").exists():
-        features.copy_repo(repo_dir, template=template_repo(params))
+        features.copy_repo(repo_dir, template=template_repo(params), profile=profile)
+    elif (repo_dir / "feature_store.yaml").read_text() != features.profile_file(template_repo(params), profile).read_text():
+        log.warning("feature repo %s keeps its own feature_store.yaml, not profile '%s's (a new --repo gets it)", repo_dir, profile)
     data_dir = repo_dir / "data"
+    n = len(dataset.interactions)
     features.write_feature_tables(dataset, data_dir)
+    progress(0, n, "feature tables written", every_s=0)
     store = features.apply_repo(repo_dir, data_dir)
 
     entity_df = dataset.interactions.copy()
     data = section(params, "data")
     entity_df["split"] = make_split(entity_df, data.split, seed=data.seed).to_numpy()
-    frame = features.historical_frame(store, entity_df, service=section(params, "features").service)
+    # behaviour through the ASOF join (linear in rows), hist cells as numpy views (no Python list per row)
+    frame = features.historical_frame(store, entity_df, service=section(params, "features").service, lists=False)
+    progress(n, n, "point-in-time join", every_s=0)
     out = Path(training_set_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(out / TRAINING_FRAME, index=False)
@@ -115,31 +125,38 @@ def load_training_set(training_set_dir: str | Path) -> tuple[pd.DataFrame, Any]:
 # ---- train ----------------------------------------------------------------------------------------------
 # Every training step resumes from its checkpoints (<out>/checkpoints, or the pre-training folder) when run again
 # after an interruption; the recipe (ctrflow/training/recipe.py) is the one the benchmarks use too.
-def split_data(training_set_dir: str | Path, encoder: Any = None) -> Any:
-    """The training set's splits as tensors, with the encoder fitted on its train split (unless given)."""
+def split_data(training_set_dir: str | Path, encoder: Any = None, params: dict[str, Any] | None = None) -> Any:
+    """The training set's splits as tensors, with the encoder fitted on its train split (unless given); training
+    rows over `train.memory_budget_mb` are streamed from disk (`SplitData.from_parquet`)."""
+    from ctrflow.data.spec import FeatureSpec
     from ctrflow.training.recipe import SplitData
 
-    frame, spec = load_training_set(training_set_dir)
-    return SplitData.from_frame(frame, spec, encoder=encoder, where=f"training set {training_set_dir}")
+    d = Path(training_set_dir)
+    spec = FeatureSpec.load(d / SPEC_FILE)
+    budget = section(params, "train").memory_budget_mb  # no params: the typed default
+    return SplitData.from_parquet(d / TRAINING_FRAME, spec, encoder=encoder, where=f"training set {d}", memory_budget_mb=budget)
 
 
+@metered("train")
 def train_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: str | Path, model_name: str | None = None) -> dict[str, Any]:
     """Fit the encoder on the train split, train with early stopping on valid, evaluate valid and test."""
     from ctrflow.training.recipe import train_model
 
-    return train_model(params, split_data(training_set_dir), model_dir, model_name or params["train"]["model"]).summary()
+    return train_model(params, split_data(training_set_dir, params=params), model_dir, model_name or params["train"]["model"]).summary()
 
 
 # ---- DGenCTR: diffusion pre-training, then CTR fine-tuning ---------------------------------------------
+@metered("pretrain")
 def pretrain_step(params: dict[str, Any], training_set_dir: str | Path, pretrained_dir: str | Path) -> dict[str, Any]:
     """Discrete-diffusion pre-training on the train split; writes the checkpoint and the encoder it was fitted with."""
     from ctrflow.training.pretrain import pretrain
 
-    data = split_data(training_set_dir)
+    data = split_data(training_set_dir, params=params)
     path = pretrain(params, data.tensors["train"], data.encoder, pretrained_dir, valid_tensors=data.tensors["valid"], resume=True, progress=params["train"]["progress"])
     return {"checkpoint": str(path), "pretrained_dir": str(pretrained_dir)}
 
 
+@metered("finetune")
 def finetune_step(params: dict[str, Any], training_set_dir: str | Path, pretrained_dir: str | Path, model_dir: str | Path) -> dict[str, Any]:
     """CTR fine-tuning of the pre-trained network (every parameter transferred, only the label masked)."""
     from ctrflow.data.encoding import FeatureEncoder
@@ -147,11 +164,12 @@ def finetune_step(params: dict[str, Any], training_set_dir: str | Path, pretrain
     from ctrflow.training.recipe import finetune_model
 
     pretrained_dir = Path(pretrained_dir)
-    data = split_data(training_set_dir, encoder=FeatureEncoder.load(pretrained_dir / "encoder.json"))
+    data = split_data(training_set_dir, encoder=FeatureEncoder.load(pretrained_dir / "encoder.json"), params=params)
     return finetune_model(params, data, pretrained_dir / CHECKPOINT_NAME, model_dir).summary()
 
 
 # ---- GSVR: the multi-scenario variational model ---------------------------------------------------------
+@metered("train-gsvr")
 def gsvr_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: str | Path, init_embeddings: str | Path | None = None) -> dict[str, Any]:
     """Train GSVR around the configured backbone, optionally initialised from diffusion-pretrained embeddings."""
     from ctrflow.training.recipe import train_model
@@ -161,10 +179,11 @@ def gsvr_step(params: dict[str, Any], training_set_dir: str | Path, model_dir: s
         from ctrflow.training.pretrain import CHECKPOINT_NAME
 
         init = Path(init_embeddings) / CHECKPOINT_NAME if Path(init_embeddings).is_dir() else Path(init_embeddings)
-    return train_model(params, split_data(training_set_dir), model_dir, "gsvr", init_embeddings=init).summary()
+    return train_model(params, split_data(training_set_dir, params=params), model_dir, "gsvr", init_embeddings=init).summary()
 
 
 # ---- DMAE: item modalities as features ------------------------------------------------------------------
+@metered("embed")
 def embed_step(params: dict[str, Any], dataset_dir: str | Path, dataset_out: str | Path) -> dict[str, Any]:
     """Per-item modality embeddings (text, knowledge graph, user-provided) added to the dataset as spec fields."""
     from ctrflow.embeddings import embed_items_step
@@ -180,6 +199,7 @@ def model_name(params: dict[str, Any], dataset: str | None) -> str:
     return model_name_for(params, dataset)
 
 
+@metered("register")
 def register_step(
     params: dict[str, Any],
     model_dir: str | Path,
@@ -193,9 +213,11 @@ def register_step(
     item features it was trained with), which `ctrflow.fit_check` compares with a feature repository before serving.
     """
     use_bentoml_home(params)
+    import pyarrow.parquet as pq
+
     from ctrflow import registry
     from ctrflow.data.encoding import FeatureEncoder
-    from ctrflow.data.spec import FeatureSpec
+    from ctrflow.data.spec import Entity, FeatureSpec
 
     model_dir = Path(model_dir)
     metrics = json.loads((model_dir / "metrics.json").read_text())
@@ -206,7 +228,10 @@ def register_step(
     fingerprint_inputs = sorted(Path(dataset_dir).glob("*.parquet")) if dataset_dir else [model_dir / "encoder.json"]
     items = None
     if training_set_dir is not None:
-        frame = pd.read_parquet(Path(training_set_dir) / TRAINING_FRAME)
+        path = Path(training_set_dir) / TRAINING_FRAME
+        wanted = [spec.item_key, *(f.column for f in spec.fields if f.entity is Entity.ITEM)]  # all the fingerprint reads
+        present = set(pq.ParquetFile(path).schema_arrow.names)
+        frame = pd.read_parquet(path, columns=[c for c in dict.fromkeys(wanted) if c in present])
         key_field = next((f.name for f in spec.fields if f.column == spec.item_key), None)
         vocab = encoder.vocabs.get(key_field, []) if key_field else []
         items = registry.item_fingerprint(frame, spec, vocab or frame[spec.item_key].unique())
@@ -226,6 +251,7 @@ def register_step(
     return {"tag": str(tag), "dataset": dataset}
 
 
+@metered("gate")
 def gate_step(params: dict[str, Any], tag: str, training_set_dir: str | Path | None = None) -> dict[str, Any]:
     """The promotion gate from params.yaml (gate section): better than a reference model trained here on the same
     training set (gate.reference_model, plus gate.min_lift_over_reference), not worse than the production model of the
@@ -266,6 +292,7 @@ def gate_step(params: dict[str, Any], tag: str, training_set_dir: str | Path | N
     }
 
 
+@metered("deploy")
 def deploy_step(params: dict[str, Any], tag: str, repo_dir: str | Path, deployment_file: str | Path) -> dict[str, Any]:
     """Check that the model fits the feature repository, promote it to production and record what the service must
     load (model tag, feature repo). A model that does not fit is never promoted (`ModelDoesNotFitError`)."""
@@ -291,25 +318,37 @@ def deploy_step(params: dict[str, Any], tag: str, repo_dir: str | Path, deployme
 
 
 # ---- drift ----------------------------------------------------------------------------------------------
+@metered("quality")
 def quality_step(params: dict[str, Any], requests: str | Path, labels: str | Path, out_dir: str | Path | None) -> Any:
-    """Online quality: the request log (sampled to `drift.max_current_rows`, like drift) joined to the label feed."""
+    """Online quality: the request log's join columns (sampled to `quality.max_log_rows`) joined to the label feed."""
     from ctrflow.monitoring.current import CurrentInputError, read_current
-    from ctrflow.monitoring.quality import QualityInputError, quality_report, read_labels
+    from ctrflow.monitoring.quality import (
+        LOG_COLUMNS,
+        SHADOW_MODEL,
+        SHADOW_SCORE,
+        QualityInputError,
+        quality_report,
+        read_labels,
+    )
 
-    d = section(params, "drift")
+    q = section(params, "quality")
     try:
-        log, _ = read_current(requests, max_rows=d.max_current_rows, seed=d.sample_seed)
+        log, sampling = read_current(
+            requests, max_rows=q.max_log_rows, seed=section(params, "drift").sample_seed, columns=[*LOG_COLUMNS, SHADOW_SCORE, SHADOW_MODEL]
+        )
     except CurrentInputError as exc:
         raise QualityInputError(str(exc)) from exc
-    return quality_report(log, read_labels(labels), out_dir, settings=section(params, "quality"))
+    return quality_report(log, read_labels(labels), out_dir, settings=q, sampling=sampling)
 
 
+@metered("drift")
 def drift_step(
     params: dict[str, Any],
     training_set_dir: str | Path,
     current: str | Path,
     out_dir: str | Path,
     model_dir: str | Path | None = None,
+    timestamp: Any = None,
 ) -> Any:
     """Evidently drift: the training data (its last `drift.reference_rows` train rows, scored by the model) as
     reference; the request log or a slice as current, sampled to `drift.max_current_rows` (`read_current`)."""
@@ -338,4 +377,5 @@ def drift_step(
         prediction_column="prediction" if "prediction" in reference.columns else None,
         settings=d,
         sampling=sampling,
+        timestamp=timestamp,
     )

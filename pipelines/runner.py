@@ -106,13 +106,17 @@ def _gate_record(tag: str) -> dict[str, Any] | None:
     return {**decision.to_dict(), "summary": decision.summary()} if decision else None
 
 
-def run_monitoring_local(params: dict[str, Any], workdir: str | Path, training_set: str, model_dir: str, current: str, fail_on_breach: bool = True) -> Any:
+def run_monitoring_local(
+    params: dict[str, Any], workdir: str | Path, training_set: str, model_dir: str, current: str, labels: str = "", fail_on_breach: bool = True
+) -> Any:
+    """The monitoring pipeline with the KFP local SubprocessRunner (drift, quality when `labels` is given, decision)."""
     workdir = Path(workdir).resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"), raise_on_error=True)
     try:
         return pipeline_func("monitoring")(
-            params=pipeline_params(params), training_set_uri=training_set, model_uri=model_dir, current=current, fail_on_breach=fail_on_breach
-        )
+            params=pipeline_params(params), training_set_uri=training_set, model_uri=model_dir, current=current, labels=labels,
+            fail_on_breach=fail_on_breach,
+        )  # fmt: skip
     finally:
         _cleanup_ephemeral_dirs()
 
@@ -168,3 +172,39 @@ def submit(
             str(package), arguments=arguments, run_name=job_name, experiment_id=exp_id, pipeline_root=pipeline_root
         )
         return {"run_id": getattr(result, "run_id", None)}
+
+
+def schedule_monitoring(
+    host: str,
+    params: dict[str, Any],
+    training_set_uri: str,
+    model_uri: str,
+    current: str,
+    labels: str = "",
+    *,
+    cron: str | None = None,
+    experiment: str = "ctrflow",
+    pipeline_root: str | None = None,
+    job_name: str = "ctrflow-monitoring",
+    client: Any = None,
+) -> dict[str, Any]:
+    """Submit the monitoring pipeline as a recurring run on `cron` (default `monitoring.schedule_cron`; six fields,
+    seconds first). Returns {"recurring_run_id", "cron"}."""
+    import tempfile
+
+    import kfp
+
+    cron = cron or section(params, "monitoring").schedule_cron
+    if len(cron.split()) != 6:
+        raise ValueError(f"cron '{cron}' must have 6 fields (seconds first), got {len(cron.split())}")
+    client = client or kfp.Client(host=host)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline("monitoring", Path(tmp) / "monitoring.yaml")
+        arguments = {"params": pipeline_params(params), "training_set_uri": training_set_uri, "model_uri": model_uri, "current": current, "labels": labels}
+        exp = client.create_experiment(name=experiment)
+        exp_id = getattr(exp, "experiment_id", None) or getattr(exp, "id", None)
+        run = client.create_recurring_run(
+            experiment_id=exp_id, job_name=job_name, cron_expression=cron, pipeline_package_path=str(package),
+            params=arguments, pipeline_root=pipeline_root,
+        )  # fmt: skip
+        return {"recurring_run_id": getattr(run, "recurring_run_id", None) or getattr(run, "id", None), "cron": cron}

@@ -8,6 +8,14 @@ model family the registry holds serves without a change here. Users and items th
 the encoder's "unknown" index 0 and flagged in the answer's `fallback`, never refused. Every request is appended to
 the request log (`ctrflow.request_log`) with the features as served and the scores.
 
+The HTTP boundary is `ctrflow.guard.ServiceGuard` (added below): a body-size limit (413), strict JSON types (ids are
+int64 integers, never booleans, numeric strings or floats: 422 naming the field), one error body shape
+({"status", "field", "rule", "message", "value"}, the value cut short) and an optional bearer token (401); /healthz,
+/livez, /readyz and /metrics stay open. With a challenger attached to the production model (`ctrflow models shadow`),
+each request is also scored by it (`ctrflow.shadow`): logged as shadow_model / shadow_score, never returned.
+The guard's environment (`ctrflow.guard.guard_env`, from params `serving`): CTRFLOW_MAX_REQUEST_BYTES (bodies above
+it: 413) and CTRFLOW_AUTH_TOKEN_ENV (the NAME of the variable holding the bearer token; unset or empty: no auth).
+
 Environment (read when a worker constructs the service, never at import: `bentoml serve/build` import this module):
     CTRFLOW_FEATURE_REPO         the applied Feast repository (feature_store.yaml + registry + online store)  [required]
     CTRFLOW_MODEL_NAME           registry name (default ctrflow-ranker)
@@ -28,22 +36,22 @@ import logging
 import os
 import time
 import uuid
-from collections import Counter
 from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument
-from pydantic import Field
+from pydantic import Field, Strict
 
 from ctrflow.config import ServingParams
+from ctrflow.guard import RankRules, ServiceGuard, request_fields, set_rules, token_from_env
 
 log = logging.getLogger("ctrflow.serving")
 
 MAX_CANDIDATES = 1000
 DEFAULT_MODEL_NAME = "ctrflow-ranker"
 
-Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63, description="an int64 id")]
+# strict: JSON booleans, numeric strings and floats are refused (the guard refuses them first, with its error shape)
+Int64 = Annotated[int, Strict(), Field(ge=-(2**63), lt=2**63, description="an int64 id")]
 ItemIds = Annotated[
     list[Int64],
     Field(min_length=1, max_length=MAX_CANDIDATES, description=f"candidate item ids (1 to {MAX_CANDIDATES}, no repeats)"),
@@ -113,6 +121,7 @@ class RankingService:
         from ctrflow.training.artifact import Scorer, load_model_artifact
 
         started = time.perf_counter()
+        token_from_env()  # a token variable named but unset: refuse to start rather than serve without auth
         repo = os.environ.get("CTRFLOW_FEATURE_REPO", "")
         if not repo:
             raise RuntimeError("CTRFLOW_FEATURE_REPO is not set: point it at the applied Feast repository")
@@ -140,6 +149,12 @@ class RankingService:
         self.known_items = self._vocab(loaded.encoder, spec.item_key)
         self.feature_service = os.environ.get("CTRFLOW_FEATURE_SERVICE") or "ctr_ranking"
         self.store = FeatureStore(repo_path=repo)
+        # the guard checks /rank bodies against this model's scenarios, before BentoML parses them
+        set_rules("/rank", RankRules(tuple(self.scenarios), MAX_CANDIDATES, request_fields(RankingService.apis["rank"])))
+        from ctrflow.shadow import ShadowSlot
+
+        # the challenger attached to this (production) model, followed while serving (ctrflow models shadow)
+        self.shadow = ShadowSlot(self.tag, repo, self.feature_service, metrics=True, store=self.store)
 
         log_dir = os.environ.get("CTRFLOW_REQUEST_LOG", "")
         self.request_log = None
@@ -189,13 +204,7 @@ class RankingService:
     @bentoml.api
     def rank(self, user_id: Int64, scenario: str, item_ids: ItemIds) -> dict[str, Any]:
         """Order the candidate items for one user in one scenario by predicted click probability (highest first)."""
-        started = time.perf_counter()
-        if scenario not in self.scenarios:
-            raise InvalidArgument(f"scenario: '{scenario}' is not one of the model's scenarios {self.scenarios}")
-        repeated = sorted(i for i, n in Counter(item_ids).items() if n > 1)
-        if repeated:
-            raise InvalidArgument(f"item_ids: ids must not repeat; {len(repeated)} do: {repeated[:10]}")
-
+        started = time.perf_counter()  # the body was checked by the guard (scenario known, ids distinct int64)
         ranked = self.online.rank_scores(user_id, scenario, item_ids)
         scores = ranked.scores
         unknown_user = self.known_users is not None and user_id not in self.known_users
@@ -203,6 +212,11 @@ class RankingService:
         order = np.argsort(-scores, kind="stable")  # stable: ties keep request order
         request_id = uuid.uuid4().hex
         latency_ms = (time.perf_counter() - started) * 1000
+        t_log = time.perf_counter()
+        served = self.online.log_features(ranked, user_id, item_ids, scenario) if self.request_log is not None else None
+        log_s = time.perf_counter() - t_log
+        # the challenger scores the features as served (never raises; logged only, so only when there is a log)
+        shadow = self.shadow.columns(served) if served is not None else {}
         t_log = time.perf_counter()
         if self.request_log is not None:
             rank_of = np.empty(len(item_ids), dtype=np.int32)
@@ -213,7 +227,7 @@ class RankingService:
                 user_id=user_id,
                 scenario=scenario,
                 model=self.tag,
-                features=self.online.log_features(ranked, user_id, item_ids, scenario),
+                features=served,
                 predictions=scores,
                 item_ids=item_ids,
                 extra={
@@ -223,12 +237,13 @@ class RankingService:
                     if unknown
                     else np.zeros(len(item_ids), dtype=bool),
                     "latency_ms": latency_ms,
+                    **shadow,
                 },
             )
         m = self.metrics
         for stage, seconds in ranked.timings.items():
             m["stage"].labels(stage).observe(seconds)
-        m["stage"].labels("log").observe(time.perf_counter() - t_log)
+        m["stage"].labels("log").observe(log_s + time.perf_counter() - t_log)
         m["requests"].labels(scenario).inc()
         if unknown_user:
             m["fallbacks"].labels(scenario, "user").inc()
@@ -246,7 +261,11 @@ class RankingService:
 
     @bentoml.on_shutdown
     def close(self) -> None:
-        """Stop the item-cache refresh and flush the request log before the worker exits."""
+        """Stop the item-cache refresh and the challenger's watcher, flush the request log before the worker exits."""
         self.online.close()
+        self.shadow.close()
         if self.request_log is not None:
             self.request_log.close()
+
+
+RankingService.add_asgi_middleware(ServiceGuard)  # settings read from the worker's environment when it starts

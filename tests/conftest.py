@@ -30,28 +30,40 @@ FILE_LEVELS = {
     "test_baselines.py": "unit",
     "test_benchmarks.py": "unit",
     "test_config.py": "unit",
+    "test_engines.py": "component",
     "test_data.py": "unit",
     "test_dgenctr.py": "unit",
     "test_dmae.py": "unit",
     "test_embeddings.py": "unit",
     "test_gsvr.py": "unit",
+    "test_guard.py": "unit",
     "test_metrics.py": "unit",
     "test_models.py": "unit",
     "test_trainer.py": "unit",
     "test_cli.py": "component",
     "test_components.py": "component",
+    "test_distributed.py": "component",
+    "test_pytorchjob.py": "component",
     "test_features.py": "component",
     "test_monitoring.py": "component",
     "test_online.py": "component",
     "test_drift_verdicts.py": "component",
     "test_online_quality.py": "component",
+    "test_monitor_loop.py": "component",
     "test_pipeline_families.py": "component",
     "test_pipeline_submit.py": "component",
+    "test_recipe.py": "component",  # real `ctrflow` processes killed and resumed
     "test_registry.py": "component",
+    "test_registry_faults.py": "component",  # its tests are also marked slow
+    "test_request_log.py": "component",  # a real writer process killed
+    "test_scale.py": "component",
     "test_validation.py": "component",
+    "test_lifecycle.py": "serving",  # marked so in the file too
     "test_dvc.py": "pipeline",
     "test_pipeline_local.py": "pipeline",
     "test_serving.py": "serving",
+    "test_guarded_serving.py": "serving",
+    "test_shadow.py": "component",
 }
 DEFAULT_LEVEL = "component"
 
@@ -66,7 +78,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def redis_url():
     """A redis-server of this session on a free port; $CTRFLOW_REDIS (what the production profile reads) names it."""
-    from services import redis_server
+    from ctrflow.local_services import redis_server
 
     with redis_server() as url, pytest.MonkeyPatch.context() as mp:
         mp.setenv("CTRFLOW_REDIS", url)
@@ -74,10 +86,21 @@ def redis_url():
 
 
 @pytest.fixture(scope="session")
+def pg_registry():
+    """A PostgreSQL database of this session (dropped at the end); $CTRFLOW_REGISTRY_URL (what the production
+    profile's SQL registry reads) names it. One repo per session may use it (one Feast project per database)."""
+    from ctrflow.local_services import postgres_database
+
+    with postgres_database() as url, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTRFLOW_REGISTRY_URL", url)
+        yield url
+
+
+@pytest.fixture(scope="session")
 def online_repo(request):
     """online_repo(repo, store): point a repo copy's online store at `store` ("sqlite": as copied; "redis": the
     production profile's block, on this session's redis-server)."""
-    from services import use_production_stores
+    from ctrflow.local_services import use_production_stores
 
     def configure(repo, store: str):
         if store == "redis":

@@ -84,3 +84,46 @@ def test_filters_that_select_nothing_are_an_error_before_any_data_is_loaded(tmp_
     with pytest.raises(SystemExit):  # argparse: not a protocol
         quality.main(["--suite", "dgenctr", "--protocols", "scarce", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_scale_results_merge_by_dataset_and_step_and_render_a_plot(tmp_path) -> None:
+    from benchmarks import scale
+    from benchmarks.measure import measure
+
+    def rec(dataset: str, rows: int, step: str, seconds: float) -> dict:
+        return {"dataset": dataset, "rows": rows, "step": step, "seconds": seconds, "peak_rss_mb": 100.0 + rows / 1e4,
+                "cpu_seconds": seconds, "rc": 0, "killed": None, "rows_per_s": round(rows / seconds),
+                "s_per_million_rows": round(seconds / rows * 1e6, 2), "meter_lines": []}
+
+    path = tmp_path / "scale.json"
+    scale.merge([rec("syn-100k", 100_000, "features", 2.0), rec("syn-1m", 1_000_000, "features", 20.0)], path)
+    merged = scale.merge([rec("syn-100k", 100_000, "features", 3.0), rec("syn-100k", 100_000, "train", 5.0)], path)
+    assert [(r["dataset"], r["step"], r["seconds"]) for r in merged] == [
+        ("syn-100k", "features", 3.0), ("syn-100k", "train", 5.0), ("syn-1m", "features", 20.0)
+    ]
+    scale.render(merged, tmp_path / "scale.md", tmp_path / "scale.png")
+    md = (tmp_path / "scale.md").read_text()
+    assert "![time and memory against rows](scale.png)" in md
+    assert "| syn-1m | 1,000,000 | features | 20.0 | 20.0 | 50000 | 200 | 20.0 | 20.0 | ok |" in md
+    assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
+    # the measuring wrapper kills a command over its memory limit and says so
+    hog = ["python3", "-c", "import time; b = bytearray(300 * 2**20); time.sleep(30)"]
+    result = measure(hog, limit_s=20, limit_mb=100, interval=0.05)
+    assert result["killed"] == "memory" and result["rc"] != 0
+
+
+def test_offline_engines_digest_sees_every_cell_and_merge_replaces_by_engine_and_rows(tmp_path) -> None:
+    import pandas as pd
+
+    from benchmarks import offline_engines
+
+    a = pd.DataFrame({"u": [1, 2], "hist": [[1, 2], []], "cat": ["x", None], "emb": [np.ones(2, np.float32), None]})
+    b = a.copy()
+    assert offline_engines.frame_digest(a) == offline_engines.frame_digest(b)
+    b.at[0, "hist"] = [1, 3]
+    assert offline_engines.frame_digest(a) != offline_engines.frame_digest(b)
+    path = tmp_path / "offline_engines.json"
+    path.write_text(json.dumps([{"engine": "spark", "rows": 10, "join_s": 9}, {"engine": "duckdb", "rows": 10, "join_s": 1}]))
+    merged = offline_engines.merge([{"engine": "spark", "rows": 10, "join_s": 5, "status": "ok"}], path)
+    assert [(r["engine"], r["join_s"]) for r in merged] == [("duckdb", 1), ("spark", 5)]
+    assert "| 10 | spark | ok |" in offline_engines.render(merged)

@@ -159,9 +159,41 @@ def test_check_drift(params, trained, training_set, tmp_path):
     frame = pd.read_parquet(training_set / TRAINING_FRAME)
     current = tmp_path / "current.parquet"
     frame[frame["split"] == "test"].drop(columns=["label", "split"]).to_parquet(current)
-    report = HTML(uri=str(tmp_path / "drift.html"))
-    breached = components.check_drift.python_func(params=params, training_set=Dataset(uri=str(training_set)), model=model, current=str(current), drift_report=report, fail_on_breach=False)
-    assert isinstance(breached, bool) and report.metadata["breached"] == breached and Path(report.path).stat().st_size > 0
+    report, summary = HTML(uri=str(tmp_path / "drift.html")), Artifact(uri=str(tmp_path / "drift.json"))
+    verdict = components.check_drift.python_func(params=params, training_set=Dataset(uri=str(training_set)), model=model, current=str(current), drift_report=report, drift_summary=summary, fail_on_breach=False)
+    assert verdict in ("ok", "breached", "not_enough_data") and report.metadata["verdict"] == verdict
+    assert Path(report.path).stat().st_size > 0 and json.loads(Path(summary.path).read_text())["verdict"] == verdict
+
+
+def test_check_quality_and_request_retraining(params, tmp_path):
+    import numpy as np
+
+    t0 = pd.Timestamp("2026-01-01", tz="UTC")
+    n = 400
+    log = pd.DataFrame({"request_id": [f"r{i}" for i in range(n)], "item_id": np.arange(n, dtype="int64"), "ts": [t0] * n,
+                        "scenario": ["home"] * n, "model": ["m"] * n, "prediction": np.full(n, 0.5)})  # fmt: skip
+    log.to_parquet(tmp_path / "log.parquet")
+    # 40 clicks where 200 were predicted: observed / predicted = 0.2
+    labels = pd.DataFrame({"request_id": [f"r{i}" for i in range(40)] + ["end"], "item_id": np.arange(41, dtype="int64"),
+                           "clicked": [1] * 40 + [0], "timestamp": [t0 + pd.Timedelta(minutes=1)] * 40 + [t0 + pd.Timedelta(days=1)]})  # fmt: skip
+    labels.to_parquet(tmp_path / "labels.parquet")
+    quality = Artifact(uri=str(tmp_path / "quality.json"))
+    assert components.check_quality.python_func(params=params, current=str(tmp_path / "log.parquet"), labels=str(tmp_path / "labels.parquet"), quality_summary=quality) == "breached"
+    skipped = Artifact(uri=str(tmp_path / "skipped.json"))
+    assert components.check_quality.python_func(params=params, current="unused", labels="", quality_summary=skipped) == "skipped"
+
+    drift = Artifact(uri=str(tmp_path / "drift.json"))
+    Path(drift.path).write_text(json.dumps({"verdict": "ok", "reasons": [], "scenarios": {}}))
+    request = Artifact(uri=str(tmp_path / "request.json"))
+    verdict = components.request_retraining.python_func(params=params, drift_summary=drift, quality_summary=quality, retraining_request=request, fail_on_breach=False)
+    written = json.loads(Path(request.path).read_text())
+    assert verdict == "breached" and written["kind"] == "ctrflow.retraining_request" and written["breached_scenarios"] == ["home"]
+    assert request.metadata["requested"] is True
+    with pytest.raises(RuntimeError, match="monitoring breached: online quality: all traffic: observed CTR 0.1000"):
+        components.request_retraining.python_func(params=params, drift_summary=drift, quality_summary=quality, retraining_request=request)
+    quiet = Artifact(uri=str(tmp_path / "quiet.json"))
+    assert components.request_retraining.python_func(params=params, drift_summary=drift, quality_summary=skipped, retraining_request=quiet) == "ok"
+    assert json.loads(Path(quiet.path).read_text()) == {"requested": False, "verdict": "ok"}
 
 
 def test_publish_training_logs_each_defined_metric():
@@ -175,6 +207,7 @@ def test_publish_training_logs_each_defined_metric():
 def test_every_component_has_a_test_here():
     tested = {
         "validate_data", "build_features", "embed_items", "train_model", "pretrain_model", "finetune_model",
-        "train_multiscenario", "register_model", "promotion_gate", "deploy_model", "check_drift",
+        "train_multiscenario", "register_model", "promotion_gate", "deploy_model", "check_drift", "check_quality",
+        "request_retraining",
     }
     assert set(components.__all__) - {"BASE_IMAGE"} == tested

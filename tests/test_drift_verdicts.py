@@ -104,6 +104,7 @@ def test_cli_exit_codes(reference, tmp_path):
         out = CliRunner().invoke(cli, ["monitor", "drift", "--training-set", str(ts), "--current", str(tmp_path / f"{name}.parquet"), "--out", str(tmp_path / name)])
         assert out.exit_code == code, (name, out.output)
         assert text in out.output
+        assert (tmp_path / name / "monitor_report.html").exists()
 
 
 # ---- 2. the missing-value share is a drift signal of its own ------------------------------------------------
@@ -220,6 +221,10 @@ def test_a_scenario_with_too_few_rows_is_not_enough_data_not_a_breach(tmp_path):
     cur = pd.concat([rows(900, 2, "home"), rows(5, 3, "search").assign(price=np.nan)], ignore_index=True)
     r = drift_report(ref, cur, SPEC, tmp_path, prediction_column=None)
     assert r.scenarios["search"].verdict == NOT_ENOUGH_DATA and r.verdict == OK
+    # a scenario with no traffic at all is listed too (a surface down shows up in the table), still not a breach
+    r = drift_report(ref, rows(900, 2, "home"), SPEC, tmp_path, prediction_column=None)
+    assert r.scenarios["search"].verdict == NOT_ENOUGH_DATA and r.scenarios["search"].n_current == 0 and r.verdict == OK
+    assert r.scenarios["search"].notes == ["scenario 'search' has no current rows (reference 600)"]
 
 
 def test_sampled_read_is_seeded_and_uniform(tmp_path):
@@ -236,3 +241,34 @@ def test_sampled_read_is_seeded_and_uniform(tmp_path):
     assert 0 < (a["row"] >= 600).sum() < 300  # both parts contribute
     full, info = read_current(tmp_path / "log", max_rows=5000)
     assert len(full) == 1000 and not info["sampled"]
+
+
+def test_unknown_users_in_the_request_log_are_not_a_missing_feature(reference, tmp_path):
+    # the service flags rows of users it does not know (fallback_user): their user features are null by design
+    cur = rows(400, 1).assign(fallback_user=False)
+    cur["gender"] = cur["gender"].astype(object)
+    cur.loc[:99, "gender"] = None
+    cur.loc[:99, "fallback_user"] = True  # 100 cold-start rows
+    r = drift_report(reference, cur, SPEC, tmp_path, prediction_column=None)
+    m = r.per_feature["gender"]["missing"]
+    assert (m["n_current"], m["current_share"], m["drifted"]) == (300, 0.0, False) and r.verdict == OK
+    cur.loc[100:199, "gender"] = None  # 100 known users lost their profile too: 100 of 300 known rows
+    r = drift_report(reference, cur, SPEC, tmp_path, prediction_column=None)
+    assert r.breached and r.reasons[0].startswith("feature 'gender' missing in 33.3% of 300 current rows")
+
+
+def test_usage_error_exits_2_with_a_readable_message(reference, tmp_path, monkeypatch, capsys):
+    from ctrflow.cli import main
+
+    ts = tmp_path / "training_set"
+    ts.mkdir()
+    reference.assign(split="train", label=0).to_parquet(ts / "frame.parquet")
+    SPEC.save(ts / "spec.json")
+    rows(300, 1).drop(columns="price").to_parquet(tmp_path / "cur.parquet")
+    argv = ["ctrflow", "monitor", "drift", "--training-set", str(ts), "--current", str(tmp_path / "cur.parquet"), "--out", str(tmp_path / "out")]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert "current frame (300 rows) lacks column(s) ['price']" in err

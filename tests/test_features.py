@@ -11,12 +11,12 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 import pytest
-from services import ONLINE_STORES
 
 from ctrflow import features as F
 from ctrflow.data.frames import point_in_time_frame
 from ctrflow.data.spec import FeatureSpec, FieldKind
 from ctrflow.data.tables import TS_DTYPE, Dataset, behaviour_at
+from ctrflow.local_services import ONLINE_STORES
 
 USER = 9_001  # not among the synthetic users (1..200)
 T0 = pd.Timestamp("2026-01-10", tz="UTC")
@@ -219,3 +219,34 @@ def test_profiles_are_stamped_before_every_interaction(store, dataset):
     assert (stamps == F.PROFILE_TIMESTAMP).all()
     assert F.PROFILE_TIMESTAMP < dataset.interactions.event_timestamp.min() - timedelta(days=365)
     assert store.get_feature_view("user_behaviour").ttl in (None, timedelta(0))
+
+
+def test_sequences_of_floats_or_with_missing_elements_are_written_as_text_lists(tiny_dataset, tmp_path):
+    """Integer tags that met a NaN in pandas come back as floats ([1.0, nan]), and a None may sit inside a list:
+    the column is written as text lists (every element as text, missing elements dropped) instead of stopping with
+    arrow's bare "Expected bytes, got a 'float' object"; all-int lists stay int lists."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from ctrflow.data.spec import Entity, FieldSpec
+
+    spec = dataclasses.replace(
+        tiny_dataset.spec,
+        fields=[
+            *tiny_dataset.spec.fields,
+            FieldSpec("tags", FieldKind.SEQUENCE, Entity.ITEM, max_len=3),
+            FieldSpec("codes", FieldKind.SEQUENCE, Entity.ITEM, max_len=3),
+        ],
+    )
+    items = tiny_dataset.items.copy()
+    n = len(items)
+    tags = [np.array([1.0, np.nan]), [2, None], None, np.array([], dtype=float)] + [np.array([3.0])] * (n - 4)
+    items["tags"] = pd.Series(tags, dtype=object).to_numpy()
+    items["codes"] = pd.Series([np.array([i, i + 1], dtype=np.int64) for i in range(n)], dtype=object).to_numpy()
+    F.write_feature_tables(Dataset("d", tiny_dataset.interactions, tiny_dataset.users, items, spec), tmp_path)
+    table = pq.read_table(tmp_path / "item_profile.parquet")
+    assert str(table.schema.field("tags").type) == "list<element: string>"
+    assert table.column("tags").to_pylist()[:5] == [["1.0"], ["2"], None, [], ["3.0"]]
+    assert str(table.schema.field("codes").type) == "list<element: int64>"
+    assert table.column("codes").to_pylist()[:2] == [[0, 1], [1, 2]]

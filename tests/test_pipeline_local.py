@@ -66,6 +66,8 @@ def test_pipeline_trains_registers_and_deploys_only_through_the_gate(tmp_path, b
     assert Path(run["validation_report_html"]).name == "index.html"
     assert (Path(run["feature_repo"]) / "data" / "online_store.db").stat().st_size > 0  # materialised online
 
+    _monitoring_pipeline_on_the_test_split(run, frame, metrics, tmp_path)
+
     # a gate no model can pass, through `run-all`: registered as a candidate, not deployed, nothing served, the
     # reasons and both models' metrics said, production unchanged
     from ctrflow.demo import run_everything
@@ -85,6 +87,45 @@ def test_pipeline_trains_registers_and_deploys_only_through_the_gate(tmp_path, b
     assert registry.production_model(NAME) == run["model_tag"]
     stages = {m["tag"]: m["stage"] for m in registry.list_models(NAME)}
     assert stages == {run["model_tag"]: "production", again["model_tag"]: "candidate"}
+
+
+def _monitoring_pipeline_on_the_test_split(run: dict, frame: pd.DataFrame, metrics: dict, tmp_path: Path) -> None:
+    """The monitoring pipeline on the same local runner: the test split served (scored by the trained model) and its
+    labels as the click feed; the online AUC of the label join is the trainer's offline test AUC."""
+    from ctrflow.training.artifact import Scorer, load_model_artifact
+    from pipelines.runner import run_monitoring_local
+
+    test = frame[frame["split"] == "test"].reset_index(drop=True)
+    loaded = load_model_artifact(run["model_dir"])
+    t0 = pd.Timestamp("2026-01-01", tz="UTC")
+    served = test.drop(columns=["label", "split"]).assign(
+        request_id=[f"r{i}" for i in range(len(test))], ts=t0, model="candidate", prediction=Scorer(loaded.model, loaded.encoder).score(test)
+    )
+    served.to_parquet(tmp_path / "served.parquet")
+    clicked = test["label"] == 1
+    labels = pd.DataFrame({"request_id": served.loc[clicked, "request_id"], "item_id": served.loc[clicked, "item_id"].astype("int64"), "clicked": 1,
+                           "timestamp": t0 + pd.Timedelta(minutes=1)})  # fmt: skip
+    horizon = pd.DataFrame({"request_id": ["end"], "item_id": [0], "clicked": [0], "timestamp": [t0 + pd.Timedelta(days=1)]})
+    pd.concat([labels, horizon], ignore_index=True).astype({"item_id": "int64"}).to_parquet(tmp_path / "labels.parquet")
+
+    params = small_params(**{"monitoring.workspace": None})
+    run_monitoring_local(params, tmp_path / "mon", run["training_set"], run["model_dir"], str(tmp_path / "served.parquet"),
+                         labels=str(tmp_path / "labels.parquet"), fail_on_breach=False)  # fmt: skip
+    root = tmp_path / "mon" / "kfp"
+    (quality_path,) = root.glob("*/check-quality/quality_summary")
+    (drift_path,) = root.glob("*/check-drift/drift_summary")
+    (request_path,) = root.glob("*/request-retraining/retraining_request")
+    quality = json.loads(quality_path.read_text())
+    assert quality["join"]["labelled"] == len(test) and quality["join"]["clicked"] == int(clicked.sum())
+    assert abs(quality["overall"]["auc"] - metrics["test"]["auc"]) < 0.01
+    drift = json.loads(drift_path.read_text())
+    assert drift["verdict"] in ("ok", "breached", "not_enough_data") and drift["n_current"] == len(test)
+    request = json.loads(request_path.read_text())
+    expected = "breached" if drift["verdict"] == "breached" or quality["verdict"] == "breached" else None
+    if expected:
+        assert request["kind"] == "ctrflow.retraining_request" and request["drift_verdict"] == drift["verdict"]
+    else:
+        assert request["requested"] is False
 
 
 def test_invalid_data_stops_the_pipeline_before_anything_is_registered(tmp_path, bentoml_home, tiny_dataset):

@@ -19,7 +19,7 @@ from fake_kfp_server import FakeKFPServer
 from kfp import components as kfp_components
 
 import components
-from pipelines.runner import compile_pipeline, submit
+from pipelines.runner import compile_pipeline, schedule_monitoring, submit
 
 PARAMS: dict[str, Any] = {
     "data": {"source": "synthetic", "seed": 7},
@@ -37,7 +37,7 @@ TRAINING_STEPS = (
     components.deploy_model,
 )
 # Side-effect steps (Feast materialisation, registry writes, deployment, drift alerts) must never be cached.
-UNCACHED = {"build-features", "register-model", "promotion-gate", "deploy-model", "check-drift"}
+UNCACHED = {"build-features", "register-model", "promotion-gate", "deploy-model", "check-drift", "check-quality", "request-retraining"}
 # What kfp.Client 2.17 calls for submit(): health probe in __init__, experiment get-or-create, run / recurring run.
 CLIENT_ENDPOINTS = {
     "GET /apis/v2beta1/healthz",
@@ -179,13 +179,41 @@ def test_compiled_monitoring_yaml_loads_back_as_a_component(compiled: dict[str, 
         "training_set_uri": "String",
         "model_uri": "String",
         "current": "String",
+        "labels": "String",
         "fail_on_breach": "Boolean",
     }
     assert inputs["fail_on_breach"].optional and inputs["fail_on_breach"].default is True
+    assert inputs["labels"].optional and inputs["labels"].default == ""
     assert not comp.component_spec.outputs
-    spec = yaml.safe_load(compiled["monitoring"].read_text())
+    _assert_monitoring_spec(yaml.safe_load(compiled["monitoring"].read_text()))
+
+
+def _assert_monitoring_spec(spec: dict[str, Any]) -> None:
+    """Drift and quality, then the retraining decision fed by both summaries."""
+    assert spec["pipelineInfo"]["name"] == "ctrflow-monitoring"
     executors = {name for name, c in spec["components"].items() if "executorLabel" in c}
-    assert f"comp-{components.check_drift.name}" in executors
+    steps = (components.check_drift, components.check_quality, components.request_retraining)
+    assert {f"comp-{step.name}" for step in steps} <= executors
+    decide = _all_tasks(spec)["request-retraining"]
+    producers = {k: v["taskOutputArtifact"]["producerTask"] for k, v in decide["inputs"]["artifacts"].items()}
+    assert producers == {"drift_summary": "check-drift", "quality_summary": "check-quality"}
+
+
+def test_schedule_monitoring_creates_a_recurring_run(kfp_server: FakeKFPServer, compiled: dict[str, Path]) -> None:
+    params = {**PARAMS, "monitoring": {"schedule_cron": "0 30 4 * * *"}}
+    result = schedule_monitoring(kfp_server.url, params, "s3://b/ts", "s3://b/model", "s3://b/log", "s3://b/labels")
+    assert set(kfp_server.endpoints()) <= CLIENT_ENDPOINTS, kfp_server.endpoints()
+    (rec,) = kfp_server.recurring_runs.values()
+    assert result == {"recurring_run_id": rec["recurring_run_id"], "cron": "0 30 4 * * *"}
+    assert rec["trigger"] == {"cron_schedule": {"cron": "0 30 4 * * *"}}
+    assert rec["display_name"] == "ctrflow-monitoring"
+    assert rec["runtime_config"]["parameters"] == {
+        "params": params, "training_set_uri": "s3://b/ts", "model_uri": "s3://b/model", "current": "s3://b/log", "labels": "s3://b/labels"
+    }
+    assert rec["pipeline_spec"] == yaml.safe_load(compiled["monitoring"].read_text())
+    _assert_monitoring_spec(rec["pipeline_spec"])
+    with pytest.raises(ValueError, match="must have 6 fields"):
+        schedule_monitoring(kfp_server.url, params, "a", "b", "c", cron="0 4 * * *")
 
 
 @pytest.mark.parametrize("pipeline", ["training", "monitoring"])

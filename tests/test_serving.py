@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from services import ONLINE_STORES
 
+from ctrflow.local_services import ONLINE_STORES, use_production_stores
 from ctrflow.server import start_server
 
 MODEL_NAME = "ctrflow-ranker"
@@ -74,12 +74,15 @@ def deployment(tmp_path_factory, tiny_dataset, tiny_frame):
 @pytest.fixture(scope="module", params=ONLINE_STORES)
 def server(request, deployment, online_repo):
     """A real `bentoml serve` subprocess (default model = the registry's production one) reading its features from
-    the SQLite or the Redis online store (one parameter); always terminated."""
+    the SQLite or the Redis online store (one parameter; Redis as in production: with the SQL registry on
+    PostgreSQL, so serving reads its feature views through that registry); always terminated."""
     from ctrflow import features
 
     repo, store = deployment["repo"], deployment["store"]
     if request.param != "sqlite":  # the same feature tables, applied and materialized into the other online store
         repo = online_repo(features.copy_repo(deployment["root"] / f"repo-{request.param}"), request.param)
+        request.getfixturevalue("pg_registry")
+        use_production_stores(repo, "registry")
         store = features.apply_repo(repo, deployment["repo"] / "data")
         features.materialize(store)
     log_dir = deployment["root"] / f"request_log-{request.param}"
@@ -261,6 +264,29 @@ def test_a_rematerialised_item_value_is_served_after_the_refresh(deployment, tin
         finally:  # the module's other tests read the original values
             features.write_feature_tables(tiny_dataset, repo / "data")
             features.materialize(store)
+
+
+@pytest.mark.serving
+def test_a_served_item_id_2_63_minus_1_keeps_drift_running(server, deployment, tiny_dataset, tmp_path):
+    """The API accepts any int64 item id; once one near 2**63 is served and logged, drift over the log still runs
+    and compares ids exactly (issue 14: it stopped with "cannot safely cast non-equivalent float64 to int64")."""
+    from ctrflow.monitoring import drift_report, read_request_log
+
+    user, scenario, items = _known(deployment)
+    top = 2**63 - 1
+    r = _rank(server["url"], user_id=user, scenario=scenario, item_ids=[top, *items[:20]])
+    assert r.status_code == 200, r.text
+    request_id = r.json()["request_id"]
+    deadline, rows = time.monotonic() + 20, pd.DataFrame()
+    while time.monotonic() < deadline and len(rows) < 21:  # flushed every 0.5 s
+        log = read_request_log(server["log_dir"])
+        rows = log[log["request_id"] == request_id] if len(log) else log
+        time.sleep(0.3)
+    assert len(rows) == 21 and top in set(rows["item_id"].tolist())
+    train = deployment["frame"][deployment["frame"]["split"] == "train"]
+    result = drift_report(train, rows, tiny_dataset.spec, tmp_path, prediction_column=None, min_current_rows=1, by_scenario=False)
+    assert result.verdict in ("ok", "breached")  # it ran; 21 rows are not meant to say more
+    assert result.id_coverage["item_id"] == pytest.approx(20 / 21)  # the 20 training items seen, 2**63-1 not
 
 
 @pytest.mark.serving

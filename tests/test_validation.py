@@ -617,3 +617,66 @@ def test_cli_epoch_milliseconds_exit_2_with_the_report_written(tmp_path, monkeyp
     saved = json.loads((rep / "validation.json").read_text())
     assert saved["success"] is False and len(saved["failures"]) == 2
     assert (rep / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").exists()
+
+
+def test_great_expectations_info_lines_stay_out_of_the_cli_output(tmp_path):
+    """The CLI logs at INFO: GX's import-time lines ("Skipping registering function ...", a dozen per run) and its
+    config dumps must not reach a user's terminal; ctrflow's own INFO lines do."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO); "
+        "from ctrflow.data import validation as v; "
+        "v._expect('ExpectColumnToExist', 't', 'c', 'r', column='c'); v._context(sys.argv[1]); "
+        "v.log.info('ours')"
+    )
+    import os
+
+    from ctrflow.config import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # this checkout's ctrflow, not an installed one
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ctrflow.data.validation INFO ours" in out.stderr or "INFO:ctrflow.data.validation:ours" in out.stderr
+    assert "great_expectations" not in out.stderr, out.stderr[:2000]
+
+
+def test_context_fields_in_interactions_get_the_field_rules(tmp_path):
+    """A declared context field (entity: context) lives in the interactions table: a missing column, ±inf in a
+    numeric one, a NaN inside a vector and a field null throughout are named like user and item fields (they
+    passed unchecked before, and the NaN made training diverge)."""
+    from ctrflow.data.spec import FieldSpec
+
+    ds = small_dataset()
+    extra = [
+        FieldSpec("dwell", "numeric", "context", buckets=4),
+        FieldSpec("ctx_emb", "embedding", "context", dim=2),
+        FieldSpec("device", "categorical", "context"),
+        FieldSpec("page", "categorical", "context"),
+    ]
+    spec = dataclasses.replace(ds.spec, fields=[*ds.spec.fields, *extra])
+    inter = ds.interactions.copy()
+    dwell = np.arange(40, dtype=np.float64)
+    dwell[[4, 9]] = [np.inf, np.nan]  # row 4: +inf; row 9: NaN is a missing value (allowed)
+    inter["dwell"] = dwell
+    vectors = [np.array([0.5, 1.5]) for _ in range(40)]
+    vectors[7] = np.array([np.nan, 1.0])
+    inter["ctx_emb"] = vectors
+    inter["page"] = None  # declared, null in every row
+    bad = _with(ds, interactions=inter, spec=spec)
+    before = snapshot(bad)
+    report = validate_dataset(bad, tmp_path, now=NOW, raise_on_failure=False)
+    assert {(f["table"], f["column"], f["expectation"]) for f in report.failures} == {
+        ("interactions", "device", "expect_column_to_exist"),
+        ("interactions", "dwell", "expect_column_values_to_be_null"),
+        ("interactions", "ctx_emb", "expect_column_values_to_be_null"),
+        ("interactions", "page", "expect_column_values_to_not_be_null"),
+    }
+    assert "1 of 40 rows broke it; examples: row 4 (inf)" in _line(report, "interactions.dwell: dwell must be finite")
+    assert "1 of 40 rows broke it; examples: row 7 (nan at [0])" in _line(report, "interactions.ctx_emb: every element")
+    assert "40 of 40 rows broke it" in _line(report, "interactions.page: page must hold a value in at least one row")
+    assert not any(f["error"] for f in report.failures)
+    assert_unchanged(bad, before)

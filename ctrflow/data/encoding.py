@@ -134,9 +134,30 @@ def _lookup(vocab: list, values: np.ndarray) -> np.ndarray:
     index = pd.Index(vocab)
     values = np.asarray(values)
     if values.dtype == object and len(vocab) and isinstance(vocab[0], (int, np.integer)):
-        values = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy()
+        values = _exact_ints(values)
     codes = index.get_indexer(values)
     return (codes + 1).astype(np.int64)
+
+
+def _exact_ints(values: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """Object cells (ints, integral floats, digit text, None) as nullable int64, every int kept exact.
+
+    pd.to_numeric would go through float64 as soon as one cell is missing, and float64 holds ints exactly only up to
+    2**53: a hashed id near 2**62 would then be looked up as its neighbour's token. Anything else is missing (NA).
+    """
+
+    def exact(v: object) -> int | None:
+        if isinstance(v, bool | np.bool_):
+            return None
+        if isinstance(v, int | np.integer):
+            return int(v) if -(2**63) <= int(v) < 2**63 else None
+        if isinstance(v, float | np.floating) and np.isfinite(v) and float(v).is_integer():
+            return int(v)
+        if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+            return exact(int(v.strip()))
+        return None
+
+    return pd.array([exact(v) for v in values], dtype="Int64")
 
 
 def _flatten(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:

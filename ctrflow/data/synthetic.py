@@ -43,6 +43,7 @@ class SyntheticConfig:
     max_len: int = 50
     seed: int = 0
     chunk_rows: int = 500_000
+    activity_sigma: float = 1.0  # log-normal sigma of per-user activity: larger, a longer tail of very active users
 
     def __post_init__(self) -> None:
         if not (len(self.scenarios) == len(self.scenario_weights) == len(self.scenario_scale) == len(self.scenario_offset)):
@@ -85,7 +86,7 @@ class SyntheticWorld:
         self.item_pop = rng.zipf(1.6, cfg.n_items).astype(float)
         self.item_pop = np.minimum(self.item_pop, 1000.0)
         self.item_pop /= self.item_pop.sum()
-        self.user_activity = rng.lognormal(0, 1.0, cfg.n_users)
+        self.user_activity = rng.lognormal(0, cfg.activity_sigma, cfg.n_users)
         self.user_activity /= self.user_activity.sum()
         text_proj = rng.normal(0, 1, (d, cfg.text_dim)) / np.sqrt(d)
         image_proj = rng.normal(0, 1, (d, cfg.image_dim)) / np.sqrt(d)

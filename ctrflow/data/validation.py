@@ -21,6 +21,8 @@ What is checked, by kind (each rule names its table, column, rule and row count)
 - timestamps: datetime64[us, UTC] between `min_timestamp` and now; a column the loader could not convert
   (`tables.parse_timestamps` leaves it as it was) is checked as what it is: epoch numbers (the likely unit is
   named) or text (ISO 8601), so the report is written either way;
+- declared fields: user and item fields in their tables, context fields (entity: context) in interactions, all
+  under the same rules;
 - emptiness: tables with no rows, declared fields null (NaN, empty text, empty list) in every row. Partly missing
   fields are normal and pass; more than `warn_null_share` missing gives a warning (a join upstream may have broken);
 - labels: both classes overall (else a failure: AUC is undefined and nothing can be learned); the train, valid and
@@ -51,6 +53,11 @@ from ctrflow.data.tables import BEHAVIOUR_COUNT_FIELDS, HIST_FIELD, TS_DTYPE, Da
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 log = logging.getLogger(__name__)
+# GX's INFO lines (a dozen "Skipping registering function ..." on import, multi-line config dumps) drown the CLI's
+# output; set before GX is first imported, which is where the first of them come from. An explicit level is kept.
+_gx_log = logging.getLogger("great_expectations")
+if _gx_log.level == logging.NOTSET:
+    _gx_log.setLevel(logging.WARNING)
 
 TABLES = ("interactions", "users", "items")
 DATASOURCE = "ctrflow"
@@ -195,11 +202,17 @@ def _interactions_suite(
     hi: pd.Timestamp,
     split_method: str = "temporal",
     seed: int = 0,
+    warn_null_share: float = 0.9,
 ) -> tuple[list, dict[str, pd.Series]]:
     spec, df, t = ds.spec, ds.interactions, "interactions"
     user, item, scen, label, ts = spec.user_key, spec.item_key, spec.scenario_field, spec.label, spec.timestamp
-    exps, present = _exists(t, df, [user, item, scen, label, ts])
+    # declared context fields (entity: context) live in this table: the same per-field rules as user/item fields
+    context = [f for f in spec.of_entity(Entity.CONTEXT) if f.column not in (user, item, scen, label, ts)]
+    exps, present = _exists(t, df, [user, item, scen, label, ts, *[f.column for f in context]])
     derived: dict[str, pd.Series] = {}
+    for f in context:
+        if f.column in present:
+            exps.extend(_field_rules(t, f, df[f.column], lambda i: f"row {i}", derived, warn_null_share))
     rows = f"between {min_rows:,} and {max_rows:,}" if max_rows is not None else f"at least {min_rows:,}"
     exps.append(
         _expect(
@@ -731,9 +744,6 @@ def _context(report_dir: Path):
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    gx_log = logging.getLogger("great_expectations")
-    if gx_log.level == logging.NOTSET:  # its INFO lines (multi-line config dumps) drown the CLI's output
-        gx_log.setLevel(logging.WARNING)
     ctx = gx.get_context(mode="file", project_root_dir=str(report_dir))
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     return ctx
@@ -850,7 +860,9 @@ def validate_dataset(
     # repeated column names: the repeats are renamed so every rule sees one column, and a rule reports them
     unique = {t: _unique_columns(getattr(dataset, t)) for t in TABLES}
     view = dataclasses.replace(dataset, **{t: frame for t, (frame, _) in unique.items()})
-    inter_exps, inter_derived = _interactions_suite(view, min_rows, max_rows, lo, hi, split_method, seed)
+    inter_exps, inter_derived = _interactions_suite(
+        view, min_rows, max_rows, lo, hi, split_method, seed, warn_null_share
+    )
     user_exps, user_derived = _profile_suite(view, "users", warn_null_share)
     item_exps, item_derived = _profile_suite(view, "items", warn_null_share)
     suites = {

@@ -53,7 +53,8 @@ def read_current(
     offset = 0
     cols = None if columns is None else [c for c in columns if c in dataset.schema.names]
     try:
-        for batch in dataset.to_batches(columns=cols):
+        # little read-ahead: the point of sampling is bounded memory, not scan speed
+        for batch in dataset.to_batches(columns=cols, batch_readahead=1, fragment_readahead=1):
             tables.append(_take(pa.Table.from_batches([batch]), keep, offset))
             offset += batch.num_rows
     except (OSError, pa.ArrowException) as exc:

@@ -32,6 +32,7 @@ share of current rows whose id was seen in the reference, compared as exact int6
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import re
@@ -107,6 +108,7 @@ class DriftResult:
     id_coverage: dict[str, float | None] = field(default_factory=dict)  # large id field -> share of current ids seen
     thresholds: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)  # how the current frame was sampled, when it was
+    snapshot: Any = field(default=None, repr=False)  # the whole population's Evidently snapshot (for a workspace)
 
     @property
     def breached(self) -> bool:
@@ -234,11 +236,13 @@ def drift_report(
     prediction_column: str | None = "prediction",
     settings: DriftParams | dict | None = None,
     sampling: dict | None = None,
+    timestamp: dt.datetime | None = None,
     **overrides: Any,
 ) -> DriftResult:
     """Compare `current` with `reference` per spec field (and the prediction), overall and per scenario; write the
     reports; give the verdict (module docstring). `settings` is the `drift:` section (defaults: `DriftParams`);
-    keyword `overrides` replace single keys (e.g. ``max_drifted_share=0.1``).
+    keyword `overrides` replace single keys (e.g. ``max_drifted_share=0.1``). `timestamp` dates the Evidently
+    snapshots (default: now), naive UTC as Evidently's own (an aware one is converted).
 
     Breached when, in the whole population or in one scenario (with enough data): the share of value-drifted
     features exceeds `max_drifted_share`; a feature's missing share moved (every such feature is a reason); or,
@@ -271,20 +275,26 @@ def drift_report(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    overall, snapshot = _population("all", ref, cur, columns, prediction_column, s)
+    stamp = _naive_utc(timestamp)
+    overall, snapshot = _population("all", ref, cur, columns, prediction_column, s, stamp)
     scenarios: dict[str, PopulationDrift] = {}
     sc = spec.scenario_field
     if s.by_scenario and sc in reference.columns and sc in current.columns:
         ref_sc = reference[sc].astype(str).to_numpy()
         cur_sc = current[sc].astype(str).to_numpy()
-        for name in sorted(set(cur_sc)):
+        for name in sorted(set(cur_sc) | set(ref_sc)):
             r_mask, c_mask = ref_sc == name, cur_sc == name
+            if not c_mask.any():  # trained on, no traffic now: worth a look (a surface down?), not testable
+                scenarios[name] = _empty_population(
+                    name, int(r_mask.sum()), 0, NOT_ENOUGH_DATA, f"scenario '{name}' has no current rows (reference {int(r_mask.sum()):,})"
+                )
+                continue
             if not r_mask.any():
                 scenarios[name] = _empty_population(
                     name, 0, int(c_mask.sum()), NOT_ENOUGH_DATA, f"scenario '{name}' has no reference rows: nothing to compare with"
                 )
                 continue
-            pop, snap = _population(name, ref[r_mask], cur[c_mask], columns, prediction_column, s)
+            pop, snap = _population(name, ref[r_mask], cur[c_mask], columns, prediction_column, s, stamp)
             if snap is not None:
                 folder = out / SCENARIO_DIR / _slug(name)
                 folder.mkdir(parents=True, exist_ok=True)
@@ -313,6 +323,7 @@ def drift_report(
         thresholds=s.model_dump(),
         sampling=sampling or {},
     )
+    result.snapshot = snapshot
     if snapshot is not None:
         snapshot.save_html(str(result.html_path))
         snapshot.save_json(str(result.json_path))
@@ -335,6 +346,7 @@ def _population(
     columns: dict[str, FieldSpec],
     prediction_column: str | None,
     s: DriftParams,
+    timestamp: dt.datetime | None = None,
 ) -> tuple[PopulationDrift, Any]:
     """Test one population: missing shares here, value drift with Evidently (one Report); returns the result and
     the Evidently snapshot (None when no column had enough data to test)."""
@@ -375,7 +387,7 @@ def _population(
 
     snapshot = None
     if plan:
-        snapshot = _evidently_run(ref, cur, plan, columns, prediction_column)
+        snapshot = _evidently_run(ref, cur, plan, columns, prediction_column, timestamp)
         drift = _column_drift(snapshot.dict())
         for col in plan:
             if col not in drift:
@@ -399,7 +411,7 @@ def _population(
         m = r["missing"]
         if m["drifted"]:
             reasons.append(
-                f"feature '{c}' missing in {m['current_share']:.1%} of {n_cur:,} current rows "
+                f"feature '{c}' missing in {m['current_share']:.1%} of {m['n_current']:,} current rows "
                 f"(reference {m['reference_share']:.1%}; change > {s.max_missing_share_change}, z-test p={m['p_value']:.2g})"
             )
     if pred_row is not None and pred_row["drifted"] and s.fail_on_prediction_drift:
@@ -445,11 +457,16 @@ def _missing_share_test(ref: pd.Series, cur: pd.Series, s: DriftParams) -> dict:
     enough = n_cur >= s.min_current_rows
     drifted = enough and abs(p_cur - p_ref) > s.max_missing_share_change and p_value < s.pvalue_threshold
     status = TOO_FEW if not enough else (DRIFTED if drifted else NO_DRIFT)
-    return {"reference_share": p_ref, "current_share": p_cur, "p_value": p_value, "status": status, "drifted": drifted}
+    return {"reference_share": p_ref, "current_share": p_cur, "n_current": n_cur, "p_value": p_value, "status": status, "drifted": drifted}
 
 
 def _evidently_run(
-    ref: pd.DataFrame, cur: pd.DataFrame, plan: dict[str, tuple[str, float]], columns: dict[str, FieldSpec], prediction_column: str | None
+    ref: pd.DataFrame,
+    cur: pd.DataFrame,
+    plan: dict[str, tuple[str, float]],
+    columns: dict[str, FieldSpec],
+    prediction_column: str | None,
+    timestamp: dt.datetime | None = None,
 ) -> Any:
     """One Evidently Report: `ValueDrift` with the planned test per column, and `MissingValueCount` per column (for
     the HTML; its verdict is ours, so its default tests are off)."""
@@ -469,9 +486,17 @@ def _evidently_run(
         return Report(metrics, include_tests=True).run(
             Dataset.from_pandas(cur[keep].reset_index(drop=True), data_definition=definition),
             Dataset.from_pandas(ref[keep].reset_index(drop=True), data_definition=definition),
+            timestamp=timestamp,
         )
     except Exception as exc:  # Evidently's own errors are terse; say which step failed and keep the cause
         raise DriftInputError(f"Evidently drift report failed on columns {list(plan)}: {exc}") from exc
+
+
+def _naive_utc(t: dt.datetime | None) -> dt.datetime | None:
+    """Evidently compares snapshot timestamps with its own naive ones (an aware one breaks `evidently ui` series)."""
+    if t is None or t.tzinfo is None:
+        return t
+    return t.astimezone(dt.UTC).replace(tzinfo=None)
 
 
 def _slug(name: str) -> str:

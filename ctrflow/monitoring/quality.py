@@ -54,7 +54,7 @@ class QualityResult:
     by_scenario: dict[str, dict]
     by_model: dict[str, dict]
     series: list[dict]  # one row per (time window, scenario or "all"): start, scenario, n, auc, predicted, observed
-    join: dict  # served, labelled, clicked, pending, late_clicks, unmatched_clicks
+    join: dict  # served, duplicate_rows, labelled, clicked, pending, late_clicks, unmatched_clicks
     shadow: dict | None  # {model, overall: {...}, by_scenario: {...}} when the log holds shadow scores
     thresholds: dict = field(default_factory=dict)
     summary_path: Path | None = None
@@ -155,6 +155,8 @@ def join_labels(log: pd.DataFrame, labels: pd.DataFrame, window_s: float) -> tup
         raise QualityInputError(f"request log: column 'item_id' must be an integer column, got {served['item_id'].dtype}")
     served["item_id"] = served["item_id"].astype("int64")
     served["ts"] = pd.to_datetime(served["ts"], utc=True)
+    n_logged = len(served)
+    # one outcome per (request, item): a key logged twice (a retried write) is one impression
     served = served.drop_duplicates(["request_id", "item_id"], keep="first").reset_index(drop=True)
     window = pd.Timedelta(seconds=window_s)
 
@@ -172,7 +174,7 @@ def join_labels(log: pd.DataFrame, labels: pd.DataFrame, window_s: float) -> tup
     keep = closed | (served["clicked"] == 1)  # a click inside the window is final even while the window is open
     joined = served[keep].reset_index(drop=True)
     counts = {
-        "served": len(served), "labelled": len(joined), "clicked": int(joined["clicked"].sum()),
+        "served": len(served), "duplicate_rows": n_logged - len(served), "labelled": len(joined), "clicked": int(joined["clicked"].sum()),
         "pending": int((~keep).sum()), "late_clicks": late, "unmatched_clicks": unmatched,
         "label_rows": len(labels), "window_s": window_s,
         "horizon": None if not len(labels) else str(horizon),
@@ -217,16 +219,20 @@ def quality_report(
     out_dir: str | Path | None = None,
     *,
     settings: QualityParams | dict | None = None,
+    sampling: dict | None = None,
     **overrides: Any,
 ) -> QualityResult:
     """Join, score every group, give the verdict; writes ``quality_summary.json`` and the labelled rows
-    (``labelled_requests.parquet``) into `out_dir` when given."""
+    (``labelled_requests.parquet``) into `out_dir` when given. `sampling` (from `read_current`) is recorded in the
+    join counts when the log was sampled (then ``unmatched_clicks`` includes clicks of rows left out)."""
     base = settings if isinstance(settings, QualityParams) else QualityParams.model_validate(settings or {})
     try:
         s = QualityParams.model_validate({**base.model_dump(), **overrides})
     except Exception as exc:  # pydantic names the key and rule
         raise QualityInputError(f"quality settings: {exc}") from exc
     joined, counts = join_labels(log, labels, s.attribution_window_s)
+    if sampling and sampling.get("sampled"):  # clicks of rows outside the sample count as unmatched: say so
+        counts["log_sampled"] = {k: sampling[k] for k in ("rows_total", "rows_read", "seed")}
     y = joined["clicked"].to_numpy(dtype="float64")
     p = joined["prediction"].to_numpy(dtype="float64")
 
@@ -264,20 +270,24 @@ def _groups(frame: pd.DataFrame, column: str) -> list[tuple[Any, np.ndarray]]:
 
 
 def _series(joined: pd.DataFrame, y: np.ndarray, p: np.ndarray, s: QualityParams) -> list[dict]:
-    """Per time window (and per scenario in it): the figures of `group_quality`, oldest first."""
+    """Per time window: all traffic, each scenario, and (when the log holds more than one) each model; the figures
+    of `group_quality`, oldest first. Each row has `start`, `scenario` and `model` ("all" where not split)."""
     if joined.empty:
         return []
     starts = joined["ts"].dt.tz_convert("UTC").dt.floor(s.time_window)
+    several_models = "model" in joined.columns and joined["model"].nunique() > 1
     rows = []
     for start in sorted(starts.unique()):
-        in_window = (starts == start).to_numpy()
-        g = group_quality(y[in_window], p[in_window], s)
-        rows.append({"start": str(start), "scenario": "all", **{k: v for k, v in g.items() if k != "reasons"}})
-        sub = joined[in_window]
-        for k, idx in _groups(sub, "scenario"):
-            full = np.flatnonzero(in_window)[idx]
+        in_window = np.flatnonzero((starts == start).to_numpy())
+        sub = joined.iloc[in_window]
+        groups = [("all", "all", np.arange(len(sub)))]
+        groups += [(k, "all", idx) for k, idx in _groups(sub, "scenario")]
+        if several_models:
+            groups += [("all", k, idx) for k, idx in _groups(sub, "model")]
+        for scenario, model, idx in groups:
+            full = in_window[idx]
             g = group_quality(y[full], p[full], s)
-            rows.append({"start": str(start), "scenario": k, **{kk: v for kk, v in g.items() if kk != "reasons"}})
+            rows.append({"start": str(start), "scenario": scenario, "model": model, **{k: v for k, v in g.items() if k != "reasons"}})
     return rows
 
 

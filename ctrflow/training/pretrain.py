@@ -36,6 +36,7 @@ from ctrflow.config import DGenCTRPretrain, TrainParams, typed
 from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import FieldKind
 from ctrflow.models.dgenctr import DENSE, LABEL, DGenCTR, mask_rate, parameter_group
+from ctrflow.training import distributed
 from ctrflow.training.metrics import format_value
 from ctrflow.training.objectives import Denoising
 from ctrflow.training.trainer import TrainConfig, Trainer, as_tensors, atomic_save, seed_everything
@@ -126,8 +127,10 @@ def pretrain(
     train = _as_tensors(train_tensors, "pretrain train")
     valid = _head(_as_tensors(valid_tensors, "pretrain valid"), int(pre["valid_rows"])) if valid_tensors else None
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    encoder.save(out / "encoder.json")
+    main = distributed.current().is_main  # in a data-parallel run only rank 0 writes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        encoder.save(out / "encoder.json")
     n = len(train[LABEL])
     labelled = int(train["label_known"].sum()) if "label_known" in train else n
     log.info(
@@ -144,6 +147,8 @@ def pretrain(
             format_value(result.best_score),
         )
     path = out / CHECKPOINT_NAME
+    if not main:
+        return path
     atomic_save(
         {
             "format": FORMAT,

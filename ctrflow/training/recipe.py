@@ -18,6 +18,7 @@ equal an uninterrupted run's.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,16 +27,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from ctrflow.data.encoding import FeatureEncoder
-from ctrflow.data.spec import FeatureSpec
+from ctrflow.data.spec import FeatureSpec, FieldKind
 from ctrflow.models import MODELS, build_model, discover_models
 from ctrflow.models.base import CTRModel, MultiScenarioModel, to_tensors
 from ctrflow.models.blocks.embedding import load_embedding_init
 from ctrflow.models.blocks.scenario import check_training_scenarios
+from ctrflow.training import distributed
 from ctrflow.training.artifact import save_model_artifact
 from ctrflow.training.metrics import evaluate, format_value, one_class_note
+from ctrflow.training.stream import iter_split
 from ctrflow.training.trainer import TrainConfig, Trainer, TrainResult, seed_everything
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class SplitData:
     encoder: FeatureEncoder
     tensors: dict[str, dict[str, torch.Tensor]]
     user_ids: dict[str, np.ndarray] = field(default_factory=dict)
+    spill: Any = None  # the temporary folder that streamed training rows live in (removed with this object)
 
     @classmethod
     def from_frame(
@@ -77,6 +82,55 @@ class SplitData:
             tensors={s: to_tensors(encoder.transform(p)) for s, p in parts.items()},
             user_ids={s: p[user_column].to_numpy() for s, p in parts.items() if user_column in p.columns},
         )
+
+
+    @classmethod
+    def from_parquet(
+        cls,
+        path: str | Path,
+        spec: FeatureSpec,
+        encoder: FeatureEncoder | None = None,
+        where: str = "training set",
+        split_column: str = "split",
+        memory_budget_mb: float | None = None,
+    ) -> SplitData:
+        """From a Parquet training set: as `from_frame(pd.read_parquet(path))` while the encoded training rows fit
+        in `memory_budget_mb` (None: always), else the train split is encoded chunk by chunk to memory-mapped files
+        in a temporary folder (`ctrflow.training.stream`) and only the valid and test splits are held as tensors.
+        Both give the same encoder, tensors' values and user ids, so training on either gives the same model."""
+        from ctrflow.training.stream import encode_to_disk, encoded_row_bytes
+
+        splits = pq.read_table(path, columns=[split_column]).column(split_column).to_numpy(zero_copy_only=False)
+        n_train = int((splits == "train").sum())
+        need_mb = n_train * encoded_row_bytes(spec) / 2**20
+        if memory_budget_mb is None or need_mb <= memory_budget_mb:
+            return cls.from_frame(pd.read_parquet(path), spec, encoder=encoder, where=where, split_column=split_column)
+        log.info(
+            "%s: %d training rows need %.0f MB encoded, over train.memory_budget_mb=%s: streaming them from disk",
+            where, n_train, need_mb, memory_budget_mb,
+        )
+        for s in SPLITS:
+            if not (splits == s).any():
+                raise ValueError(f"{where}: the '{s}' split has 0 rows")
+        del splits
+        user_column = spec[spec.user_key].column
+        if encoder is None:  # fitted on the train rows; sequences that share another field's vocabulary are not read
+            skip = {f.column for f in spec.fields if f.kind is FieldKind.SEQUENCE and f.vocab_of}
+            columns = [c for c in pq.ParquetFile(path).schema_arrow.names if c not in skip]
+            train = pd.concat(iter_split(path, "train", columns, split_column), ignore_index=True)
+            for c in skip:
+                train[c] = None
+            encoder = FeatureEncoder(spec).fit(train)
+            del train
+        spill = tempfile.TemporaryDirectory(prefix="ctrflow-train-rows-")
+        tensors: dict[str, Any] = {"train": encode_to_disk(path, encoder, "train", spill.name, split_column)}
+        user_ids = {"train": np.concatenate([c[user_column].to_numpy() for c in iter_split(path, "train", [user_column], split_column)])}
+        for s in ("valid", "test"):
+            part = pq.read_table(path, filters=[(split_column, "=", s)]).to_pandas()
+            tensors[s] = to_tensors(encoder.transform(part))
+            if user_column in part.columns:
+                user_ids[s] = part[user_column].to_numpy()
+        return cls(encoder=encoder, tensors=tensors, user_ids=user_ids, spill=spill)
 
 
 @dataclass
@@ -135,6 +189,8 @@ def train_evaluate_save(
     result = Trainer(model, config).fit(
         train_t, data.tensors.get("valid"), resume=resume and config.checkpoint_dir is not None
     )
+    if not distributed.current().is_main:  # a data-parallel run: rank 0 evaluates and saves (same weights)
+        return RecipeResult(model, result, {}, label, None, round(time.perf_counter() - started, 3))
     splits = [s for s in data.tensors if s != "train"] if evaluate_splits is None else list(evaluate_splits)
     metrics: dict[str, Any] = {
         s: evaluate(

@@ -16,14 +16,21 @@ As FuxiCTR's `rank_model.py` (`BaseModel.fit` / `train_epoch` / `train_step` / `
 
 Why it looks like this:
 - batches are explicit slices of pre-built tensors over a seeded permutation (`batch_indices`); a per-row
-  Dataset/DataLoader costs 15-20%. One place decides which rows a step sees (a later data-parallel run shards it);
+  Dataset/DataLoader costs 15-20%. One place decides which rows a step sees (a later data-parallel run shards it).
+  Training rows larger than memory come as `ctrflow.training.stream.DiskRows` (memory-mapped tensors): the same
+  slices gather the same batches from disk, and the loop calls its `release()` every RELEASE_EVERY steps so the
+  resident set stays bounded;
 - every epoch reseeds torch/numpy/random from (seed, epoch), and a checkpoint after each epoch holds the model,
   optimizers, best state, history and RNG states, so `fit(..., resume=True)` after an interruption (even a
   SIGKILL) ends with the same weights as an uninterrupted run. A checkpoint made with other settings (the
   fingerprint: model and its parameters, vocabulary sizes, data sizes, optimiser settings, objective, monitor) is
   refused with a clear error;
 - every named part of the loss is logged as `train_<name>`; a model with a `set_epoch(epoch)` method is told the
-  epoch first (warm-ups such as GSVR's β).
+  epoch first (warm-ups such as GSVR's β);
+- in a process group (torchrun, a PyTorchJob; ctrflow.training.distributed) the same loop trains data-parallel:
+  each global batch is split by rank, DDP all-reduces the gradients (each rank's loss weighted by its share, so
+  the step equals one process's), rank 0 validates and its record is broadcast (every rank stops at the same
+  epoch), and only rank 0 writes checkpoints. A checkpoint resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctrflow.config import TrainParams
+from ctrflow.training import distributed
 from ctrflow.training.metrics import format_metrics, one_class_note
 from ctrflow.training.objectives import CTR, Objective
 
@@ -52,6 +60,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "last.pt"
 OPTIMIZERS = ("adam", "adamw")
 MONITOR_MODES = ("max", "min")
+RELEASE_EVERY = 64  # steps between DiskRows.release() calls (drop the mapped pages of the batches read so far)
 
 
 def monitor_direction(monitor: str) -> str | None:
@@ -153,6 +162,8 @@ def as_tensors(data: Mapping[str, object], what: str) -> dict[str, torch.Tensor]
     a `label_known` mask is made bool. Errors name `what` and the fields."""
     if not data:
         raise ValueError(f"{what}: no arrays")
+    if hasattr(data, "release"):  # DiskRows (ctrflow.training.stream): memory-mapped tensors, checked when written
+        return data  # type: ignore[return-value]
     out = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items()}
     if "label" not in out:
         raise KeyError(f"{what}: no 'label' array (encode the frame with with_label=True)")
@@ -215,6 +226,8 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.objective = objective or CTR()
         self.optimizers, self.dense_params = self._build_optimizers()
+        self.world = distributed.World()  # set by fit from the process group
+        self._loss_fn: nn.Module = _ObjectiveLoss(model, self.objective)  # wrapped in DDP by fit when distributed
 
     # ---- setup ---------------------------------------------------------------------------------------
     def _build_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[nn.Parameter]]:
@@ -297,7 +310,7 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------------
     def _save(self, state: dict) -> None:
         path = self.checkpoint_path
-        if path is None:
+        if path is None or not self.world.is_main:
             return
         ckpt = {
             **state,
@@ -311,23 +324,33 @@ class Trainer:
         path = self.checkpoint_path
         if path is None:
             raise ValueError("trainer: resume=True needs config.checkpoint_dir")
-        if not path.exists():
+        # rank 0 reads and checks it, every rank gets it (or the error): the ranks need no shared disk
+        ckpt, error = distributed.broadcast(self._read_checkpoint(path, fingerprint), self.world)
+        if error is not None:
+            raise ValueError(error)
+        if ckpt is None:
             log.info("no checkpoint at %s: starting from epoch 1", path)
             return None
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        theirs = ckpt.get("fingerprint", {})
-        diff = {k: (theirs.get(k), v) for k, v in fingerprint.items() if theirs.get(k) != v}
-        if diff:
-            raise ValueError(
-                f"trainer: checkpoint {path} was made with different settings (checkpoint, now): {diff}; "
-                f"use another output folder, delete {path.parent}, or run with the same settings"
-            )
         self.model.load_state_dict(ckpt["model"])
         for opt, s in zip(self.optimizers, ckpt["optimizers"], strict=True):
             opt.load_state_dict(s)
         _set_rng_state(ckpt["rng"])
         log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
         return ckpt
+
+    def _read_checkpoint(self, path: Path, fingerprint: dict) -> tuple[dict | None, str | None]:
+        """(checkpoint or None when there is none, error text when it was made with other settings); rank 0 only."""
+        if not self.world.is_main or not path.exists():
+            return None, None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        theirs = ckpt.get("fingerprint", {})
+        diff = {k: (theirs.get(k), v) for k, v in fingerprint.items() if theirs.get(k) != v}
+        if diff:
+            return None, (
+                f"trainer: checkpoint {path} was made with different settings (checkpoint, now): {diff}; "
+                f"use another output folder, delete {path.parent}, or run with the same settings"
+            )
+        return ckpt, None
 
     # ---- training ------------------------------------------------------------------------------------
     def fit(
@@ -345,12 +368,15 @@ class Trainer:
         cfg = self.config
         torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
+        self.world = distributed.current()
         train_t = as_tensors(train, "train")
         valid_t = as_tensors(valid, "valid") if valid is not None and len(valid) else None
         if valid_t is not None and len(valid_t["label"]) == 0:
             valid_t = None
         if len(train_t["label"]) == 0:
             raise ValueError("train: 0 rows")
+        if len(train_t["label"]) < self.world.size:
+            raise ValueError(f"train: {len(train_t['label'])} rows, fewer than the {self.world.size} processes")
         monitor = self._resolve_monitor(valid_t)
         mode = self._mode(monitor)
         fingerprint = self._fingerprint(train_t, len(valid_t["label"]) if valid_t is not None else 0, monitor)
@@ -372,14 +398,20 @@ class Trainer:
                 for k in state:
                     state[k] = ckpt[k]
                 resumed_from = state["epoch"]
+        if self.world.distributed:  # after resuming: DDP starts every rank from rank 0's weights
+            # some models leave parameters out of some batches (a scenario's tower, sampled softmax tables)
+            self._loss_fn = nn.parallel.DistributedDataParallel(
+                _ObjectiveLoss(self.model, self.objective), find_unused_parameters=True
+            )
 
         while state["epoch"] < cfg.epochs and not state["stopped_early"]:
             epoch = state["epoch"] + 1
             started = time.perf_counter()
             record = {"epoch": epoch, **self.train_epoch(train_t, epoch)}
-            if valid_t is not None:
+            if valid_t is not None and self.world.is_main:
                 record.update(self.objective.validate(self.model, valid_t, cfg.eval_batch_size))
             record["seconds"] = round(time.perf_counter() - started, 3)
+            record = distributed.broadcast(record, self.world)  # rank 0's scores decide for every rank
             self._checkpoint_and_early_stop(state, record, monitor, mode)
             log.info(
                 "%s epoch %d/%d: %s", self.objective.name, epoch, cfg.epochs, format_metrics(
@@ -387,7 +419,7 @@ class Trainer:
                 )
             )  # fmt: skip
             self._save(state)
-            if self.on_epoch_end is not None:
+            if self.on_epoch_end is not None and self.world.is_main:
                 self.on_epoch_end(record)
 
         if state["best_state"] is not None:
@@ -442,15 +474,18 @@ class Trainer:
         for start in range(0, n, cfg.batch_size):
             yield perm[start : start + cfg.batch_size]
 
-    def train_step(self, batch: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, torch.Tensor]:
-        """One optimiser step on one batch; returns the objective's named losses."""
-        losses = self.objective.loss(self.model, batch)
+    def train_step(
+        self, batch: dict[str, torch.Tensor], epoch: int, step: int, weight: float = 1.0
+    ) -> dict[str, torch.Tensor]:
+        """One optimiser step on one batch; returns the objective's named losses. `weight` scales the loss that is
+        back-propagated (a rank's share of a data-parallel batch, see distributed.loss_weight)."""
+        losses = self._loss_fn(batch)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"epoch {epoch}, batch {step}: the loss is {loss.item()} (diverged)")
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight if weight != 1.0 else loss).backward()
         if self.config.grad_clip:
             nn.utils.clip_grad_norm_(self.dense_params, float(self.config.grad_clip))
         for opt in self.optimizers:
@@ -460,7 +495,8 @@ class Trainer:
     def train_epoch(self, train: dict[str, torch.Tensor], epoch: int) -> dict:
         """One pass over the training rows; returns the row-weighted mean of each named loss as `train_<name>`."""
         cfg = self.config
-        seed_everything(_epoch_seed(cfg.seed, epoch))  # dropout, sampling: a function of (seed, epoch) only
+        # dropout, sampling: a function of (seed, epoch) only (and the rank: each rank draws its own masks)
+        seed_everything(_epoch_seed(cfg.seed, epoch) + self.world.rank)
         if hasattr(self.model, "set_epoch"):
             self.model.set_epoch(epoch)
         n = len(train["label"])
@@ -471,17 +507,43 @@ class Trainer:
             unit="rows",
             unit_scale=True,
             desc=f"{self.objective.name} {epoch}/{cfg.epochs}",
-            disable=not cfg.progress,
+            disable=not cfg.progress or not self.world.is_main,
             leave=False,
         )
+        release = getattr(train, "release", None)
         try:
-            for step, idx in enumerate(self.batch_indices(n, epoch)):
-                losses = self.train_step({k: v[idx] for k, v in train.items()}, epoch, step)
+            for step, rows in enumerate(self.batch_indices(n, epoch)):
+                idx, weight = self._local_rows(rows)
+                losses = self.train_step({k: v[idx] for k, v in train.items()}, epoch, step, weight)
+                if release is not None and step % RELEASE_EVERY == RELEASE_EVERY - 1:
+                    release()
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
-                bar.update(len(idx))
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx) * (weight > 0)
+                bar.update(len(rows))
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
         finally:
             bar.close()
+        sums = distributed.all_reduce_sums(sums, self.world)
         return {f"train_{k}": v / n for k, v in sums.items()}
+
+    def _local_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This rank's rows of a global batch and the weight of its loss. A rank left without rows (a last batch
+        shorter than the world) still steps with every rank, on one row at weight 0, so the collectives match."""
+        idx = distributed.shard(rows, self.world)
+        if len(idx) == 0:
+            return rows[:1], 0.0
+        return idx, distributed.loss_weight(len(idx), len(rows), self.world)
+
+
+class _ObjectiveLoss(nn.Module):
+    """The objective's loss as a module's forward, so DistributedDataParallel can wrap it (DDP all-reduces the
+    gradients of what its forward computed); the parameters are the model's own."""
+
+    def __init__(self, model: nn.Module, objective: Objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.objective.loss(self.model, batch)

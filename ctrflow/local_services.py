@@ -1,7 +1,7 @@
-"""Real services for the tests, each on a free localhost port and stopped afterwards: Redis and PostgreSQL.
+"""Throw-away local services, each on a free localhost port and stopped afterwards: Redis and PostgreSQL.
 
-Not a test file: the fixtures in tests/conftest.py use these. Redis is Debian's `redis-server` (`.ci/run` installs
-it when missing). PostgreSQL: a throw-away database with a unique name on the server named by $CTRFLOW_TEST_PG
+For the tests (tests/conftest.py), the benchmarks and trying the production profile on one machine. Redis is
+Debian's `redis-server` (`make system-deps` installs it when missing). PostgreSQL: a throw-away database with a unique name on the server named by $CTRFLOW_TEST_PG
 (default postgresql://postgres@127.0.0.1:5432/postgres), dropped afterwards; where no server answers there, a
 cluster of our own is initialised (`initdb`, as the `postgres` user when run as root) and started on a free port.
 """
@@ -140,8 +140,8 @@ def postgres_database() -> Iterator[str]:
 
 def use_production_stores(repo: str | Path, *keys: str) -> Path:
     """Swap the blocks `keys` (registry, offline_store, online_store) of a repo copy's feature_store.yaml for the
-    production profile's, verbatim (hosts from environment variables): the tests run the very blocks a production
-    deployment does, one engine at a time."""
+    production profile's, verbatim (hosts from environment variables): tests and benchmarks run the very blocks a
+    production deployment does, one engine at a time."""
     import yaml
 
     from ctrflow.features import TEMPLATE_REPO, profile_file

@@ -1,0 +1,166 @@
+"""Training sets whose cost grows with rows: the ASOF behaviour join equals Feast's point-in-time join on ML-100K.
+
+The features step reads the profile views through Feast's `get_historical_features` and the behaviour view
+through an ASOF JOIN over the same Parquet source; the join every view used to go through (behaviour_join="feast",
+which pairs each event with all of its user's earlier behaviour rows) is the reference here. ML-100K ships in the
+recbole wheel (`make install`); nothing derived from it is written outside pytest's temp folders.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctrflow import features as F
+from ctrflow.config import load_params
+from ctrflow.data import load_source
+from ctrflow.data.splits import make_split
+from ctrflow.data.tables import behaviour_arrow, behaviour_at
+from ctrflow.steps import TRAINING_FRAME, features_step
+
+
+def _cells_equal(got: pd.Series, want: pd.Series) -> list[int]:
+    """Rows where two columns differ (missing == missing; list cells compare by value and length)."""
+    bad = []
+    for i, (a, b) in enumerate(zip(got, want)):
+        a_missing = a is None or (np.isscalar(a) and pd.isna(a))
+        b_missing = b is None or (np.isscalar(b) and pd.isna(b))
+        if a_missing or b_missing:
+            same = a_missing and b_missing
+        elif isinstance(a, list | np.ndarray) or isinstance(b, list | np.ndarray):
+            same = np.array_equal(np.asarray(a), np.asarray(b)) and len(a) == len(b)
+        else:
+            same = a == b
+        if not same:
+            bad.append(i)
+    return bad
+
+
+@pytest.fixture(scope="module")
+def ml100k_step(tmp_path_factory):
+    """The features step on ML-100K, as the pipeline runs it (default params, data.source=movielens)."""
+    root = tmp_path_factory.mktemp("ml100k")
+    params = load_params(overrides={"data": {"source": "movielens"}})
+    dataset = load_source("movielens", max_len=params["data"]["max_len"])
+    dataset.save(root / "dataset")
+    summary = features_step(params, root / "dataset", root / "repo", root / "training_set")
+    return params, dataset, root, summary
+
+
+def test_asof_training_set_equals_feast_join_on_ml100k(ml100k_step):
+    """Row for row, every column (names, order, dtypes, values) and every split: the new training set == Feast's."""
+    params, dataset, root, summary = ml100k_step
+    got = pd.read_parquet(root / "training_set" / TRAINING_FRAME)
+    from feast import FeatureStore
+
+    store = FeatureStore(repo_path=str(root / "repo"))
+    entity_df = dataset.interactions.copy()
+    entity_df["split"] = make_split(entity_df, params["data"]["split"], seed=params["data"]["seed"]).to_numpy()
+    want = F.historical_frame(store, entity_df, service=params["features"]["service"], behaviour_join="feast")
+    want = want.reset_index(drop=True)
+    assert len(got) == len(want) == 100_000 == summary["rows"]
+    assert list(got.columns) == list(want.columns)
+    # through Parquet as the step writes it: the same dtypes as the reference frame written the same way
+    want_io = want.copy()
+    want_io.to_parquet(root / "want.parquet", index=False)
+    want_io = pd.read_parquet(root / "want.parquet")
+    assert got.dtypes.astype(str).to_dict() == want_io.dtypes.astype(str).to_dict()
+    for c in want.columns:
+        bad = _cells_equal(got[c], want[c])
+        assert not bad, f"column {c}: {len(bad)} rows differ, first {bad[0]}: {got[c].iloc[bad[0]]!r} != {want[c].iloc[bad[0]]!r}"
+    assert got["split"].value_counts().to_dict() == want["split"].value_counts().to_dict() == summary["splits"]
+    assert set(got["split"]) == {"train", "valid", "test"}
+    # not vacuous: most events have a history, and the longest ones are cut at max_len
+    lengths = got["hist_item_ids"].map(len)
+    assert (lengths > 0).mean() > 0.9 and lengths.max() == params["data"]["max_len"]
+
+
+def test_behaviour_table_is_the_obvious_one_with_ties_and_closing_rows():
+    """Hand-made log: two events at one instant, a user with no positives, max_len cuts the oldest first."""
+    ts = pd.to_datetime(["2026-01-01 00:00", "2026-01-01 01:00", "2026-01-01 01:00", "2026-01-01 02:00",
+                         "2026-01-01 03:00", "2026-01-01 00:30"], utc=True).astype("datetime64[us, UTC]")
+    inter = pd.DataFrame(
+        {"user_id": [1, 1, 1, 1, 1, 2], "item_id": [10, 11, 12, 13, 14, 20], "label": [1, 1, 1, 0, 1, 0],
+         "event_timestamp": ts}
+    )
+    table = behaviour_arrow(inter, max_len=2, closing=True).to_pydict()
+    assert table["user_id"] == [1, 1, 1, 1, 1, 2, 2]
+    assert table["hist_item_ids"] == [[], [10], [11, 12], [11, 12], [12, 14], [], []]
+    assert table["user_n_events"] == [0, 1, 3, 4, 5, 0, 1]
+    assert table["user_n_pos"] == [0, 1, 3, 3, 4, 0, 0]
+    closing = [t.isoformat() for t in table["event_timestamp"][4:5]]
+    assert closing == ["2026-01-01T03:00:00.000001+00:00"]
+    # each non-closing row is what the slow obvious reference gives at its instant
+    for u, t, hist in zip(table["user_id"], table["event_timestamp"], table["hist_item_ids"]):
+        assert hist == behaviour_at(inter, u, pd.Timestamp(t), 2)
+
+
+# ---- bounded memory: training rows over the budget stream from disk, with the same batches -----------------
+def test_streamed_training_equals_in_memory(tiny_training_set, tmp_path):
+    """Over `train.memory_budget_mb` the train split is encoded chunk by chunk to memory-mapped files; the encoder,
+    every split's values, the batches and the trained weights and metrics equal those of the in-memory tensors."""
+    import torch
+
+    from ctrflow.data.spec import FeatureSpec
+    from ctrflow.models import build_model
+    from ctrflow.steps import SPEC_FILE
+    from ctrflow.training.recipe import SplitData, model_params, train_evaluate_save
+    from ctrflow.training.stream import DiskRows, encoded_row_bytes
+    from ctrflow.training.trainer import TrainConfig, Trainer
+
+    path = tiny_training_set / TRAINING_FRAME
+    spec = FeatureSpec.load(tiny_training_set / SPEC_FILE)
+    n_train = int((pd.read_parquet(path, columns=["split"]).split == "train").sum())
+    budget = n_train * encoded_row_bytes(spec) / 2**20 / 2  # half of what the train rows need: streams
+    memory = SplitData.from_parquet(path, spec, memory_budget_mb=None)
+    streamed = SplitData.from_parquet(path, spec, memory_budget_mb=budget)
+    assert isinstance(streamed.tensors["train"], DiskRows) and not isinstance(memory.tensors["train"], DiskRows)
+    assert streamed.encoder.to_dict() == memory.encoder.to_dict()
+    for split in ("train", "valid", "test"):
+        assert set(streamed.tensors[split]) == set(memory.tensors[split])
+        for k, v in memory.tensors[split].items():
+            assert torch.equal(streamed.tensors[split][k], v), (split, k)
+        np.testing.assert_array_equal(streamed.user_ids[split], memory.user_ids[split])
+    # the trainer's batches (several per epoch, a short last one) gather the same rows from disk
+    cfg = TrainConfig(epochs=2, batch_size=700, patience=5, progress=False)
+    trainer = Trainer(build_model("lr", memory.encoder, model_params({}, "lr")), cfg)
+    for idx in list(trainer.batch_indices(n_train, 1))[:3]:
+        for k, v in memory.tensors["train"].items():
+            assert torch.equal(streamed.tensors["train"][k][idx], v[idx])
+    streamed.tensors["train"].release()  # dropping the mapped pages loses nothing
+    assert torch.equal(streamed.tensors["train"]["item_id"], memory.tensors["train"]["item_id"])
+
+    runs = {}
+    for name, data in (("memory", memory), ("streamed", streamed)):
+        runs[name] = train_evaluate_save(
+            lambda data=data: build_model("dcnv2", data.encoder, model_params({}, "dcnv2")), data, cfg,
+            model_dir=tmp_path / name,
+        )
+    assert runs["memory"].fit.epochs == 2
+    want, got = runs["memory"].model.state_dict(), runs["streamed"].model.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert runs["streamed"].metrics == runs["memory"].metrics
+    assert [h["train_loss"] for h in runs["streamed"].fit.history] == [h["train_loss"] for h in runs["memory"].fit.history]
+
+
+def test_every_step_ends_with_rows_seconds_and_peak_memory(caplog):
+    """The closing line of a metered step: rows from its result, seconds, and a peak that saw its allocation."""
+    import logging
+
+    from ctrflow.meter import metered, progress
+
+    @metered("demo")
+    def step(n: int) -> dict:
+        block = np.ones(n, dtype=np.uint8)  # 64 MiB touched: the step's peak must count it
+        progress(n // 2, n, "half")
+        return {"rows": int(block.sum() // 2**20)}
+
+    with caplog.at_level(logging.INFO, logger="ctrflow"):
+        assert step(64 * 2**20) == {"rows": 64}
+    lines = [r.getMessage() for r in caplog.records if r.name == "ctrflow"]
+    closing = [line for line in lines if "peak RSS" in line]
+    assert len(closing) == 1 and closing[0].startswith("demo: 64 rows, ")
+    peak = float(closing[0].split("peak RSS ")[1].split(" MB")[0].replace(",", ""))
+    assert peak >= 64
+    assert any(line.startswith("demo: half: 33,554,432/67,108,864 rows (50%)") and "ETA" in line for line in lines)
