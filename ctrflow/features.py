@@ -586,6 +586,12 @@ def _normalise_column(name: str, type_name: str, column: pa.ChunkedArray) -> np.
     if type_name == "Int64" or type_name.startswith("Float"):
         values = column.to_numpy(zero_copy_only=False)  # int64, or float64 with NaN where a value is missing
         return values.astype(np.float64) if type_name.startswith("Float") else values
+    if type_name == "Array(Float32)":  # vectors: float32 views of one buffer, None where missing (no list per row)
+        arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        offsets = arr.offsets.to_numpy()
+        values = arr.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        return _cells([values[a:b] if ok else None for a, b, ok in zip(offsets[:-1], offsets[1:], valid)])
     return _normalise(name, type_name, column.to_pylist())
 
 
@@ -631,6 +637,14 @@ def historical_frame(
         }
     )
     tables: dict[str, pa.Table] = {}  # feature name -> table holding it, in key-row order
+    if behaviour_join == "asof" and any(view == "user_behaviour" for view, _, _ in columns):
+        path = getattr(store.get_feature_view("user_behaviour").batch_source, "path", None)
+        if not path or not Path(str(path)).is_file():  # e.g. a SparkSource on s3://: DuckDB here cannot read it
+            log.warning(
+                "historical features: the user_behaviour source %r is not a local Parquet file; its join goes "
+                "through get_historical_features (cost ~ sum over users of events^2)", path,
+            )
+            behaviour_join = "feast"
     asof = [name for view, name, _ in columns if view == "user_behaviour"] if behaviour_join == "asof" else []
     through_feast = [(view, name) for view, name, _ in columns if name not in asof]
     if keys.empty:

@@ -116,8 +116,9 @@ class SplitData:
         user_column = spec[spec.user_key].column
         if encoder is None:  # fitted on the train rows; sequences that share another field's vocabulary are not read
             skip = {f.column for f in spec.fields if f.kind is FieldKind.SEQUENCE and f.vocab_of}
-            columns = [c for c in pq.ParquetFile(path).schema_arrow.names if c not in skip]
-            train = pd.concat(iter_split(path, "train", columns, split_column), ignore_index=True)
+            present = set(pq.ParquetFile(path).schema_arrow.names)
+            columns = [c for c in dict.fromkeys(f.column for f in spec.fields) if c not in skip and c in present]
+            train = pq.read_table(path, columns=[*columns, split_column], filters=[(split_column, "=", "train")]).to_pandas()
             for c in skip:
                 train[c] = None
             encoder = FeatureEncoder(spec).fit(train)
