@@ -109,6 +109,7 @@ def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str
     out.mkdir(parents=True, exist_ok=True)
     write_frame(frame, out / TRAINING_FRAME)
     dataset.spec.save(out / SPEC_FILE)
+    progress(n, n, "training set written", every_s=0)
     features.materialize(store)
     counts = frame["split"].value_counts().to_dict()
     log.info("training set %s: %s; Feast repo %s", out, counts, repo_dir)
