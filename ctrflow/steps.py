@@ -110,10 +110,11 @@ def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str
     write_frame(frame, out / TRAINING_FRAME)
     dataset.spec.save(out / SPEC_FILE)
     progress(n, n, "training set written", every_s=0)
+    counts, rows = frame["split"].value_counts().to_dict(), len(frame)
+    del frame, entity_df, dataset  # written: materialization must not run on top of the frame's memory
     features.materialize(store)
-    counts = frame["split"].value_counts().to_dict()
     log.info("training set %s: %s; Feast repo %s", out, counts, repo_dir)
-    return {"feature_repo": str(repo_dir), "training_set": str(out), "rows": len(frame), "splits": counts}
+    return {"feature_repo": str(repo_dir), "training_set": str(out), "rows": rows, "splits": counts}
 
 
 WRITE_SLICE_ROWS = 250_000  # rows converted to Arrow at once when a training set is written
