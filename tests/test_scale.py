@@ -44,7 +44,9 @@ def ml100k_step(tmp_path_factory):
     params = load_params(overrides={"data": {"source": "movielens"}})
     dataset = load_source("movielens", max_len=params["data"]["max_len"])
     dataset.save(root / "dataset")
-    summary = features_step(params, root / "dataset", root / "repo", root / "training_set")
+    with pytest.MonkeyPatch.context() as mp:  # the training set is written in several slices, as at scale
+        mp.setattr("ctrflow.steps.WRITE_SLICE_ROWS", 30_000)
+        summary = features_step(params, root / "dataset", root / "repo", root / "training_set")
     return params, dataset, root, summary
 
 
