@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
 import logging
 import os
 import re
@@ -60,6 +61,7 @@ VIEWS = ("user_behaviour", "user_profile", "item_profile")  # the column order o
 SERVICES = ("ctr_ranking", "multi_scenario", "multimodal")
 TIMESTAMP = "event_timestamp"
 _ROW = "__ctrflow_row"
+MATERIALIZED_FILE = "materialized.json"  # in the Feast repository: when it was last materialised (serving reads it)
 _REPO_LOCK = threading.Lock()  # apply_repo swaps an env var and sys.modules entries while it imports the repo
 
 
@@ -728,7 +730,7 @@ def materialize(store: FeatureStore, end: datetime | None = None) -> None:
     """Load the latest value of every view up to `end` (default: now) into the online store.
 
     Starts at PROFILE_TIMESTAMP: Feast's materialize_incremental starts one year back for views without TTL and
-    would skip the profiles.
+    would skip the profiles. Records the time in `<repo>/materialized.json` (serving workers watch it).
     """
     started = time.perf_counter()
     end = end or datetime.now(UTC)
@@ -736,7 +738,25 @@ def materialize(store: FeatureStore, end: datetime | None = None) -> None:
         end = end.replace(tzinfo=UTC)
     with contextlib.redirect_stdout(io.StringIO()):  # feast prints progress bars per view
         store.materialize(start_date=PROFILE_TIMESTAMP.to_pydatetime(), end_date=end)
+    record_materialization(store.repo_path, end)  # serving workers refresh their item cache when this changes
     log.info("materialized online up to %s (%.1fs)", end.isoformat(), time.perf_counter() - started)
+
+
+def record_materialization(repo_path: str | Path, end: datetime) -> Path:
+    """Write `<repo>/materialized.json` ({"at": now, "end": end}, ISO UTC) atomically (temp file + rename)."""
+    path = Path(repo_path) / MATERIALIZED_FILE
+    tmp = path.with_name(f".{MATERIALIZED_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"at": datetime.now(UTC).isoformat(), "end": end.isoformat()}))
+    os.replace(tmp, path)
+    return path
+
+
+def materialization_marker(repo_path: str | Path) -> str | None:
+    """The marker's `at` value (ISO UTC), or None when the repository has none (never materialised by ctrflow)."""
+    try:
+        return str(json.loads((Path(repo_path) / MATERIALIZED_FILE).read_text())["at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def service_features(store: FeatureStore, service: str = "ctr_ranking") -> dict[str, dict[str, str]]:
