@@ -678,7 +678,8 @@ def historical_frame(
     tables: dict[str, pa.Table] = {}  # feature name -> table holding it, in key-row order
     if behaviour_join == "asof" and any(view == "user_behaviour" for view, _, _ in columns):
         path = getattr(store.get_feature_view("user_behaviour").batch_source, "path", None)
-        if not path or not Path(str(path)).is_file():  # e.g. a SparkSource on s3://: DuckDB here cannot read it
+        on_spark = getattr(store.config.offline_store, "type", "") == "spark"  # Spark reads its own paths (s3://...)
+        if not path or not (on_spark or Path(str(path)).is_file()):  # e.g. s3:// under DuckDB: it cannot read it
             log.warning(
                 "historical features: the user_behaviour source %r is not a local Parquet file; its join goes "
                 "through get_historical_features (cost ~ sum over users of events^2)", path,
