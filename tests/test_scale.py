@@ -50,6 +50,7 @@ def ml100k_step(tmp_path_factory):
     return params, dataset, root, summary
 
 
+@pytest.mark.slow  # two processes of training, or ML-100K through Feast: minutes on 2 cores
 def test_asof_training_set_equals_feast_join_on_ml100k(ml100k_step):
     """Row for row, every column (names, order, dtypes, values) and every split: the new training set == Feast's."""
     params, dataset, root, summary = ml100k_step
