@@ -32,6 +32,19 @@ from ctrflow.training.trainer import TrainConfig
 RESULTS = Path(__file__).resolve().parent / "results"
 KEY = ("model", "variant", "dataset", "protocol", "split", "seed")
 COLD_ITEM_THRESHOLD = 5
+# published figures printed beside ours, per (dataset, protocol): test AUC overall ("auc") and per scenario
+REFERENCES: dict[tuple[str, str], dict[str, Any]] = {
+    ("ml-1m-swr", "published"): {
+        "source": "Scenario-Wise Rec (Li et al., KDD 2024, arXiv 2412.17374), Table 4 overall and Table 7 per "
+        "scenario, mean of 3 seeds",
+        "rows": {
+            "sharedbottom": {"auc": 0.8095, "<25": 0.8116, "25-34": 0.8128, ">=35": 0.8041},
+            "mmoe": {"auc": 0.8086, "<25": 0.8029, "25-34": 0.8178, ">=35": 0.8016},
+            "ple": {"auc": 0.8091, "<25": 0.8118, "25-34": 0.8187, ">=35": 0.8002},
+            "star": {"auc": 0.8096, "<25": 0.8137, "25-34": 0.8133, ">=35": 0.7979},
+        },
+    },
+}
 
 
 @dataclass
@@ -146,6 +159,7 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
         if "label_fraction" in block and block["label_fraction"].notna().any() and protocol == "label-scarce":
             extra += f", label fraction {block['label_fraction'].dropna().iloc[0]}"
         lines += [f"## {dataset}, {split} split, {protocol} protocol{extra}", ""]
+        reference = REFERENCES.get((dataset, protocol))
         scenarios = sorted({s for d in block["scenario_auc"].dropna() for s in d})
         header = ["model", "variant", "seeds", "AUC", "gAUC", "logloss", *[f"AUC {s}" for s in scenarios]]
         has_cold = "cold_item_auc" in block and block["cold_item_auc"].notna().any()
@@ -162,6 +176,18 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
             cells.append(f"{rows['epochs'].mean():.1f}" if "epochs" in rows else "–")
             cells.append(f"{rows['train_seconds'].mean():.0f}" if "train_seconds" in rows else "–")
             lines.append("| " + " | ".join(cells) + " |")
+            published = reference["rows"].get(model) if reference else None
+            if published:
+                cells = [model, "published", "3", f"{published['auc']:.4f}", "–", "–"]
+                cells += [f"{published[s]:.4f}" if s in published else "–" for s in scenarios]
+                cells += ["–"] * (int(has_cold) + 2)
+                lines.append("| " + " | ".join(cells) + " |")
+        if reference:
+            lines += ["", f"Published rows: {reference['source']}. Ours minus published, overall AUC (mean over seeds):"]
+            for model, rows in block.groupby("model", sort=False):
+                if model in reference["rows"]:
+                    diff = rows["auc"].mean() - reference["rows"][model]["auc"]
+                    lines.append(f"- {model}: {diff:+.4f} ({'within' if abs(diff) <= 0.005 else 'outside'} ±0.005)")
         lines.append("")
     return "\n".join(lines)
 

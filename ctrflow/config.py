@@ -233,6 +233,8 @@ class TrainParams(Section):
     batch_size: int = Field(1024, ge=1)
     lr: float = Field(0.001, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    lr_step_size: int = Field(0, ge=0)  # StepLR: lr x lr_gamma every this many epochs; 0: a constant lr
+    lr_gamma: float = Field(1.0, gt=0, le=1)  # StepLR's decay factor (Scenario-Wise Rec: step 2, gamma 0.85)
     patience: int = Field(2, ge=1)  # epochs without a better monitored value before stopping
     monitor: Literal["valid_auc", "valid_logloss", "none"] = "valid_auc"  # picks the best epoch, stops early
     monitor_mode: Literal["max", "min"] | None = None  # the direction it improves in; None: from the metric's name

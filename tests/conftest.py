@@ -29,6 +29,7 @@ FILE_LEVELS = {
     "test_backbones.py": "unit",
     "test_baselines.py": "unit",
     "test_benchmarks.py": "unit",
+    "test_scenario_wise_rec.py": "unit",
     "test_config.py": "unit",
     "test_engines.py": "component",
     "test_data.py": "unit",

@@ -12,8 +12,12 @@ from ctrflow.data.tables import BEHAVIOUR_COUNT_FIELDS, HIST_FIELD, Dataset, beh
 
 
 def point_in_time_frame(dataset: Dataset, behaviour: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per interaction with the user, item and behaviour features valid at its timestamp."""
+    """One row per interaction with the user, item and behaviour features valid at its timestamp. A spec without the
+    behaviour sequence (e.g. the Scenario-Wise Rec fields) gets no behaviour columns: the join is skipped."""
     spec = dataset.spec
+    if HIST_FIELD not in spec.names:
+        inter = dataset.interactions.reset_index(drop=True)
+        return inter.merge(dataset.users, on="user_id", how="left").merge(dataset.items, on="item_id", how="left")
     max_len = spec[HIST_FIELD].max_len
     inter = dataset.interactions.reset_index(drop=True).copy()
     inter["_row"] = range(len(inter))

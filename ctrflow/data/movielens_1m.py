@@ -99,3 +99,46 @@ def load_movielens_1m(max_len: int = 50, path: str | Path | None = None) -> Data
     interactions["event_timestamp"] = to_utc_us(inter.timestamp.astype(float).astype(np.int64))
     interactions = interactions.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
     return Dataset(NAME, interactions, users_out, items_out, movielens_1m_spec(max_len))
+
+
+# ---- the Scenario-Wise Rec protocol -------------------------------------------------------------------------------
+SWR_NAME = "ml-1m-swr"
+SWR_AGE_RANGE = (1.0, 56.0)  # the smallest and largest ML-1M age code: MinMax scaling of `age` to [0, 1]
+
+
+def scenario_wise_rec_spec() -> FeatureSpec:
+    """The fields of the Scenario-Wise Rec ML-1M script (Li et al., KDD 2024, arXiv 2412.17374;
+    scripts/run_movielens_rank_multi_domain.py): sparse user_id, movie_id, gender, occupation, zip (the whole code),
+    cate_id (first genre), and age as a dense feature (MinMax-scaled, a length-1 vector here). `scenario` (their
+    domain_indicator) is in the spec because every multi-scenario model routes by it; whether it is also embedded as
+    a feature is the models' `fields` setting. No behaviour sequence, no counts."""
+    return FeatureSpec(
+        fields=[
+            FieldSpec("user_id", FieldKind.CATEGORICAL, Entity.USER, large=True),
+            FieldSpec("item_id", FieldKind.CATEGORICAL, Entity.ITEM, large=True),
+            FieldSpec("scenario", FieldKind.CATEGORICAL, Entity.CONTEXT),
+            FieldSpec("gender", FieldKind.CATEGORICAL, Entity.USER),
+            FieldSpec("occupation", FieldKind.CATEGORICAL, Entity.USER),
+            FieldSpec("zip", FieldKind.CATEGORICAL, Entity.USER),
+            FieldSpec("first_genre", FieldKind.CATEGORICAL, Entity.ITEM),
+            FieldSpec("age", FieldKind.EMBEDDING, Entity.USER, dim=1),
+        ],
+        scenarios=list(SCENARIOS),
+    )
+
+
+def load_movielens_1m_swr(path: str | Path | None = None) -> Dataset:
+    """ML-1M with the Scenario-Wise Rec fields (`scenario_wise_rec_spec`): the canonical tables of
+    `load_movielens_1m` plus the user's whole zip code (`zip`) and age as `[(age - 1) / 55]` (`age`, float32 [1]).
+    Same interactions, labels (rating > 3) and scenarios. Raises ValueError when an age is not a number."""
+    base = Path(path) if path else movielens_1m_dir()
+    ds = load_movielens_1m(path=base)
+    raw = read_atomic(base / "ml-1m.user")
+    age = pd.to_numeric(raw.age, errors="coerce")
+    if age.isna().any():
+        raise ValueError(f"ml-1m.user: age must be a number, {int(age.isna().sum())} rows are not")
+    lo, hi = SWR_AGE_RANGE
+    extra = pd.DataFrame({"user_id": _user_ids(raw.user_id, "ml-1m.user"), "zip": raw.zip_code.to_numpy()})
+    extra["age"] = [np.array([v], dtype=np.float32) for v in ((age.to_numpy(dtype=float) - lo) / (hi - lo))]
+    users = ds.users.merge(extra, on="user_id", how="left", validate="one_to_one")
+    return Dataset(SWR_NAME, ds.interactions, users, ds.items, scenario_wise_rec_spec())

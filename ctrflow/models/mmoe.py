@@ -30,6 +30,7 @@ class MMoE(MultiScenarioModel):
         expert: Sequence[int] = (128, 64),
         tower: Sequence[int] = (64,),
         dropout: float = 0.1,
+        batch_norm: bool = False,
         **common: Any,
     ):
         expert, tower = [int(h) for h in expert], [int(h) for h in tower]
@@ -41,13 +42,16 @@ class MMoE(MultiScenarioModel):
             expert=expert,
             tower=tower,
             dropout=float(dropout),
+            batch_norm=bool(batch_norm),
             **common,
         )
         self.n_experts = int(experts)
-        self.experts = nn.ModuleList(MLP(self.input_dim, expert, dropout=float(dropout)) for _ in range(self.n_experts))
+        self.experts = nn.ModuleList(
+            MLP(self.input_dim, expert, dropout=float(dropout), batch_norm=bool(batch_norm)) for _ in range(self.n_experts)
+        )
         # every slot's gate in one matrix: [B, slots * E] → the row's own slot
         self.gates = nn.Linear(self.input_dim, self.num_slots * self.n_experts)
-        self.towers = ScenarioTowers(self.num_slots, expert[-1], tower, dropout=float(dropout))
+        self.towers = ScenarioTowers(self.num_slots, expert[-1], tower, dropout=float(dropout), batch_norm=bool(batch_norm))
 
     def score(self, batch: dict[str, torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor:
         x = self.inputs(batch, extra)

@@ -28,9 +28,9 @@ from ctrflow.models.blocks.scenario import ScenarioTowers, module_params, route
 class _ExpertGroup(nn.Module):
     """n experts on the same input, outputs concatenated: [B, in] → [B, n * d]."""
 
-    def __init__(self, n: int, in_dim: int, hidden: Sequence[int], dropout: float):
+    def __init__(self, n: int, in_dim: int, hidden: Sequence[int], dropout: float, batch_norm: bool = False):
         super().__init__()
-        self.experts = nn.ModuleList(MLP(in_dim, hidden, dropout=dropout) for _ in range(n))
+        self.experts = nn.ModuleList(MLP(in_dim, hidden, dropout=dropout, batch_norm=batch_norm) for _ in range(n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([e(x) for e in self.experts], dim=-1)
@@ -49,15 +49,23 @@ class _Nothing(nn.Module):
 
 class _Level(nn.Module):
     def __init__(
-        self, slots: int, in_dim: int, n_shared: int, n_specific: int, hidden: Sequence[int], dropout: float, last: bool
+        self,
+        slots: int,
+        in_dim: int,
+        n_shared: int,
+        n_specific: int,
+        hidden: Sequence[int],
+        dropout: float,
+        last: bool,
+        batch_norm: bool = False,
     ):
         super().__init__()
         self.slots, self.n_shared, self.n_specific = slots, n_shared, n_specific
         self.dim = int(hidden[-1])
-        self.shared = _ExpertGroup(n_shared, in_dim, hidden, dropout)
+        self.shared = _ExpertGroup(n_shared, in_dim, hidden, dropout, batch_norm)
         self.specific = nn.ModuleList(
             [_Nothing(n_specific * self.dim)]
-            + [_ExpertGroup(n_specific, in_dim, hidden, dropout) for _ in range(slots - 1)]
+            + [_ExpertGroup(n_specific, in_dim, hidden, dropout, batch_norm) for _ in range(slots - 1)]
         )
         n = n_specific + n_shared
         self.task_gates = nn.Linear(in_dim, slots * n)
@@ -91,6 +99,7 @@ class PLE(MultiScenarioModel):
         expert: Sequence[int] = (64,),
         tower: Sequence[int] = (64,),
         dropout: float = 0.1,
+        batch_norm: bool = False,
         **common: Any,
     ):
         expert, tower = [int(h) for h in expert], [int(h) for h in tower]
@@ -107,6 +116,7 @@ class PLE(MultiScenarioModel):
             expert=expert,
             tower=tower,
             dropout=float(dropout),
+            batch_norm=bool(batch_norm),
             **common,
         )
         self.levels = nn.ModuleList(
@@ -118,10 +128,11 @@ class PLE(MultiScenarioModel):
                 expert,
                 float(dropout),
                 last=i == int(levels) - 1,
+                batch_norm=bool(batch_norm),
             )
             for i in range(int(levels))
         )
-        self.towers = ScenarioTowers(self.num_slots, expert[-1], tower, dropout=float(dropout))
+        self.towers = ScenarioTowers(self.num_slots, expert[-1], tower, dropout=float(dropout), batch_norm=bool(batch_norm))
 
     def score(self, batch: dict[str, torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor:
         x = self.inputs(batch, extra)

@@ -30,6 +30,7 @@ class SharedBottom(MultiScenarioModel):
         bottom: Sequence[int] = (256, 128),
         tower: Sequence[int] = (64,),
         dropout: float = 0.1,
+        batch_norm: bool = False,
         **common: Any,
     ):
         bottom, tower = [int(h) for h in bottom], [int(h) for h in tower]
@@ -40,10 +41,13 @@ class SharedBottom(MultiScenarioModel):
             bottom=bottom,
             tower=tower,
             dropout=float(dropout),
+            batch_norm=bool(batch_norm),
             **common,
         )
-        self.bottom = MLP(self.input_dim, bottom, dropout=float(dropout))
-        self.towers = ScenarioTowers(self.num_slots, self.bottom.output_dim, tower, dropout=float(dropout))
+        self.bottom = MLP(self.input_dim, bottom, dropout=float(dropout), batch_norm=bool(batch_norm))
+        self.towers = ScenarioTowers(
+            self.num_slots, self.bottom.output_dim, tower, dropout=float(dropout), batch_norm=bool(batch_norm)
+        )
 
     def score(self, batch: dict[str, torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor:
         return self.towers(self.bottom(self.inputs(batch, extra)), self.slots(batch))

@@ -81,6 +81,8 @@ class TrainConfig:
     batch_size: int = _TRAIN["batch_size"]
     lr: float = _TRAIN["lr"]
     weight_decay: float = _TRAIN["weight_decay"]
+    lr_step_size: int = _TRAIN["lr_step_size"]  # StepLR: lr * lr_gamma ** ((epoch - 1) // lr_step_size); 0: constant
+    lr_gamma: float = _TRAIN["lr_gamma"]
     patience: int = _TRAIN["patience"]  # epochs without a better monitored value before stopping
     seed: int = _TRAIN["seed"]
     threads: int = _TRAIN["threads"]  # torch intra-op threads
@@ -99,6 +101,11 @@ class TrainConfig:
                 raise ValueError(f"train config: {name} must be a positive integer, got {value!r}")
         if self.lr < 0 or self.weight_decay < 0:
             raise ValueError(f"train config: lr and weight_decay must be >= 0, got {self.lr}, {self.weight_decay}")
+        if int(self.lr_step_size) != self.lr_step_size or self.lr_step_size < 0 or not 0 < self.lr_gamma <= 1:
+            raise ValueError(
+                f"train config: lr_step_size must be an integer >= 0 and lr_gamma in (0, 1], got "
+                f"{self.lr_step_size!r}, {self.lr_gamma!r}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train config: optimizer must be one of {OPTIMIZERS}, got '{self.optimizer}'")
         if self.grad_clip is not None and self.grad_clip < 0:
@@ -269,6 +276,7 @@ class Trainer:
                 "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
                 "weight_decay": cfg.weight_decay,
+                **({"lr_step": [cfg.lr_step_size, cfg.lr_gamma]} if cfg.lr_step_size else {}),
                 "optimizer": cfg.optimizer,
                 "grad_clip": cfg.grad_clip or None,
                 "monitor": monitor,
@@ -407,6 +415,7 @@ class Trainer:
         while state["epoch"] < cfg.epochs and not state["stopped_early"]:
             epoch = state["epoch"] + 1
             started = time.perf_counter()
+            self._set_epoch_lr(epoch)
             record = {"epoch": epoch, **self.train_epoch(train_t, epoch)}
             if valid_t is not None and self.world.is_main:
                 record.update(self.objective.validate(self.model, valid_t, cfg.eval_batch_size))
@@ -440,6 +449,20 @@ class Trainer:
             config=asdict(cfg),
             best_score=state["best_score"],
         )
+
+    def epoch_lr(self, epoch: int) -> float:
+        """The learning rate of 1-based `epoch`: torch's StepLR stepped once per epoch, computed from the epoch number
+        alone (so a resumed run gets the same rate without a scheduler state in the checkpoint)."""
+        cfg = self.config
+        if cfg.lr_step_size <= 0:
+            return cfg.lr
+        return cfg.lr * cfg.lr_gamma ** ((epoch - 1) // cfg.lr_step_size)
+
+    def _set_epoch_lr(self, epoch: int) -> None:
+        lr = self.epoch_lr(epoch)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
 
     def _checkpoint_and_early_stop(self, state: dict, record: dict, monitor: str, mode: str) -> None:
         """Keep the epoch's weights when the monitored value improved; count the epochs since, and stop after

@@ -126,9 +126,11 @@ def route(x: torch.Tensor, slots: torch.Tensor, modules: Sequence[nn.Module], ou
 class ScenarioTowers(nn.Module):
     """One MLP tower (→ 1 logit) per scenario slot, slot 0 being the shared tower for unknown scenarios."""
 
-    def __init__(self, slots: int, in_dim: int, hidden: Sequence[int], dropout: float = 0.0):
+    def __init__(self, slots: int, in_dim: int, hidden: Sequence[int], dropout: float = 0.0, batch_norm: bool = False):
         super().__init__()
-        self.towers = nn.ModuleList(MLP(in_dim, hidden, dropout=dropout, out_dim=1) for _ in range(slots))
+        self.towers = nn.ModuleList(
+            MLP(in_dim, hidden, dropout=dropout, out_dim=1, batch_norm=batch_norm) for _ in range(slots)
+        )
 
     def forward(self, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         return route(h, slots, self.towers, 1).squeeze(-1)
