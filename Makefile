@@ -43,9 +43,10 @@ system-deps:
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# every level on both cores, one test file per worker (module fixtures built once; services on free ports)
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2 --dist loadfile
 
 # the fast levels (tests/conftest.py sets each test's level): unit + component, nothing marked slow, on both cores
 # (one file per worker, so module fixtures are built once); under 2 minutes on 2 cores

@@ -7,7 +7,7 @@ against DuckDB (the embedded default), wall time and peak memory, on synthetic i
 Per row count the synthetic dataset (ctrflow.data.synthetic; users scale with rows, ~10 events per user on
 average, lognormal activity) and its feature tables are written once; then each engine runs in a fresh
 subprocess: copy the Feast repo (the production profile's `offline_store` block for Spark), `apply`, and
-`historical_frame` over every interaction (the features step's point-in-time join). Peak memory is the peak of the
+`historical_frame` over every interaction (the features step's point-in-time join; `--behaviour-join`). Peak memory is the peak of the
 summed RSS of that subprocess and its children (the Spark JVM included), sampled every 0.2 s. The join's result is
 checked equal across engines (row count and a hash of every cell) before a record is kept.
 
@@ -29,7 +29,7 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-KEY = ("engine", "rows")
+KEY = ("engine", "rows", "behaviour_join")
 USERS_PER_ROW = 0.1  # ~10 events per user
 ITEMS_PER_ROW = 0.02
 SPARK_DRIVER_MEMORY = "6g"  # local mode: the driver is the only executor
@@ -53,7 +53,7 @@ def frame_digest(frame: Any) -> str:
     return h.hexdigest()
 
 
-def child(engine: str, data_dir: Path, work: Path, spark_master: str) -> dict[str, Any]:
+def child(engine: str, data_dir: Path, work: Path, spark_master: str, behaviour_join: str) -> dict[str, Any]:
     """One engine in this process: apply + the point-in-time join over every interaction; times and digest."""
     import pandas as pd
     import yaml
@@ -73,7 +73,7 @@ def child(engine: str, data_dir: Path, work: Path, spark_master: str) -> dict[st
     store = F.apply_repo(repo, data_dir)
     apply_s = time.perf_counter() - started
     started = time.perf_counter()
-    frame = F.historical_frame(store, entity)
+    frame = F.historical_frame(store, entity, behaviour_join=behaviour_join)
     join_s = time.perf_counter() - started
     return {"apply_s": round(apply_s, 2), "join_s": round(join_s, 2), "out_rows": len(frame), "digest": frame_digest(frame)}
 
@@ -95,11 +95,13 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def run_engine(engine: str, data_dir: Path, work: Path, spark_master: str, timeout_s: float) -> dict[str, Any]:
+def run_engine(
+    engine: str, data_dir: Path, work: Path, spark_master: str, timeout_s: float, behaviour_join: str
+) -> dict[str, Any]:
     """The engine in a fresh subprocess; its result plus wall time and peak tree RSS (MB)."""
     out = work / f"{engine}.json"
     cmd = [sys.executable, "-m", "benchmarks.offline_engines", "--child", engine, "--data", str(data_dir),
-           "--work", str(work), "--spark-master", spark_master, "--out", str(out)]
+           "--work", str(work), "--spark-master", spark_master, "--out", str(out), "--behaviour-join", behaviour_join]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(work / f"{engine}.log", "w"))
@@ -138,9 +140,9 @@ def prepare(rows: int, work: Path) -> tuple[Path, dict[str, Any]]:
 
 def merge(records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
     old = json.loads(path.read_text()) if path.exists() else []
-    keys = {tuple(r[k] for k in KEY) for r in records}
-    merged = [r for r in old if tuple(r[k] for k in KEY) not in keys] + records
-    return sorted(merged, key=lambda r: (r["rows"], r["engine"]))
+    keys = {tuple(r.get(k) for k in KEY) for r in records}
+    merged = [r for r in old if tuple(r.get(k) for k in KEY) not in keys] + records
+    return sorted(merged, key=lambda r: (r["rows"], r.get("behaviour_join", ""), r["engine"]))
 
 
 def render(records: list[dict[str, Any]]) -> str:
@@ -148,18 +150,21 @@ def render(records: list[dict[str, Any]]) -> str:
         "# Offline engines: the training-set join on Spark vs DuckDB",
         "",
         "`python -m benchmarks.offline_engines` (see its docstring). Each engine in a fresh subprocess: Feast `apply`,",
-        "then `historical_frame` over every interaction (the features step's point-in-time join). Peak RSS: the",
+        "then `historical_frame` over every interaction (the features step's point-in-time join; `--behaviour-join`). Peak RSS: the",
         "process tree (the Spark JVM included). Synthetic interactions, ~10 events per user. Same machine, same run.",
         "",
         "The machine is shared: `load 1m` is the 1-minute load average seen during the run (2 cores; above 2 the",
         "engines got a fraction of them, so compare rows of one run only).",
         "",
-        "| rows | engine | status | apply s | join s | wall s | peak RSS MB | output equal to DuckDB | load 1m | machine |",
-        "|---:|---|---|---:|---:|---:|---:|---|---|---|",
+        "`behaviour join`: asof = the linear join of the behaviour view (DuckDB ASOF JOIN / Spark running window,",
+        "the default); feast = Feast's own point-in-time join of every view (cost ~ sum over users of events^2).",
+        "",
+        "| rows | engine | behaviour join | status | apply s | join s | wall s | peak RSS MB | output equal to DuckDB | load 1m | machine |",
+        "|---:|---|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     for r in records:
         lines.append(
-            f"| {r['rows']:,} | {r['engine']} | {r.get('status', '')[:60]} | {r.get('apply_s', '')} | {r.get('join_s', '')} | "
+            f"| {r['rows']:,} | {r['engine']} | {r.get('behaviour_join', '')} | {r.get('status', '')[:60]} | {r.get('apply_s', '')} | {r.get('join_s', '')} | "
             f"{r.get('wall_s', '')} | {r.get('peak_rss_mb', '')} | {r.get('equal_to_duckdb', '')} | {r.get('load_1m', '')} | "
             f"{r.get('machine', '')} |"
         )
@@ -172,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
     parser.add_argument("--engines", nargs="+", default=["duckdb", "spark"], choices=["duckdb", "spark"])
     parser.add_argument("--spark-master", default="local[2]")
+    parser.add_argument("--behaviour-join", default="asof", choices=["asof", "feast"],
+                        help="asof: the linear behaviour join (DuckDB ASOF / Spark running window); feast: Feast's own")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per engine run")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--child", choices=["duckdb", "spark"], help=argparse.SUPPRESS)
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        args.out.write_text(json.dumps(child(args.child, args.data, args.work, args.spark_master)))
+        args.out.write_text(json.dumps(child(args.child, args.data, args.work, args.spark_master, args.behaviour_join)))
         return
 
     import platform
@@ -197,13 +204,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{rows:,} rows: feature tables in {time.perf_counter() - started:.0f} s ({shape})", flush=True)
             got = {}
             for engine in args.engines:
-                got[engine] = run_engine(engine, data_dir, work, args.spark_master, args.timeout)
+                got[engine] = run_engine(engine, data_dir, work, args.spark_master, args.timeout, args.behaviour_join)
                 print(f"  {engine}: {json.dumps({k: v for k, v in got[engine].items() if k != 'digest'})}", flush=True)
             for engine, r in got.items():
                 r.setdefault("status", "ok")
                 if "duckdb" in got and r.get("digest") and got["duckdb"].get("digest"):
                     r["equal_to_duckdb"] = r["digest"] == got["duckdb"]["digest"]
-                records.append({"engine": engine, "rows": rows, **shape, "machine": machine,
+                records.append({"engine": engine, "rows": rows, "behaviour_join": args.behaviour_join, **shape, "machine": machine,
                                 "spark_master": args.spark_master if engine == "spark" else None, **r})
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / "offline_engines.json"

@@ -87,7 +87,7 @@ def run_dataset(name: str, workdir: Path, activity_sigma: float, limit_s: float,
             rows = json.loads(out[out.index("{"): out.rindex("}") + 1])["rows"]
             known.write_text(json.dumps({"rows": rows}))
         # the steps' own closing lines (ctrflow.meter): register prints register's and the gate's
-        meter = [line.split(" INFO ", 1)[-1] for line in out.splitlines() if " rows, " in line and "peak RSS" in line]
+        meter = [line.split(" INFO ", 1)[-1] for line in out.splitlines() if " rows, " in line and "peak RSS" in line and "so far" not in line]
         record = {
             "dataset": name,
             "rows": rows,
@@ -121,14 +121,14 @@ def render(records: list[dict[str, Any]], md: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for step in STEPS:
-        pts = sorted((r["rows"], r["seconds"], r["peak_rss_mb"]) for r in records
+        pts = sorted((r["rows"], r["seconds"], r.get("cpu_seconds") or float("nan"), r["peak_rss_mb"]) for r in records
                      if r["step"] == step and r["rc"] == 0 and r["rows"] and r["dataset"] in SYNTHETIC)
-        if pts:
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=step)
-            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=step)
-    for ax, what in zip(axes, ("wall seconds", "peak RSS (MB)")):
+        for i, ax in enumerate(axes):
+            if pts:
+                ax.plot([p[0] for p in pts], [p[i + 1] for p in pts], marker="o", label=step)
+    for ax, what in zip(axes, ("wall seconds (shared machine)", "CPU seconds", "peak RSS (MB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("interactions (synthetic)")
@@ -161,6 +161,10 @@ def render(records: list[dict[str, Any]], md: Path, png: Path) -> None:
             f"| {r['dataset']} | {rows} | {r['step']} | {r['seconds']:.1f} | {r['s_per_million_rows'] or '-'} | "
             f"{r['rows_per_s'] or '-'} | {r['peak_rss_mb']:,.0f} | {cpu if cpu is not None else '-'} | {cpu_per_m} | {status} |"
         )
+    missing = [f"{d} {st}" for d in [*SYNTHETIC, *REAL] for st in STEPS
+               if not any(r["dataset"] == d and r["step"] == st for r in records)]
+    if missing:
+        lines += ["", f"Not measured yet: {', '.join(missing)}."]
     md.write_text("\n".join(lines) + "\n")
 
 

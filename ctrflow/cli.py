@@ -439,7 +439,7 @@ def serve(ctx: click.Context, deployment_file: str, port: int | None, request_lo
     deployment = json.loads(Path(deployment_file).read_text())
     log_dir = request_log or str(Path(deployment_file).parent / "request_log")
     s = params["serving"]
-    env = service_env(deployment, log_dir, s["threads"])
+    env = service_env(deployment, log_dir, s["threads"], s["workers"], s["item_cache_refresh_s"])
     os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
     from ctrflow.guard import guard_env, token_from_env
 

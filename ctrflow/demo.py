@@ -76,7 +76,10 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     s = params["serving"]
     requests = demo_requests(run["training_set"], n_requests)
     headers = auth_headers(s)
-    with start_server(deployment, request_log, host=s["host"], port=s["port"], threads=s["threads"], extra_env=guard_env(s)) as server:
+    with start_server(
+        deployment, request_log, host=s["host"], port=s["port"], workers=s["workers"], threads=s["threads"],
+        item_cache_refresh_s=s["item_cache_refresh_s"], extra_env=guard_env(s),
+    ) as server:
         latencies = []
         first = None
         for req in requests:

@@ -14,7 +14,8 @@ Time semantics (no leakage):
 
 Training sets at scale (`historical_frame`): the profile views go through Feast's `get_historical_features` (one
 row per key: a linear join); the behaviour view, whose rows are already "the state as of each event", is joined
-with one ASOF JOIN in DuckDB over the view's own Parquet source (`_behaviour_asof`), the same rule Feast applies
+with one ASOF JOIN in DuckDB over the view's own Parquet source (`_behaviour_asof`; on the Spark offline store of the
+production profile, the same join as a running window in Spark: `_behaviour_asof_spark`), the same rule Feast applies
 (latest row stamped <= the entity row's time) at a cost that grows with rows. Feast's own join of that view pairs
 every entity row with all of its user's earlier behaviour rows before keeping the latest (cost ~ sum over users of
 events^2: 20+ GB on MovieLens-1M); `behaviour_join="feast"` still runs it, as the reference the tests compare with.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
 import logging
 import os
 import re
@@ -59,6 +61,7 @@ VIEWS = ("user_behaviour", "user_profile", "item_profile")  # the column order o
 SERVICES = ("ctr_ranking", "multi_scenario", "multimodal")
 TIMESTAMP = "event_timestamp"
 _ROW = "__ctrflow_row"
+MATERIALIZED_FILE = "materialized.json"  # in the Feast repository: when it was last materialised (serving reads it)
 _REPO_LOCK = threading.Lock()  # apply_repo swaps an env var and sys.modules entries while it imports the repo
 
 
@@ -526,6 +529,42 @@ def _normalise(name: str, type_name: str, values: list) -> np.ndarray:
 BEHAVIOUR_JOINS = ("asof", "feast")
 
 
+def _behaviour_asof_spark(store: FeatureStore, keys: pd.DataFrame, names: list[str]) -> pa.Table:
+    """`_behaviour_asof` on the Spark offline store's session: Spark has no ASOF JOIN, so the entity rows and the
+    behaviour rows go into one relation, ordered per user by (time, behaviour row before entity row), and each entity
+    row takes the last behaviour row's values so far (`last(..., ignorenulls)` over a running window): one sort per
+    user, linear in rows like the DuckDB join; the same rule "latest row with timestamp <= the entity row's".
+    Returns _ROW plus `names` in key-row order (null where the user has no row at or before that time).
+    """
+    from feast.infra.offline_stores.contrib.spark_offline_store.spark import (
+        get_spark_session_or_start_new_with_repoconfig,
+    )
+    from pyspark.sql import Window
+    from pyspark.sql import functions as fn
+
+    path = getattr(store.get_feature_view("user_behaviour").batch_source, "path", None)
+    if not path:
+        raise FileNotFoundError("feature view 'user_behaviour': its Spark source has no path to read")
+    spark = get_spark_session_or_start_new_with_repoconfig(store.config.offline_store)
+    behaviour = spark.read.parquet(str(path)).select(
+        "user_id", TIMESTAMP, fn.lit(0).alias("_kind"), fn.lit(None).cast("long").alias(_ROW),
+        fn.struct(*names).alias("_values"),  # a struct: a behaviour row whose values are null still counts
+    )
+    entity = spark.createDataFrame(keys[["user_id", TIMESTAMP, _ROW]]).select(
+        "user_id", TIMESTAMP, fn.lit(1).alias("_kind"), _ROW,
+        fn.lit(None).cast(behaviour.schema["_values"].dataType).alias("_values"),
+    )
+    running = Window.partitionBy("user_id").orderBy(TIMESTAMP, "_kind").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    joined = (
+        behaviour.unionByName(entity)
+        .withColumn("_values", fn.last("_values", ignorenulls=True).over(running))
+        .where(fn.col("_kind") == 1)
+        .select(_ROW, *(fn.col("_values").getField(n).alias(n) for n in names))
+    )
+    table = joined.toArrow()
+    return table.take(pa.array(np.argsort(table.column(_ROW).to_numpy(), kind="stable")))
+
+
 def _behaviour_asof(store: FeatureStore, keys: pd.DataFrame, names: list[str]) -> pa.Table:
     """The behaviour view's features at each key row: an ASOF JOIN in DuckDB over the view's own batch source.
 
@@ -535,6 +574,8 @@ def _behaviour_asof(store: FeatureStore, keys: pd.DataFrame, names: list[str]) -
     product of each user's events (which is what a join over every earlier row and a pick of the latest costs).
     Returns a table in key-row order: _ROW plus `names` (null where the user has no row at or before that time).
     """
+    if getattr(store.config.offline_store, "type", "") == "spark":  # the production profile's engine runs it too
+        return _behaviour_asof_spark(store, keys, names)
     import duckdb
 
     source = store.get_feature_view("user_behaviour").batch_source
@@ -637,7 +678,8 @@ def historical_frame(
     tables: dict[str, pa.Table] = {}  # feature name -> table holding it, in key-row order
     if behaviour_join == "asof" and any(view == "user_behaviour" for view, _, _ in columns):
         path = getattr(store.get_feature_view("user_behaviour").batch_source, "path", None)
-        if not path or not Path(str(path)).is_file():  # e.g. a SparkSource on s3://: DuckDB here cannot read it
+        on_spark = getattr(store.config.offline_store, "type", "") == "spark"  # Spark reads its own paths (s3://...)
+        if not path or not (on_spark or Path(str(path)).is_file()):  # e.g. s3:// under DuckDB: it cannot read it
             log.warning(
                 "historical features: the user_behaviour source %r is not a local Parquet file; its join goes "
                 "through get_historical_features (cost ~ sum over users of events^2)", path,
@@ -688,7 +730,7 @@ def materialize(store: FeatureStore, end: datetime | None = None) -> None:
     """Load the latest value of every view up to `end` (default: now) into the online store.
 
     Starts at PROFILE_TIMESTAMP: Feast's materialize_incremental starts one year back for views without TTL and
-    would skip the profiles.
+    would skip the profiles. Records the time in `<repo>/materialized.json` (serving workers watch it).
     """
     started = time.perf_counter()
     end = end or datetime.now(UTC)
@@ -696,7 +738,25 @@ def materialize(store: FeatureStore, end: datetime | None = None) -> None:
         end = end.replace(tzinfo=UTC)
     with contextlib.redirect_stdout(io.StringIO()):  # feast prints progress bars per view
         store.materialize(start_date=PROFILE_TIMESTAMP.to_pydatetime(), end_date=end)
+    record_materialization(store.repo_path, end)  # serving workers refresh their item cache when this changes
     log.info("materialized online up to %s (%.1fs)", end.isoformat(), time.perf_counter() - started)
+
+
+def record_materialization(repo_path: str | Path, end: datetime) -> Path:
+    """Write `<repo>/materialized.json` ({"at": now, "end": end}, ISO UTC) atomically (temp file + rename)."""
+    path = Path(repo_path) / MATERIALIZED_FILE
+    tmp = path.with_name(f".{MATERIALIZED_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"at": datetime.now(UTC).isoformat(), "end": end.isoformat()}))
+    os.replace(tmp, path)
+    return path
+
+
+def materialization_marker(repo_path: str | Path) -> str | None:
+    """The marker's `at` value (ISO UTC), or None when the repository has none (never materialised by ctrflow)."""
+    try:
+        return str(json.loads((Path(repo_path) / MATERIALIZED_FILE).read_text())["at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def service_features(store: FeatureStore, service: str = "ctr_ranking") -> dict[str, dict[str, str]]:

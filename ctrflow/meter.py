@@ -81,10 +81,10 @@ class Meter:
             eta = f"{elapsed / done * (total - done):.0f} s" if done else "?"
             _emit(
                 f"{self.step}: {what + ': ' if what else ''}{done:,}/{total:,} rows ({100 * done / total:.0f}%), "
-                f"{elapsed:.1f} s, ETA {eta}"
+                f"{elapsed:.1f} s, ETA {eta}, peak RSS so far {peak_rss_mb():,.0f} MB"
             )
         else:
-            _emit(f"{self.step}: {what + ': ' if what else ''}{done:,} rows, {elapsed:.1f} s")
+            _emit(f"{self.step}: {what + ': ' if what else ''}{done:,} rows, {elapsed:.1f} s, peak RSS so far {peak_rss_mb():,.0f} MB")
 
     def close_line(self) -> str:
         rows = "?" if self.rows is None else f"{self.rows:,}"

@@ -396,7 +396,7 @@ class RequestLogger:
         user_id: int,
         scenario: str,
         model: str,
-        features: pd.DataFrame,
+        features: pd.DataFrame | pa.Table,
         predictions: np.ndarray,
         item_ids: list[int] | None = None,
         ts: dt.datetime | None = None,
@@ -439,7 +439,7 @@ class RequestLogger:
 
     def _table_of(
         self, request_id: str, ts: dt.datetime | None, user_id: int, item_ids: list[int] | None, scenario: str,
-        model: str, features: pd.DataFrame, predictions: np.ndarray, extra: dict[str, Any],
+        model: str, features: pd.DataFrame | pa.Table, predictions: np.ndarray, extra: dict[str, Any],
     ) -> pa.Table:  # fmt: skip
         """The request's rows as Arrow, column by column (no intermediate pandas frame): base columns, the features
         as served, the prediction, then `extra` (scalars repeated, sequences per candidate)."""
@@ -455,9 +455,14 @@ class RequestLogger:
             "scenario": [scenario] * n,
             "model": [model] * n,
         }
-        for c in features.columns:
-            if c not in BASE_COLUMNS:
-                columns[str(c)] = features[c]
+        if isinstance(features, pa.Table):  # already Arrow (the service's fast path): taken as they are
+            for c in features.column_names:
+                if c not in BASE_COLUMNS:
+                    columns[c] = features.column(c)
+        else:
+            for c in features.columns:
+                if c not in BASE_COLUMNS:
+                    columns[str(c)] = features[c]
         columns["prediction"] = np.asarray(predictions, dtype=np.float32)
         for key, value in extra.items():
             if isinstance(value, str) or np.isscalar(value) or value is None:
@@ -469,11 +474,18 @@ class RequestLogger:
         arrays = []
         for name, values in columns.items():
             type_ = self.types.get(name)
-            if name == "ts":
+            if isinstance(values, pa.Array | pa.ChunkedArray):
+                arrays.append(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
+            elif name == "ts":
                 arrays.append(pa.array(values, type=pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")))
             else:
                 arrays.append(_to_arrow(name, values, type_))
         return pa.Table.from_arrays(arrays, names=list(columns))
+
+    def column(self, name: str, values: pd.Series | np.ndarray | list) -> pa.Array:
+        """One feature column as the log stores it (its declared type when it fits): for callers that build a
+        request's Arrow table themselves (`features=` a pa.Table in `log_request`)."""
+        return _to_arrow(name, values, self.types.get(name))
 
     # ---- compaction ------------------------------------------------------------------------------------
     def _rotate(self) -> None:

@@ -37,11 +37,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def service_env(deployment: dict[str, Any], request_log: str | Path, threads: int = 1) -> dict[str, str]:
+def service_env(
+    deployment: dict[str, Any],
+    request_log: str | Path,
+    threads: int | None = None,
+    workers: int | None = None,
+    item_cache_refresh_s: float | None = None,
+) -> dict[str, str]:
     """The environment the service reads its configuration from (see serving/service.py).
 
-    A deployment without `model_tag` serves the registry's production model of `model_name`.
+    A deployment without `model_tag` serves the registry's production model of `model_name`. `threads` (torch
+    threads per worker), `workers` (BentoML worker processes) and `item_cache_refresh_s`: params `serving.*`; None
+    takes the typed default.
     """
+    from ctrflow.config import ServingParams
+
+    defaults = ServingParams()
+    threads = defaults.threads if threads is None else int(threads)
+    workers = defaults.workers if workers is None else int(workers)
+    refresh = defaults.item_cache_refresh_s if item_cache_refresh_s is None else float(item_cache_refresh_s)
     env = dict(os.environ)
     env.pop("CTRFLOW_MODEL_TAG", None)
     tag = deployment.get("model_tag")
@@ -55,6 +69,9 @@ def service_env(deployment: dict[str, Any], request_log: str | Path, threads: in
             "CTRFLOW_FEATURE_SERVICE": str(deployment.get("feature_service") or env.get("CTRFLOW_FEATURE_SERVICE") or "ctr_ranking"),
             "CTRFLOW_REQUEST_LOG": str(Path(request_log).resolve()),
             "OMP_NUM_THREADS": str(threads),
+            "CTRFLOW_TORCH_THREADS": str(threads),
+            "CTRFLOW_SERVING_WORKERS": str(workers),
+            "CTRFLOW_ITEM_CACHE_REFRESH_S": str(refresh),
             "BENTOML_DO_NOT_TRACK": "true",
             "FEAST_USAGE": "False",
         }
@@ -167,21 +184,23 @@ def start_server(
     *,
     host: str = "127.0.0.1",
     port: int | None = None,
-    workers: int = 1,
-    threads: int = 1,
+    workers: int | None = None,
+    threads: int | None = None,
+    item_cache_refresh_s: float | None = None,
     log_path: str | Path | None = None,
     ready_timeout: float = 120.0,
     extra_env: dict[str, str] | None = None,
+    service: str = SERVICE,
 ) -> RunningServer:
-    """`bentoml serve` in a subprocess; returns once /readyz answers 200 (or raises with the server's log)."""
+    """`bentoml serve` of `service` in a subprocess; returns once /readyz answers 200 (or raises with the server's
+    log). workers / threads / item_cache_refresh_s: as `service_env` (None: the typed defaults)."""
     if not isinstance(deployment, dict):
         deployment = json.loads(Path(deployment).read_text())
     port = port or free_port()
     log_path = Path(log_path or Path(request_log).parent / "server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port), "--working-dir", str(REPO_ROOT)]
-    env = service_env(deployment, request_log, threads)
-    env["CTRFLOW_SERVING_WORKERS"] = str(workers)
+    cmd = [sys.executable, "-m", "bentoml", "serve", service, "--host", host, "--port", str(port), "--working-dir", str(REPO_ROOT)]
+    env = service_env(deployment, request_log, threads, workers, item_cache_refresh_s)
     env.update(extra_env or {})
     log_file = open(log_path, "w")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)

@@ -107,12 +107,33 @@ def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str
     progress(n, n, "point-in-time join", every_s=0)
     out = Path(training_set_dir)
     out.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(out / TRAINING_FRAME, index=False)
+    write_frame(frame, out / TRAINING_FRAME)
     dataset.spec.save(out / SPEC_FILE)
+    progress(n, n, "training set written", every_s=0)
+    counts, rows = frame["split"].value_counts().to_dict(), len(frame)
+    del frame, entity_df, dataset  # written: materialization must not run on top of the frame's memory
     features.materialize(store)
-    counts = frame["split"].value_counts().to_dict()
     log.info("training set %s: %s; Feast repo %s", out, counts, repo_dir)
-    return {"feature_repo": str(repo_dir), "training_set": str(out), "rows": len(frame), "splits": counts}
+    return {"feature_repo": str(repo_dir), "training_set": str(out), "rows": rows, "splits": counts}
+
+
+WRITE_SLICE_ROWS = 250_000  # rows converted to Arrow at once when a training set is written
+
+
+def write_frame(frame: pd.DataFrame, path: str | Path, slice_rows: int | None = None) -> Path:
+    """`frame.to_parquet(path, index=False)`, converted to Arrow `slice_rows` rows at a time: the same file
+    contents (the schema is inferred once from the whole frame, column by column), without a second copy of
+    every list and vector cell in memory at once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    slice_rows = slice_rows or WRITE_SLICE_ROWS
+    schema = pa.Schema.from_pandas(frame, preserve_index=False)
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, max(len(frame), 1), slice_rows):
+            part = frame.iloc[start : start + slice_rows]
+            writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False))
+    return Path(path)
 
 
 def load_training_set(training_set_dir: str | Path) -> tuple[pd.DataFrame, Any]:

@@ -2,8 +2,8 @@
 
     bentoml serve serving.service:RankingService --port 3000      (configuration: the environment, below)
 
-It reads each request's features from the Feast online store (`ctrflow.features.online_frame`, the same columns as
-the training frame) and scores them through the one model interface (`ctrflow.training.artifact.Scorer`), so any
+It reads the features from the Feast online store (the same values as `ctrflow.features.online_frame`, the columns
+of the training frame) and scores them through the one model interface (`ctrflow.training.artifact.Scorer`), so any
 model family the registry holds serves without a change here. Users and items the model never saw are scored with
 the encoder's "unknown" index 0 and flagged in the answer's `fallback`, never refused. Every request is appended to
 the request log (`ctrflow.request_log`) with the features as served and the scores.
@@ -23,8 +23,13 @@ Environment (read when a worker constructs the service, never at import: `bentom
     CTRFLOW_FEATURE_SERVICE      the Feast feature service (default ctr_ranking)
     CTRFLOW_REQUEST_LOG          directory of the request log (unset: no request log, with a warning)
     CTRFLOW_REQUEST_LOG_FLUSH_ROWS / _FLUSH_SECONDS   flush thresholds (default 2000 rows / 5 s)
-    CTRFLOW_TORCH_THREADS        torch intra-op threads per worker (default 1: more gave p99 spikes, PITFALLS.md)
-    CTRFLOW_SERVING_WORKERS      worker processes (default 1); BENTOML_HOME: the model store
+    CTRFLOW_TORCH_THREADS        torch intra-op threads per worker (params serving.threads; 1: more gave p99 spikes)
+    CTRFLOW_SERVING_WORKERS      worker processes (params serving.workers); BENTOML_HOME: the model store
+    CTRFLOW_ITEM_CACHE_REFRESH_S how often a worker checks for a new materialisation (params serving.item_cache_refresh_s)
+
+Scoring path (`ctrflow.online.OnlineScorer`): every item's features are read from the online store once per worker
+and held encoded; each request reads only the user's features (one online read). A new materialisation of the store
+(`<repo>/materialized.json`) is picked up within item_cache_refresh_s plus the rebuild time.
 """
 
 import logging
@@ -34,8 +39,10 @@ import uuid
 from typing import Annotated, Any
 
 import bentoml
+import numpy as np
 from pydantic import Field, Strict
 
+from ctrflow.config import ServingParams
 from ctrflow.guard import RankRules, ServiceGuard, request_fields, set_rules, token_from_env
 
 log = logging.getLogger("ctrflow.serving")
@@ -59,9 +66,44 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got '{raw}'") from exc
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw.strip() else default
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be a number, got '{raw}'") from exc
+
+
+SERVING_DEFAULTS = ServingParams()  # the typed defaults (params.yaml `serving`) when the environment sets none
+_METRICS: dict[str, Any] = {}
+STAGE_BUCKETS = (0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+def _metrics() -> dict[str, Any]:
+    """The service's Prometheus metrics on /metrics, created once per worker (after BentoML set up multiprocess
+    metrics): per-stage latency, requests and fallbacks per scenario, item-cache age (worst worker)."""
+    if not _METRICS:
+        import prometheus_client as pc
+
+        _METRICS["stage"] = pc.Histogram(
+            "ctrflow_rank_stage_seconds", "rank: seconds per stage (feature_read, encode, model, log)", ["stage"],
+            buckets=STAGE_BUCKETS,
+        )  # fmt: skip
+        _METRICS["requests"] = pc.Counter("ctrflow_rank_requests", "rank: answered requests per scenario", ["scenario"])
+        _METRICS["fallbacks"] = pc.Counter(
+            "ctrflow_rank_fallbacks", "rank: unknown users (kind=user, per request) and items (kind=item, per candidate)",
+            ["scenario", "kind"],
+        )  # fmt: skip
+        _METRICS["cache_age"] = pc.Gauge(
+            "ctrflow_item_cache_age_seconds", "seconds since the item cache was built (largest over the workers)",
+            multiprocess_mode="max",
+        )  # fmt: skip
+    return _METRICS
+
+
 @bentoml.service(
     name="ctrflow-ranking",
-    workers=_env_int("CTRFLOW_SERVING_WORKERS", 1),
+    workers=_env_int("CTRFLOW_SERVING_WORKERS", SERVING_DEFAULTS.workers),
     threads=1,  # one request at a time per worker: torch runs single-threaded, scale with workers
     traffic={"timeout": 30},
 )
@@ -71,7 +113,7 @@ class RankingService:
     def __init__(self) -> None:
         import torch
 
-        torch.set_num_threads(_env_int("CTRFLOW_TORCH_THREADS", 1))
+        torch.set_num_threads(_env_int("CTRFLOW_TORCH_THREADS", SERVING_DEFAULTS.threads))
         from feast import FeatureStore
 
         from ctrflow import registry
@@ -127,13 +169,29 @@ class RankingService:
         else:
             log.warning("CTRFLOW_REQUEST_LOG is not set: requests are not logged (drift monitoring needs them)")
 
+        from ctrflow.online import OnlineScorer
+
+        self.metrics = _metrics()
+        # item features read once, held encoded; re-read when the store is materialised again (ctrflow.online)
+        self.online = OnlineScorer(
+            self.store,
+            self.feature_service,
+            loaded.model,
+            loaded.encoder,
+            refresh_s=_env_float("CTRFLOW_ITEM_CACHE_REFRESH_S", SERVING_DEFAULTS.item_cache_refresh_s),
+            to_arrow=self.request_log.column if self.request_log is not None else None,
+            on_refresh=self._cache_age,
+        )
         # warm-up: one read and one score prove the feature service holds every column the model needs
-        warm = self._features(0, [0], self.scenarios[0])
-        self.scorer.score(warm)
+        self.online.rank_scores(0, self.scenarios[0], [0])
+        self._cache_age(self.online.snapshot)
         log.info(
             "serving %s (%s) with features from %s, service '%s'; request log %s; ready in %.1fs",
             self.tag, self.family, repo, self.feature_service, log_dir or "off", time.perf_counter() - started,
         )
+
+    def _cache_age(self, snapshot: Any) -> None:
+        self.metrics["cache_age"].set(time.time() - snapshot.built_at)
 
     @staticmethod
     def _vocab(encoder: Any, column: str) -> set | None:
@@ -143,57 +201,68 @@ class RankingService:
                 return set(encoder.vocabs[f.name])
         return None
 
-    def _features(self, user_id: int, item_ids: list[int], scenario: str) -> Any:
-        from ctrflow.features import online_frame
-
-        return online_frame(self.store, user_id, item_ids, scenario, service=self.feature_service)
-
     @bentoml.api
     def rank(self, user_id: Int64, scenario: str, item_ids: ItemIds) -> dict[str, Any]:
         """Order the candidate items for one user in one scenario by predicted click probability (highest first)."""
         started = time.perf_counter()  # the body was checked by the guard (scenario known, ids distinct int64)
-        frame = self._features(user_id, item_ids, scenario)
-        scores = self.scorer.score(frame)
-        # the challenger scores the features as served (never raises; logged only, so only when there is a log)
-        shadow = self.shadow.columns(frame) if self.request_log is not None else {}
+        ranked = self.online.rank_scores(user_id, scenario, item_ids)
+        scores = ranked.scores
         unknown_user = self.known_users is not None and user_id not in self.known_users
         unknown_items = [] if self.known_items is None else [i for i in item_ids if i not in self.known_items]
-        order = sorted(range(len(item_ids)), key=lambda k: -float(scores[k]))  # stable: ties keep request order
+        order = np.argsort(-scores, kind="stable")  # stable: ties keep request order
         request_id = uuid.uuid4().hex
         latency_ms = (time.perf_counter() - started) * 1000
+        t_log = time.perf_counter()
+        served = self.online.log_features(ranked, user_id, item_ids, scenario) if self.request_log is not None else None
+        log_s = time.perf_counter() - t_log
+        # the challenger scores the features as served (never raises; logged only, so only when there is a log)
+        shadow = self.shadow.columns(served) if served is not None else {}
+        t_log = time.perf_counter()
         if self.request_log is not None:
-            rank_of = [0] * len(item_ids)
-            for position, k in enumerate(order, start=1):
-                rank_of[k] = position
+            rank_of = np.empty(len(item_ids), dtype=np.int32)
+            rank_of[order] = np.arange(1, len(item_ids) + 1, dtype=np.int32)
             unknown = set(unknown_items)
             self.request_log.log_request(
                 request_id=request_id,
                 user_id=user_id,
                 scenario=scenario,
                 model=self.tag,
-                features=frame,
+                features=served,
                 predictions=scores,
                 item_ids=item_ids,
                 extra={
                     "rank": rank_of,
                     "fallback_user": unknown_user,
-                    "fallback_item": [i in unknown for i in item_ids],
+                    "fallback_item": np.fromiter((i in unknown for i in item_ids), dtype=bool, count=len(item_ids))
+                    if unknown
+                    else np.zeros(len(item_ids), dtype=bool),
                     "latency_ms": latency_ms,
                     **shadow,
                 },
             )
+        m = self.metrics
+        for stage, seconds in ranked.timings.items():
+            m["stage"].labels(stage).observe(seconds)
+        m["stage"].labels("log").observe(log_s + time.perf_counter() - t_log)
+        m["requests"].labels(scenario).inc()
+        if unknown_user:
+            m["fallbacks"].labels(scenario, "user").inc()
+        if unknown_items:
+            m["fallbacks"].labels(scenario, "item").inc(len(unknown_items))
+        self._cache_age(ranked.snapshot)
         return {
             "request_id": request_id,
             "model": self.tag,
             "user_id": user_id,
             "scenario": scenario,
-            "items": [{"item_id": item_ids[k], "score": float(scores[k])} for k in order],
+            "items": [{"item_id": item_ids[k], "score": v} for k, v in zip(order.tolist(), scores[order].tolist())],
             "fallback": {"user": unknown_user, "items": unknown_items},
         }
 
     @bentoml.on_shutdown
     def close(self) -> None:
-        """Flush the request log before the worker exits."""
+        """Stop the item-cache refresh and the challenger's watcher, flush the request log before the worker exits."""
+        self.online.close()
         self.shadow.close()
         if self.request_log is not None:
             self.request_log.close()

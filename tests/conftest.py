@@ -47,6 +47,7 @@ FILE_LEVELS = {
     "test_pytorchjob.py": "component",
     "test_features.py": "component",
     "test_monitoring.py": "component",
+    "test_online.py": "component",
     "test_drift_verdicts.py": "component",
     "test_online_quality.py": "component",
     "test_monitor_loop.py": "component",

@@ -126,4 +126,4 @@ def test_offline_engines_digest_sees_every_cell_and_merge_replaces_by_engine_and
     path.write_text(json.dumps([{"engine": "spark", "rows": 10, "join_s": 9}, {"engine": "duckdb", "rows": 10, "join_s": 1}]))
     merged = offline_engines.merge([{"engine": "spark", "rows": 10, "join_s": 5, "status": "ok"}], path)
     assert [(r["engine"], r["join_s"]) for r in merged] == [("duckdb", 1), ("spark", 5)]
-    assert "| 10 | spark | ok |" in offline_engines.render(merged)
+    assert "| 10 | spark |  | ok |" in offline_engines.render(merged)

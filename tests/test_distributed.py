@@ -119,6 +119,7 @@ def _history(run: dict) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in run["model_json"]["history"]]
 
 
+@pytest.mark.slow  # two processes of training, or ML-100K through Feast: minutes on 2 cores
 def test_two_processes_without_dropout_take_the_steps_of_one_process(runs) -> None:
     # same global batches, same mean-loss gradient: only the order of float sums differs
     one, two = _history(runs["one"])[:2], _history(runs["two"])
@@ -129,12 +130,14 @@ def test_two_processes_without_dropout_take_the_steps_of_one_process(runs) -> No
         assert b["valid_logloss"] == pytest.approx(a["valid_logloss"], abs=1e-5)
 
 
+@pytest.mark.slow  # two processes of training, or ML-100K through Feast: minutes on 2 cores
 def test_two_processes_reach_the_validation_auc_of_one_process(runs) -> None:
     one, two = runs["one_dropout"]["valid_auc"], runs["two_dropout"]["valid_auc"]
     assert one > 0.55 and two > 0.55  # both learnt something (0.5: chance)
     assert abs(two - one) <= 0.002, (one, two)
 
 
+@pytest.mark.slow  # two processes of training, or ML-100K through Feast: minutes on 2 cores
 def test_a_checkpoint_of_a_two_process_run_resumes_in_one_process(runs) -> None:
     resumed, uninterrupted = runs["resumed"], runs["one"]
     assert resumed["model_json"]["resumed_from"] == 2
@@ -144,6 +147,7 @@ def test_a_checkpoint_of_a_two_process_run_resumes_in_one_process(runs) -> None:
     assert resumed["valid_auc"] == pytest.approx(uninterrupted["valid_auc"], abs=1e-5)
 
 
+@pytest.mark.slow  # two processes of training, or ML-100K through Feast: minutes on 2 cores
 def test_sparse_embedding_tables_take_the_same_steps_on_two_processes(runs) -> None:
     assert _max_weight_difference(runs["sparse_1"], runs["sparse_2"]) < 1e-5
     assert runs["sparse_2"]["valid_auc"] == pytest.approx(runs["sparse_1"]["valid_auc"], abs=1e-5)

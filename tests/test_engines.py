@@ -56,9 +56,10 @@ def _spark_jobs() -> set[int]:
 
 @pytest.mark.spark
 def test_spark_training_set_equals_duckdb_on_movielens_100k(tmp_path, monkeypatch):
-    """The point-in-time training set of ML-100K through Feast's Spark offline store (SparkSource, local[2]) equals
-    the DuckDB one row for row, and both equal the pandas join (ctrflow.data.frames.point_in_time_frame) on the
-    service's columns."""
+    """The point-in-time training set of ML-100K through the Spark offline store (SparkSource, local[2]: the profile
+    views by Feast's Spark join, the behaviour view by ctrflow's running-window join in the same Spark session)
+    equals the DuckDB one row for row, and both equal the pandas join (ctrflow.data.frames.point_in_time_frame) on
+    the service's columns."""
     from ctrflow.data import load_source
     from ctrflow.data.frames import point_in_time_frame
 

@@ -112,6 +112,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes of training, or ML-100K through Feast: minutes on 2 cores
 def test_the_pods_train_together_with_the_environment_the_operator_gives_them(tiny_training_set, tmp_path) -> None:
     """The Master and Worker commands of the manifest, run here as two processes with MASTER_ADDR, MASTER_PORT,
     WORLD_SIZE and RANK set (env:// rendezvous, no torchrun): rank 0 alone writes the model and prints."""

@@ -185,6 +185,87 @@ def test_malformed_requests_get_4xx_naming_the_field(server, body, field):
     assert field in r.text
 
 
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample (0 when absent) from /metrics text."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        sample, _, lab = head.partition("{")
+        if sample == name and all(part in lab for part in want.split(",") if part):
+            total += float(value)
+    return total
+
+
+@pytest.mark.serving
+def test_metrics_per_stage_scenario_and_cache_age(server, deployment):
+    """/metrics (Prometheus, both workers merged): a histogram per stage, requests and fallbacks per scenario,
+    the item cache's age."""
+    user, scenario, items = _known(deployment)
+    before = httpx.get(server["url"] + "/metrics", timeout=10).text
+    unknown_user = int(deployment["frame"]["user_id"].max()) + 20_000
+    unknown_item = int(deployment["frame"]["item_id"].max()) + 20_000
+    for _ in range(3):
+        assert _rank(server["url"], user_id=user, scenario=scenario, item_ids=items[:10]).status_code == 200
+    assert _rank(server["url"], user_id=unknown_user, scenario=scenario, item_ids=[unknown_item, items[0]]).status_code == 200
+    after = httpx.get(server["url"] + "/metrics", timeout=10).text
+    delta = {k: _metric(after, *k[:1], **dict(k[1:])) - _metric(before, *k[:1], **dict(k[1:])) for k in (
+        ("ctrflow_rank_requests_total", ("scenario", scenario)),
+        ("ctrflow_rank_fallbacks_total", ("scenario", scenario), ("kind", "user")),
+        ("ctrflow_rank_fallbacks_total", ("scenario", scenario), ("kind", "item")),
+    )}  # fmt: skip
+    assert list(delta.values()) == [4.0, 1.0, 1.0]
+    for stage in ("feature_read", "encode", "model", "log"):
+        count = _metric(after, "ctrflow_rank_stage_seconds_count", stage=stage) - _metric(before, "ctrflow_rank_stage_seconds_count", stage=stage)
+        assert count == 4.0, stage
+        assert _metric(after, "ctrflow_rank_stage_seconds_sum", stage=stage) > 0
+    assert "ctrflow_item_cache_age_seconds" in after
+    assert _metric(after, "ctrflow_item_cache_age_seconds") >= 0
+
+
+@pytest.mark.serving
+def test_a_rematerialised_item_value_is_served_after_the_refresh(deployment, tiny_dataset):
+    """Two workers, a 0.5 s refresh period: after the store is materialised again with a new value for one item,
+    every worker serves it (scores equal to the scorer on the new online features) without a failed request."""
+    import dataclasses
+
+    from ctrflow import features, registry
+    from ctrflow.training.artifact import Scorer, load_model_artifact
+
+    served = {"bentoml_home": deployment["bentoml_home"], "feature_repo": deployment["repo"], "model_name": MODEL_NAME}
+    user, scenario, items = _known(deployment)
+    item = items[0]
+    loaded = load_model_artifact(registry.model_path(deployment["tag"]))
+    scorer = Scorer(loaded.model, loaded.encoder)
+    changed = tiny_dataset.items.copy()
+    row = changed["item_id"] == item
+    changed.loc[row, "category"] = sorted(set(changed["category"].dropna()) - set(changed.loc[row, "category"]))[0]
+    changed.loc[row, "price"] = float(changed["price"].max()) * 10
+    store, repo = deployment["store"], deployment["repo"]
+    with start_server(served, deployment["root"] / "log-refresh", workers=2, item_cache_refresh_s=0.5, ready_timeout=READY_TIMEOUT_S) as running:
+        try:
+            old = scorer.score(features.online_frame(store, user, items, scenario))[0]
+            features.write_feature_tables(dataclasses.replace(tiny_dataset, items=changed), repo / "data")
+            features.materialize(store)
+            new = scorer.score(features.online_frame(store, user, items, scenario))
+            assert abs(new[0] - old) > 1e-6  # the new value changes this candidate's score
+            deadline, fresh_in_a_row = time.monotonic() + 60, 0
+            while fresh_in_a_row < 10 and time.monotonic() < deadline:  # 10 answers in a row: both workers refreshed
+                r = _rank(running.url, user_id=user, scenario=scenario, item_ids=items)
+                assert r.status_code == 200, r.text  # never a failed request during the swap
+                got = {i["item_id"]: i["score"] for i in r.json()["items"]}
+                fresh = abs(got[item] - new[0]) <= 1e-6
+                fresh_in_a_row = fresh_in_a_row + 1 if fresh else 0
+                time.sleep(0.05)
+            assert fresh_in_a_row == 10
+            np.testing.assert_allclose([got[i] for i in items], new, rtol=0, atol=1e-6)
+        finally:  # the module's other tests read the original values
+            features.write_feature_tables(tiny_dataset, repo / "data")
+            features.materialize(store)
+
+
 @pytest.mark.serving
 def test_a_served_item_id_2_63_minus_1_keeps_drift_running(server, deployment, tiny_dataset, tmp_path):
     """The API accepts any int64 item id; once one near 2**63 is served and logged, drift over the log still runs
