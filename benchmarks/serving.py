@@ -1,7 +1,7 @@
 """Serving load benchmark: the real ranking service against a bare BentoML floor, in one run.
 
     nice -n 10 python -m benchmarks.serving --run runs/latest/run.json runs/dmae/run.json \\
-        --concurrency 1 8 16 --workers 1 2 --duration 15
+        --concurrency 1 8 16 --workers 1 2 --duration 15 [--online-stores sqlite redis]
 
 For each run (a pipeline run's run.json: its deployment and training set) and each worker count it starts a real
 `bentoml serve` of the ranking service (`endpoint: rank`: the user's online read, encoding, the model, the durable
@@ -12,12 +12,18 @@ client, rps, errors, the per-stage breakdown (p50/p99 from the service's Prometh
 buckets as PromQL's histogram_quantile), and for `rank` the request-log rows written during the load, which must
 equal the answered requests. The clients run on the same machine as the server (localhost only; every loop is
 bounded in time) and the load average before and after is recorded: on a shared machine it is part of the result.
+`--online-stores sqlite redis` serves the same run and model tag once from the run's SQLite online store and once
+from Redis: a throw-away `redis-server` on a free port (ctrflow.local_services), a copy of the run's feature
+repository whose online store is the production profile's Redis block verbatim (`redis_repo`), applied and
+materialised up to the run's own materialisation end, so both stores hold the same rows; sqlite and redis of one
+worker count are measured back to back, so they see the same machine load.
 Records are merged into benchmarks/results/serving.json by KEY; serving.md is re-rendered.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import threading
@@ -29,16 +35,54 @@ import httpx
 import numpy as np
 
 from benchmarks.harness import RESULTS, merge_records
+from ctrflow.local_services import ONLINE_STORES, redis_server
 
 STAGES = ("feature_read", "encode", "model", "log")
 BARE_SERVICE = "benchmarks.bare_service:BareService"
-KEY = ("model", "endpoint", "workers", "candidates", "concurrency")  # serving.json records are merged by these
+KEY = ("model", "endpoint", "workers", "candidates", "concurrency", "online_store")  # serving.json merges by these
 
 
 def _requests(training_set: str, candidates: int, n: int = 200) -> list[dict[str, Any]]:
     from ctrflow.demo import demo_requests
 
     return [r for r in demo_requests(training_set, n, candidates=candidates) if len(r["item_ids"]) == candidates] or demo_requests(training_set, n, candidates)
+
+
+def redis_repo(run_repo: str | Path, dest: str | Path) -> Path:
+    """A copy of a run's feature repository (definitions and config; no data, registry or online store) at `dest`
+    whose `online_store` block is the production profile's Redis block verbatim (connection string from
+    $CTRFLOW_REDIS); registry and offline store stay the run's (a file registry inside the copy, DuckDB). A copy
+    already at `dest` is replaced. Apply and materialise it before serving from it."""
+    import shutil
+
+    from ctrflow import features
+    from ctrflow.local_services import use_production_stores
+
+    dest = Path(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    features.copy_repo(dest, template=Path(run_repo))
+    (dest / features.MATERIALIZED_FILE).unlink(missing_ok=True)  # the run's marker; materialize writes the copy's
+    use_production_stores(dest, "online_store")
+    return dest
+
+
+def redis_deployment(deployment: dict[str, Any], dest: Path) -> dict[str, Any]:
+    """The run's deployment (same model tag) against a Redis copy of its feature repository, applied from the run's
+    feature tables and materialised up to the run's materialisation end (now when the run has no marker).
+    Needs $CTRFLOW_REDIS (a running redis-server)."""
+    from datetime import datetime
+
+    from ctrflow import features
+
+    run_repo = Path(deployment["feature_repo"])
+    repo = redis_repo(run_repo, dest)
+    store = features.apply_repo(repo, run_repo / "data")
+    try:
+        end = datetime.fromisoformat(json.loads((run_repo / features.MATERIALIZED_FILE).read_text())["end"])
+    except (OSError, ValueError, KeyError):
+        end = None
+    features.materialize(store, end)
+    return {**deployment, "feature_repo": str(repo)}
 
 
 def load(url: str, requests: list[dict[str, Any]], concurrency: int, duration_s: float, batched: bool = False) -> dict[str, Any]:
@@ -207,19 +251,23 @@ def render(records: list[dict[str, Any]]) -> str:
         "Prometheus histograms (bucket-interpolated). `server CPU ms/req`: CPU time of the server's processes per "
         "answered request (what the machine's other load does not inflate). Rows of one `run` id were measured in the same invocation; "
         "`load` is the 1-minute load average before/after the run on a 2-core machine shared with other jobs. "
+        "`online store`: where the user's features are read (the run's SQLite file, or a Redis copy of the same "
+        "rows: `--online-stores sqlite redis`, one throw-away local redis-server; rows of one run id, same model tag). "
+        "Serving cost does not depend on training epochs: a 1-epoch run serves the same model shape as a full one. "
         "Written by `python -m benchmarks.serving`.",
         "",
-        "| model | family | endpoint | workers | candidates | concurrency | requests | errors | p50 ms | p99 ms | rps "
+        "| model | family | endpoint | online store | workers | candidates | concurrency | requests | errors | p50 ms | p99 ms | rps "
         "| read p50/p99 | encode p50/p99 | model p50/p99 | log p50/p99 | server CPU ms/req | bare model p50 ms "
         "| logged requests | load | run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         st = r.get("stages_ms") or {}
         cells = [f"{_fmt((st.get(s) or {}).get('p50'))} / {_fmt((st.get(s) or {}).get('p99'))}" if st else "–" for s in STAGES]
         load_avg = r.get("load_avg")
         lines.append(
-            f"| {r['model']} | {r.get('family', '–')} | {r.get('endpoint', 'rank')} | {r.get('workers', 1)} | {r['candidates']} "
+            f"| {r['model']} | {r.get('family', '–')} | {r.get('endpoint', 'rank')} | {r.get('online_store', 'sqlite')} "
+            f"| {r.get('workers', 1)} | {r['candidates']} "
             f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['rps']} "
             f"| {' | '.join(cells)} | {_fmt(r.get('server_cpu_ms_per_request'))} | {r['bare_model_p50_ms']:.2f} "
             f"| {_fmt(r.get('logged_requests'))} "
@@ -230,14 +278,14 @@ def render(records: list[dict[str, Any]]) -> str:
 
 
 def targets(records: list[dict[str, Any]]) -> list[str]:
-    """Issue 10's targets per model, from the newest run that measured it: c=1 p99 of `rank` (<= 10 ms; DMAE
-    <= 25 ms), and `rank` rps at c=8 with 2 workers over the `bare` rps of the same run (>= 0.8)."""
-    out = ["## Targets (newest run per model)", ""]
-    by_model: dict[str, list[dict[str, Any]]] = {}
+    """Issue 10's targets per model and online store, from the newest run that measured it: c=1 p99 of `rank`
+    (<= 10 ms; DMAE <= 25 ms), and `rank` rps at c=8 with 2 workers over the `bare` rps of the same run (>= 0.8)."""
+    out = ["## Targets (newest run per model and online store)", ""]
+    by_model: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
         if r.get("endpoint") in ("rank", "bare") and r.get("workers") is not None:
-            by_model.setdefault(r["model"], []).append(r)
-    for model, rs in sorted(by_model.items()):
+            by_model.setdefault((r["model"], r.get("online_store", "sqlite")), []).append(r)
+    for (model, store), rs in sorted(by_model.items()):
         newest = max(r.get("run", "") for r in rs)
         rs = [r for r in rs if r.get("run", "") == newest]
         def get(e: str, w: int, c: int, rs: list[dict[str, Any]] = rs) -> dict[str, Any] | None:
@@ -256,18 +304,20 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
         errors = sum(r["errors"] for r in rs if r["endpoint"] == "rank")
         logged_ok = all(r.get("logged_requests") == r.get("answered") for r in rs if r["endpoint"] == "rank")
         parts.append(f"rank errors {errors}; request-log rows = answered requests: {'yes' if logged_ok else 'NO'}")
-        out.append(f"- **{model}** (run {newest}): " + "; ".join(parts))
+        out.append(f"- **{model}**, {store} (run {newest}): " + "; ".join(parts))
     return out
 
 
 def measure(
-    target: dict[str, Any], endpoint: str, workers: int, concurrencies: list[int], duration: float, candidates: int, run_id: str
+    target: dict[str, Any], endpoint: str, workers: int, concurrencies: list[int], duration: float, candidates: int, run_id: str,
+    online_store: str = "sqlite",
 ) -> list[dict[str, Any]]:
-    """One server (rank or bare) of one run with `workers` workers, loaded at each concurrency in turn."""
+    """One server (rank or bare) of one run with `workers` workers, reading from `online_store` (a key of
+    target["deployments"]), loaded at each concurrency in turn."""
     from ctrflow.server import start_server
 
-    run, deployment, requests = target["run"], target["deployment"], target["requests"]
-    log_dir = Path(run["workdir"]) / f"bench_request_log_{endpoint}_w{workers}_{int(time.time())}"
+    run, deployment, requests = target["run"], target["deployments"][online_store], target["requests"]
+    log_dir = Path(run["workdir"]) / f"bench_request_log_{endpoint}_{online_store}_w{workers}_{int(time.time())}"
     extra = {"CTRFLOW_BARE_CANDIDATES": str(candidates)}
     service = "serving.service:RankingService" if endpoint == "rank" else BARE_SERVICE
     records = []
@@ -288,7 +338,8 @@ def measure(
             after = httpx.get(server.url + "/metrics", timeout=30).text
             windows.append((start, time.time()))
             record = {
-                "endpoint": endpoint, "model": target["model"], "family": run.get("family"), "workers": workers,
+                "endpoint": endpoint, "model": target["model"], "family": run.get("family"), "online_store": online_store,
+                "workers": workers,
                 "threads": 1, "candidates": candidates, "concurrency": concurrency, **result,
                 "server_cpu_ms_per_request": round(cpu * 1000 / max(result["answered"], 1), 2),
                 "stages_ms": stage_breakdown(before, after) if endpoint == "rank" else None,
@@ -300,7 +351,7 @@ def measure(
     if endpoint == "rank":  # the server is stopped: every answered request is compacted into the log
         for record, logged in zip(records, logged_between(log_dir, windows)):
             record["logged_requests"] = logged
-            print(f"{endpoint} w{workers} c{record['concurrency']}: {logged} logged, {record['answered']} answered", flush=True)
+            print(f"{endpoint} {online_store} w{workers} c{record['concurrency']}: {logged} logged, {record['answered']} answered", flush=True)
     return records
 
 
@@ -312,22 +363,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--endpoints", nargs="+", default=["rank", "bare"], choices=["rank", "bare", "bare-batched"])
     p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--online-stores", nargs="+", default=["sqlite"], choices=list(ONLINE_STORES),
+                   help="serve each run from its SQLite online store and/or a Redis copy (a throw-away redis-server).")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
-    targets = []
-    for run_json in args.run:
-        run = json.loads(Path(run_json).read_text())
-        deployment = json.loads(Path(run["deployment"]).read_text()) if run.get("deployment") else json.loads((Path(run["workdir"]) / "deployment.json").read_text())
-        requests = _requests(run["training_set"], args.candidates)
-        model_name, bare = bare_model_p50_ms(run["model_dir"], deployment["feature_repo"], requests[0])
-        targets.append({"run": run, "deployment": deployment, "requests": requests, "model": model_name, "bare": bare})
     records = []
-    for target in targets:
-        for workers in args.workers:
-            for endpoint in args.endpoints:  # rank and its floor back to back, so they see the same machine load
-                records += measure(target, endpoint, workers, args.concurrency, args.duration, args.candidates, run_id)
+    with contextlib.ExitStack() as stack:
+        if "redis" in args.online_stores:  # one throw-away server for every run; the service reads $CTRFLOW_REDIS
+            os.environ["CTRFLOW_REDIS"] = stack.enter_context(redis_server())
+        targets = []
+        for run_json in args.run:
+            run = json.loads(Path(run_json).read_text())
+            deployment = json.loads(Path(run["deployment"]).read_text()) if run.get("deployment") else json.loads((Path(run["workdir"]) / "deployment.json").read_text())
+            requests = _requests(run["training_set"], args.candidates)
+            model_name, bare = bare_model_p50_ms(run["model_dir"], deployment["feature_repo"], requests[0])
+            deployments = {"sqlite": deployment}
+            if "redis" in args.online_stores:
+                deployments["redis"] = redis_deployment(deployment, Path(run["workdir"]) / "bench_feature_repo_redis")
+            targets.append({"run": run, "deployments": deployments, "requests": requests, "model": model_name, "bare": bare})
+        for target in targets:
+            for workers in args.workers:
+                for store in args.online_stores:  # the stores back to back, so they see the same machine load
+                    for endpoint in args.endpoints:  # rank and its floor back to back, likewise
+                        records += measure(target, endpoint, workers, args.concurrency, args.duration, args.candidates, run_id, store)
     args.out.mkdir(parents=True, exist_ok=True)
     merged = merge_records(records, args.out / "serving.json", KEY)
     (args.out / "serving.md").write_text(render(merged))

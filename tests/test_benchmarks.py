@@ -54,6 +54,44 @@ def test_serving_merge_keeps_other_models(tmp_path) -> None:
     assert "| dmae |" in serving.render(merged)
 
 
+def test_serving_redis_repo_swaps_only_the_online_store(tmp_path) -> None:
+    """--online-stores redis: the copy of a run's repo keeps its definitions, file registry and DuckDB offline store;
+    its online store is the production profile's Redis block verbatim; no data, registry or marker is copied."""
+    import yaml
+
+    from ctrflow import features
+
+    run_repo = features.copy_repo(tmp_path / "run" / "feature_repo")
+    (run_repo / "data").mkdir()
+    (run_repo / "data" / "online_store.db").write_bytes(b"x")
+    (run_repo / features.MATERIALIZED_FILE).write_text("{}")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "stale.txt").write_text("from an earlier run")  # replaced, not merged into
+
+    repo = serving.redis_repo(run_repo, tmp_path / "bench")
+    config = yaml.safe_load((repo / "feature_store.yaml").read_text())
+    run_config = yaml.safe_load((run_repo / "feature_store.yaml").read_text())
+    assert config["online_store"] == {"type": "redis", "connection_string": "${CTRFLOW_REDIS}"}
+    assert config["registry"] == run_config["registry"] == "data/registry.db"
+    assert config["offline_store"] == run_config["offline_store"]
+    assert sorted(p.name for p in repo.glob("*.py")) == sorted(p.name for p in run_repo.glob("*.py"))
+    assert not (repo / "data").exists() and not (repo / features.MATERIALIZED_FILE).exists()
+    assert not (repo / "stale.txt").exists()
+
+
+def test_serving_online_store_is_a_key_and_a_column(tmp_path) -> None:
+    path = tmp_path / "serving.json"
+    row = {"model": "dcnv2", "endpoint": "rank", "workers": 2, "candidates": 100, "concurrency": 8, "p50_ms": 10,
+           "p99_ms": 20, "requests": 9, "answered": 9, "errors": 0, "rps": 90.0, "bare_model_p50_ms": 2.0,
+           "logged_requests": 9, "online_store": "sqlite", "run": "r1"}  # fmt: skip
+    path.write_text(json.dumps([row]))
+    merged = merge_records([{**row, "online_store": "redis", "p50_ms": 12}], path, serving.KEY)
+    assert sorted((r["online_store"], r["p50_ms"]) for r in merged) == [("redis", 12), ("sqlite", 10)]
+    md = serving.render(merged)
+    assert "| online store |" in md and "| rank | redis | 2 |" in md and "| rank | sqlite | 2 |" in md
+    assert "**dcnv2**, redis" in md and "**dcnv2**, sqlite" in md  # targets per store
+
+
 def test_resume_skips_recorded_runs(tmp_path) -> None:
     calls: list[tuple[str, int]] = []
 
