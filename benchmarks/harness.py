@@ -179,7 +179,7 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
             published = reference["rows"].get(model) if reference and variant == reference["variant"] else None
             if published:
-                cells = [model, "published", "3", f"{published['auc']:.4f}", "–", "–"]
+                cells = [model, "paper (published)", "3", f"{published['auc']:.4f}", "–", "–"]
                 cells += [f"{published[s]:.4f}" if s in published else "–" for s in scenarios]
                 cells += ["–"] * (int(has_cold) + 2)
                 lines.append("| " + " | ".join(cells) + " |")

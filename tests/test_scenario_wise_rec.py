@@ -119,6 +119,6 @@ def test_quality_md_prints_published_rows_beside_ours():
     ]
     other = {**records[0], "variant": "no-batchnorm", "auc": 0.7000}  # another variant: no published row, not averaged
     md = render_markdown([*records, other])
-    assert md.count("| star | published | 3 | 0.8096") == 1
-    assert "| star | published | 3 | 0.8096 | – | – | 0.8133 | 0.8137 | 0.7979 | – | – |" in md  # AUC 25-34, <25, >=35
+    assert md.count("| star | paper (published) | 3 | 0.8096") == 1
+    assert "| star | paper (published) | 3 | 0.8096 | – | – | 0.8133 | 0.8137 | 0.7979 | – | – |" in md  # AUC 25-34, <25, >=35
     assert "- star: -0.0086 (outside ±0.005)" in md  # mean(0.8000, 0.8020) - 0.8096, by hand
