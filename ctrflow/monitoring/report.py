@@ -50,26 +50,20 @@ def append_history(path: Path, record: dict) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_quality(series: list[dict], path: Path) -> Path | None:
-    """Online AUC and observed/predicted CTR per time window, one line per scenario (and "all")."""
-    if not series:
-        return None
+def _two_panels() -> tuple[Any, Any]:
+    """A figure of two side-by-side panels, drawn without a display (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frame = pd.DataFrame(series)
-    frame["start"] = pd.to_datetime(frame["start"])
-    frame["line"] = [sc if m == "all" else f"model {m}" for sc, m in zip(frame["scenario"], frame.get("model", pd.Series("all", index=frame.index)))]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name, g in frame.groupby("line"):
-        style = {"linewidth": 2.5, "color": "black"} if name == "all" else {}
-        axes[0].plot(g["start"], g["auc"].astype(float), marker="o", label=name, **style)
-        axes[1].plot(g["start"], g["ratio"].astype(float), marker="o", label=name, **style)
-    axes[0].set_title("online AUC per window")
-    axes[1].set_title("observed / predicted CTR per window")
-    axes[1].axhline(1.0, color="grey", linestyle=":")
+    return plt.subplots(1, 2, figsize=(11, 3.8))
+
+
+def _save(fig: Any, axes: Any, path: Path) -> Path:
+    """Rotate the time axis, add legends, write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
     for ax in axes:
         ax.tick_params(axis="x", rotation=30)
         ax.legend(fontsize=8)
@@ -79,16 +73,29 @@ def plot_quality(series: list[dict], path: Path) -> Path | None:
     return path
 
 
+def plot_quality(series: list[dict], path: Path) -> Path | None:
+    """Online AUC and observed/predicted CTR per time window, one line per scenario (and "all")."""
+    if not series:
+        return None
+    frame = pd.DataFrame(series)
+    frame["start"] = pd.to_datetime(frame["start"])
+    frame["line"] = [sc if m == "all" else f"model {m}" for sc, m in zip(frame["scenario"], frame.get("model", pd.Series("all", index=frame.index)))]
+    fig, axes = _two_panels()
+    for name, g in frame.groupby("line"):
+        style = {"linewidth": 2.5, "color": "black"} if name == "all" else {}
+        axes[0].plot(g["start"], g["auc"].astype(float), marker="o", label=name, **style)
+        axes[1].plot(g["start"], g["ratio"].astype(float), marker="o", label=name, **style)
+    axes[0].set_title("online AUC per window")
+    axes[1].set_title("observed / predicted CTR per window")
+    axes[1].axhline(1.0, color="grey", linestyle=":")
+    return _save(fig, axes, path)
+
+
 def plot_history(history: list[dict], path: Path) -> Path | None:
     """Drifted share and online AUC per run (per scenario), over every run in the history."""
     if not history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = _two_panels()
     x = pd.to_datetime([h["run_at"] for h in history])
     names = sorted({k for h in history for k in h.get("scenarios", {})})
     axes[0].plot(x, [h.get("drifted_share") for h in history], marker="o", color="black", linewidth=2.5, label="all")
@@ -98,13 +105,7 @@ def plot_history(history: list[dict], path: Path) -> Path | None:
         axes[1].plot(x, [h.get("scenarios", {}).get(n, {}).get("online_auc") for h in history], marker="o", label=n)
     axes[0].set_title("drifted feature share per run")
     axes[1].set_title("online AUC per run")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=30)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path)
 
 
 def _img(path: Path | None, alt: str) -> str:
