@@ -44,6 +44,7 @@ class FakeKubeServer:
     validate: Callable[[dict], list[str]] = lambda body: []
     operator: Callable[[FakeKubeServer, dict], None] | None = None
     crd_installed: bool = True  # False: the pytorchjobs endpoints answer 404, as without the training operator
+    unavailable_reads: int = 0  # the first this many GETs of a job answer 503 (an API server restarting)
     configmaps: dict[tuple[str, str], dict] = field(default_factory=dict)
     jobs: dict[tuple[str, str], dict] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
@@ -117,6 +118,9 @@ class FakeKubeServer:
                             t.start()
                         return self._reply(201, body, rec)
                     if name is not None and (ns, name) in server.jobs:
+                        if method == "GET" and server.unavailable_reads > 0:
+                            server.unavailable_reads -= 1
+                            return self._status(503, "ServiceUnavailable", "the server is currently unable to handle the request", rec)
                         if method == "GET":
                             with server.lock:
                                 return self._reply(200, json.loads(json.dumps(server.jobs[(ns, name)])), rec)

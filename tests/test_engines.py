@@ -222,9 +222,9 @@ def test_production_profile_run_all_registers_and_serves_through_the_production_
         tiny = {"data.source": "synthetic", "data.synthetic.n_users": 200, "data.synthetic.n_items": 150,
                 "data.synthetic.n_interactions": 5000, "data.max_len": 8, "validation.min_rows": 100, "train.epochs": 1,
                 "train.threads": 1, "train.progress": "false", "train.batch_size": 512, "train.embedding_dim": 4,
-                "models.dcnv2.cross_layers": 1, "models.dcnv2.mlp": "[16]", "gate.min_valid_auc": 0.5,
+                "models.dcnv2.cross_layers": 1, "models.dcnv2.mlp": "[16]", "gate.min_valid_auc": 0.0,
                 "gate.min_lift_over_reference": -1.0, "serving.port": free_port(), "serving.workers": 1,
-                "monitoring.workspace": "null"}  # fmt: skip
+                "monitoring.workspace": "null"}  # fmt: skip  (gate floor 0: one epoch on 5000 rows sits near AUC 0.5; the stores are under test here)
         sets = [a for k, v in tiny.items() for a in ("--set", f"{k}={v}")]
         proc = subprocess.run(
             [sys.executable, "-m", "ctrflow.cli", "--profile", "production", *sets, "run-all", "--workdir", str(workdir), "--requests", "20"],
@@ -266,4 +266,6 @@ def test_production_profile_run_all_registers_and_serves_through_the_production_
             online = F.online_frame(FeatureStore(repo_path=str(repo)), user, items, scenario)
         shared = [c for c in online.columns if c in first.columns and c not in ("user_id", "item_id", "scenario", "event_timestamp")]
         assert len(shared) >= 3, (list(online.columns), list(first.columns))
-        _assert_frames_equal(first[shared].reset_index(drop=True), online[shared].reset_index(drop=True))
+        for c in shared:  # by value: the log keeps counts as float64 (its schema allows missing ones)
+            got, want = first[c].tolist(), online[c].tolist()
+            assert all(_same(x, y) for x, y in zip(got, want, strict=True)), (c, got[:3], want[:3])

@@ -135,8 +135,9 @@ def kube(validator, tmp_path, monkeypatch):
     schema, named by $KUBECONFIG (what the component's client reads outside a cluster)."""
     servers = []
 
-    def start(operator=None, crd_installed=True) -> FakeKubeServer:
-        server = FakeKubeServer(validate=lambda body: _errors(validator, body), operator=operator, crd_installed=crd_installed).start()
+    def start(operator=None, crd_installed=True, unavailable_reads=0) -> FakeKubeServer:
+        server = FakeKubeServer(validate=lambda body: _errors(validator, body), operator=operator, crd_installed=crd_installed,
+                                unavailable_reads=unavailable_reads).start()  # fmt: skip
         servers.append(server)
         (tmp_path / "kubeconfig").write_text(server.kubeconfig())
         monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
@@ -165,13 +166,14 @@ def _fails_like_the_operator(server: FakeKubeServer, job: dict) -> None:
 
 
 def test_the_component_creates_a_valid_job_and_stops_with_the_operators_reason(kube, validator, tiny_training_set, tmp_path) -> None:
-    server = kube(operator=_fails_like_the_operator)
+    server = kube(operator=_fails_like_the_operator, unavailable_reads=2)  # two reads answered 503: read again
     with pytest.raises(PyTorchJobError, match=r"failed: PyTorchJobFailed: PyTorchJob kubeflow/ctrflow-train-[0-9a-f]{8} is failed because 1 Master replica"):
         _train(tmp_path, tiny_training_set)
     calls = [(r.method, r.path, r.status) for r in server.requests]
     ((ns, name),) = server.jobs
     assert calls[:2] == [("POST", "/api/v1/namespaces/kubeflow/configmaps", 201), ("POST", "/apis/kubeflow.org/v1/namespaces/kubeflow/pytorchjobs", 201)]
     assert {c[:2] for c in calls[2:]} == {("GET", f"/apis/kubeflow.org/v1/namespaces/kubeflow/pytorchjobs/{name}")}
+    assert [c[2] for c in calls[2:5]] == [503, 503, 200]
     job = server.requests[1].body
     assert _errors(validator, job) == []  # what the API server received, against the published schema
     container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]

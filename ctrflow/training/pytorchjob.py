@@ -197,7 +197,8 @@ def run_pytorchjob(
     `.../model`, which is copied to `out` once the job has Succeeded; the run's folder is then removed. `name`:
     default ctrflow-train-<8 hex> (one job per call). Polls every `pytorchjob.poll_s` seconds. Raises
     PyTorchJobError with the operator's reason and message when the job Failed, when the API refuses an object
-    (HTTP status, the server's message), or after `pytorchjob.timeout_s` (the job is then deleted); FileNotFoundError
+    (HTTP status, the server's message; a 5xx while waiting is read again), or after `pytorchjob.timeout_s` (the job
+    is then deleted); FileNotFoundError
     when the volume is not mounted.
     """
     from kubernetes import client as k8s
@@ -237,7 +238,11 @@ def run_pytorchjob(
         try:
             current = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
         except k8s.ApiException as exc:
-            raise _api_error(exc, f"reading {what}") from None
+            if exc.status is None or exc.status < 500:
+                raise _api_error(exc, f"reading {what}") from None
+            # an API server restarting must not end a day-long job's wait: read again until the deadline
+            log.warning("reading %s: HTTP %s %s; reading again", what, exc.status, exc.reason)
+            current = {"status": {"conditions": [{"type": seen[1] if seen else "Pending", "message": "status unread"}]}}
         finished, reason, message = job_state(current)
         if (finished, reason) != seen:
             seen = (finished, reason)
