@@ -40,7 +40,7 @@ from components import (
     train_pytorchjob,
     validate_data,
 )
-from ctrflow.config import FAMILIES, LAUNCHERS, section
+from ctrflow.config import FAMILIES, section
 
 PIPELINE_NAME = "ctrflow-training"
 
@@ -57,9 +57,7 @@ def build_training_pipeline(family: str = "standard", params: Mapping[str, Any] 
     and, for a PyTorchJob, the volume mounted on that step (pytorchjob.volume_claim, mount_path) at compile time."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family '{family}': choose one of {FAMILIES}")
-    launcher = section(params, "pipeline").launcher
-    if launcher not in LAUNCHERS:  # typed above; kept for callers passing a partial dict
-        raise ValueError(f"pipeline.launcher '{launcher}': one of {LAUNCHERS}")
+    launcher = section(params, "pipeline").launcher  # typed: one of ctrflow.config.LAUNCHERS
     if launcher == "pytorchjob" and family not in ("standard", "dmae"):
         raise ValueError(f"pipeline.launcher pytorchjob runs `ctrflow train`: families standard and dmae, not '{family}'")
     job = section(params, "pytorchjob")
