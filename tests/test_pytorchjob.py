@@ -269,6 +269,8 @@ def test_the_compiled_pipeline_runs_the_train_step_as_a_pytorchjob_when_the_laun
 
     local = yaml.safe_load(compile_pipeline("training", tmp_path / "local.yaml", "standard", _params()).read_text())
     assert "train-model" in local["root"]["dag"]["tasks"] and "train-pytorchjob" not in local["root"]["dag"]["tasks"]
+    dmae = next(yaml.safe_load_all(compile_pipeline("training", tmp_path / "dmae.yaml", "dmae", job).read_text()))["root"]["dag"]["tasks"]
+    assert {"embed-items", "train-pytorchjob"} <= set(dmae) and "train-model" not in dmae
     with pytest.raises(ValueError, match="families standard and dmae, not 'gsvr'"):
         compile_pipeline("training", tmp_path / "g.yaml", "gsvr", job)
 
