@@ -191,3 +191,24 @@ def test_quality_step_reads_only_the_join_columns_and_records_sampling(tmp_path)
     assert r.join["clicked"] + r.join["unmatched_clicks"] == y.sum()  # a click is in the sample or counted unmatched
     joined = pd.read_parquet(tmp_path / "q" / "labelled_requests.parquet")
     assert "hist_item_ids" not in joined.columns and "gender" not in joined.columns
+
+
+def test_a_served_score_that_is_no_probability_is_a_breach_not_ok():
+    # inf / NaN scores made the predicted CTR inf or NaN, the z-test's variance -inf, and the group came out "ok"
+    p = np.full(400, 0.2)
+    y = np.zeros(400, dtype=int)
+    y[::5] = 1  # 80 clicks of 400: observed 0.2 = predicted 0.2, calibrated
+    p[:3] = [np.inf, np.nan, 1.5]  # three rows with no probability
+    log = served(p, step=pd.Timedelta(seconds=10))
+    labels = pd.concat([clicks_of(log, y), horizon(T0 + 24 * HOUR)], ignore_index=True)
+    r = quality_report(log, labels, min_labelled_rows=100)
+    assert r.verdict == "breached" and r.exit_code == 1
+    assert r.reasons == [
+        "request log: prediction must be a probability in [0, 1]; 3 of 400 labelled rows broke it (e.g. inf, nan, 1.5); "
+        "those rows are left out of AUC and calibration"
+    ]
+    assert r.join["invalid_predictions"] == 3
+    # the 397 valid rows: 79 clicks (row 0 was one of the 80, left out), predicted 0.2 each
+    assert r.overall["n"] == 397 and r.overall["clicks"] == 79
+    assert r.overall["predicted_ctr"] == pytest.approx(0.2) and r.overall["observed_ctr"] == pytest.approx(79 / 397)
+    assert r.overall["verdict"] == "ok"  # calibrated on what is left: the breach is the invalid rows alone
