@@ -195,8 +195,10 @@ def constant(value: Any, type_: pa.DataType | None, n: int) -> pa.Array:
 def _scalar_array(value: Any, type_: pa.DataType | None) -> pa.Array:
     """A one-row Arrow array of `value`, as `_to_arrow` converts a column holding it (declared type when it fits)."""
     if type_ is not None and not isinstance(value, np.ndarray | np.generic):
-        try:
-            return pa.array([value], type=type_, from_pandas=True)
+        if isinstance(value, float) and value != value:
+            return pa.nulls(1, type_)  # NaN: missing, as from_pandas reads it
+        try:  # from_pandas (NaN as null) only where a list may hold one: it costs a pass through pandas' shim
+            return pa.array([value], type=type_, from_pandas=isinstance(value, list))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
             pass
     if isinstance(value, list | np.ndarray) or value is None:
