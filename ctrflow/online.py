@@ -43,6 +43,7 @@ from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import FieldKind, FieldSpec
 from ctrflow.data.tables import BEHAVIOUR_COUNT_FIELDS, HIST_FIELD
 from ctrflow.features import materialization_marker
+from ctrflow.request_log import constant
 
 log = logging.getLogger(__name__)
 
@@ -131,23 +132,6 @@ def normalise_value(name: str, type_name: str, v: Any) -> Any:
     if type_name.startswith("Float"):
         return math.nan if v is None else float(v)
     return math.nan if v is None else v
-
-
-def _repeat(one: pa.Array, n: int, zeros: pa.Array) -> pa.Array:
-    """A one-row Arrow array repeated n times (the user's value on every candidate's row)."""
-    if one.null_count:
-        return pa.nulls(n, one.type)
-    t = one.type
-    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
-        return pa.array(np.repeat(one.to_numpy(zero_copy_only=False), n), type=t)
-    if pa.types.is_list(t):
-        flat = one.flatten()
-        if flat.null_count:
-            return one.take(zeros)
-        k = len(flat)
-        child = pa.array(np.tile(flat.to_numpy(zero_copy_only=False), n), type=t.value_type) if k else flat
-        return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), child, type=t)
-    return one.take(zeros)
 
 
 # ---- the item snapshot --------------------------------------------------------------------------------------
@@ -242,7 +226,9 @@ class OnlineScorer:
     """The fast path of `rank` for one worker: see the module docstring.
 
     `store`: a Feast FeatureStore; `service`: the feature service the model was trained on; `to_arrow(name, values)`:
-    how the request log converts a column (its declared types), None without a request log; `refresh_s`: how often
+    how the request log converts a column (its declared types), None without a request log; `to_constant(name,
+    value, n)`: how it holds one value shared by n rows (`RequestLogger.constant`; None: `to_arrow` of the value,
+    run-end encoded); `refresh_s`: how often
     the materialisation marker is checked (0: never, the snapshot of the start is kept).
     """
 
@@ -255,12 +241,13 @@ class OnlineScorer:
         *,
         refresh_s: float = 30.0,
         to_arrow: Callable[..., pa.Array] | None = None,
+        to_constant: Callable[[str, Any, int], pa.Array] | None = None,
         on_refresh: Callable[[ItemSnapshot], None] | None = None,
     ):
         from ctrflow import features
 
         self.store, self.service, self.model, self.encoder = store, service, model.eval(), encoder
-        self.to_arrow, self.on_refresh, self.refresh_s = to_arrow, on_refresh, float(refresh_s)
+        self.to_arrow, self.to_constant, self.on_refresh, self.refresh_s = to_arrow, to_constant, on_refresh, float(refresh_s)
         spec = encoder.spec
         _, columns = features._service(store, service)
         self.user_columns = [(view, name, t) for view, name, t in columns if view in USER_VIEWS]
@@ -287,6 +274,7 @@ class OnlineScorer:
                     f"field '{f.name}' (column '{f.column}'): served by no view of feature service '{service}' "
                     f"(item view columns {sorted(item_columns)}, user view columns {sorted(user_columns)})"
                 )
+        self._log_columns = columns  # the request log's feature columns, in online_frame's order
         self._views = self._direct_views()
         self._provider = self.store._get_provider() if self._views is not None else None
         self.snapshot = build_snapshot(store, service, encoder, self.item_fields, to_arrow, self.key_fields)
@@ -408,35 +396,33 @@ class OnlineScorer:
 
     def log_features(self, ranked: Ranked, user_id: int, item_ids: list[int], scenario: str) -> pa.Table:
         """The request's features as served, one row per candidate, in `online_frame`'s column order (for the
-        request log; needs `to_arrow`)."""
+        request log; needs `to_arrow`). A value shared by every candidate (the user's features, user_id, scenario,
+        event_timestamp) is a run-end encoded column of one run (`request_log.constant`): converted and written
+        once, expanded when the log is read back (`request_log.dense` gives the plain table)."""
         assert self.to_arrow is not None, "OnlineScorer: log_features needs to_arrow"
         n = len(item_ids)
-        now = np.full(n, np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us"))
+        now = pa.array([datetime.now(UTC).replace(tzinfo=None)], pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC"))
         # user_id, item_id and scenario are the log's own columns (it skips them here); a challenger scores them
         names = ["user_id", "item_id", "scenario", "event_timestamp"]
         arrays = [
-            pa.array(np.full(n, int(user_id), dtype=np.int64)),
+            constant(int(user_id), pa.int64(), n),
             pa.array(np.asarray(item_ids, dtype=np.int64)),
-            pa.array([scenario] * n, pa.string()),
-            pa.array(now, pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
+            constant(scenario, pa.string(), n),
+            constant(now, None, n),
         ]
-        zeros = pa.array(np.zeros(n, dtype=np.int64))
         items = ranked.snapshot.log_table.take(pa.array(ranked.rows))
-        for view, name, _ in self._columns_in_order():
+        for view, name, _ in self._log_columns:
             if view == ITEM_VIEW:
                 arrays.append(items.column(name).combine_chunks())
-            else:  # the user's value once, repeated: the dtype online_frame's column would have
+            elif self.to_constant is not None:  # the user's value once
+                arrays.append(self.to_constant(name, ranked.user_values.get(name), n))
+            else:  # the user's value once, converted as a column: the dtype online_frame's column would have
                 v = ranked.user_values.get(name)
                 if isinstance(v, list | np.ndarray) or v is None:
                     cell = np.empty(1, dtype=object)
                     cell[0] = v
                 else:
                     cell = np.asarray([v])
-                arrays.append(_repeat(self.to_arrow(name, cell), n, zeros))
+                arrays.append(constant(self.to_arrow(name, cell), None, n))
             names.append(name)
         return pa.Table.from_arrays(arrays, names=names)
-
-    def _columns_in_order(self) -> list[tuple[str, str, str]]:
-        from ctrflow import features
-
-        return features._service(self.store, self.service)[1]

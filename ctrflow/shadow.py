@@ -107,7 +107,9 @@ class Shadow:
         the features as served, a pandas DataFrame or an Arrow table (as the request log takes them)."""
         try:
             if isinstance(frame, pa.Table):
-                frame = frame.to_pandas()
+                from ctrflow.request_log import dense
+
+                frame = dense(frame).to_pandas()  # the values shared by every row are held once (run-end encoded)
             out = np.asarray(self.scorer.score(frame), dtype=np.float32)
             if out.shape != (len(frame),):
                 raise ValueError(f"the challenger returned {out.shape} scores for {len(frame)} candidates")

@@ -180,6 +180,7 @@ class RankingService:
             loaded.encoder,
             refresh_s=_env_float("CTRFLOW_ITEM_CACHE_REFRESH_S", SERVING_DEFAULTS.item_cache_refresh_s),
             to_arrow=self.request_log.column if self.request_log is not None else None,
+            to_constant=self.request_log.constant if self.request_log is not None else None,
             on_refresh=self._cache_age,
         )
         # warm-up: one read and one score prove the feature service holds every column the model needs

@@ -130,8 +130,11 @@ def test_user_read_direct_and_through_get_online_features_agree(online):
                 assert (pd.isna(a) and pd.isna(b)) or a == b, f"{name}: {a!r} != {b!r}"
 
 
-def test_request_log_rows_equal_the_frame_path(online, tmp_path):
-    """The features logged from the fast path are the values online_frame serves, column for column."""
+@pytest.mark.parametrize("to_constant", [True, False], ids=["constant", "column"])
+def test_request_log_rows_equal_the_frame_path(online, tmp_path, to_constant):
+    """The features logged from the fast path are the values online_frame serves, column for column: with the user's
+    values converted once by the log's declared types (`RequestLogger.constant`, as the service does) and by the
+    column conversion (`to_arrow` alone)."""
     from ctrflow import features
     from ctrflow.models import build_model
     from ctrflow.online import OnlineScorer
@@ -141,7 +144,10 @@ def test_request_log_rows_equal_the_frame_path(online, tmp_path):
     model = build_model("dcnv2", encoder, {})
     types = schema_for_spec(encoder.spec, encoder.vocabs)
     logs = {k: RequestLogger(tmp_path / k, column_types=types, flush_seconds=60, recover=False) for k in ("frame", "fast")}
-    fast = OnlineScorer(online["store"], SERVICE, model, encoder, refresh_s=0, to_arrow=logs["fast"].column)
+    fast = OnlineScorer(
+        online["store"], SERVICE, model, encoder, refresh_s=0, to_arrow=logs["fast"].column,
+        to_constant=logs["fast"].constant if to_constant else None,
+    )  # fmt: skip
     for k, (user, scenario, items) in enumerate(_requests(online["frame"])):
         ranked = fast.rank_scores(user, scenario, items)
         common = {"request_id": str(k), "user_id": user, "scenario": scenario, "model": "m:1", "item_ids": items}

@@ -170,3 +170,35 @@ def test_bad_arguments_are_refused_with_the_reason(tmp_path):
         logger.log_request(
             request_id="x", user_id=1, scenario="home", model="m:1", features=_features(3), predictions=np.zeros(2)
         )
+
+
+def test_a_requests_shared_values_are_written_once_and_read_back_on_every_row(tmp_path):
+    """The request id, user, scenario, model and a user feature (a list) are one run-end encoded value in the
+    segment's record, and every one of the request's rows holds it when read back (segment and Parquet part alike)."""
+    from ctrflow.request_log import _read_segment, constant
+
+    hist = list(range(50))
+    n = 4
+    features = pa.table({"item_id": pa.array([11, 12, 13, 14], pa.int64()), "hist": constant(hist, pa.list_(pa.int64()), n)})
+    logger = RequestLogger(tmp_path, column_types={"hist": pa.list_(pa.int64())}, flush_seconds=60, recover=False)
+    logger.log_request(
+        request_id="r1", user_id=7, scenario="home", model="m:1", features=features, predictions=np.array([0.1, 0.2, 0.3, 0.4]),
+        item_ids=[11, 12, 13, 14], extra={"fallback_user": False, "latency_ms": 2.5},
+    )  # fmt: skip
+    (seg,) = (tmp_path / SEGMENTS).glob("seg-*")
+    data = seg.read_bytes()
+    record = pa.ipc.open_stream(data[16:]).read_all()  # past the 16-byte header: the raw record as written
+    for name in ("request_id", "ts", "user_id", "scenario", "model", "hist", "fallback_user", "latency_ms"):
+        assert pa.types.is_run_end_encoded(record.schema.field(name).type), name
+    assert len(record.column("hist").chunk(0).values) == 1  # the 50 ids once, not once per candidate
+    (table,), torn = _read_segment(seg)
+    assert torn == 0 and table.schema.field("hist").type == pa.list_(pa.int64())
+    for read in (read_request_log(tmp_path), None):
+        if read is None:
+            logger.close()  # compacted into Parquet: the same rows
+            read = read_request_log(tmp_path)
+            assert not list((tmp_path / SEGMENTS).glob("seg-*"))
+        assert len(read) == n and read["request_id"].tolist() == ["r1"] * n and read["user_id"].tolist() == [7] * n
+        assert read["item_id"].tolist() == [11, 12, 13, 14] and read["scenario"].tolist() == ["home"] * n
+        assert all(list(h) == hist for h in read["hist"]) and read["latency_ms"].tolist() == [2.5] * n
+        assert read["fallback_user"].tolist() == [False] * n and read["ts"].nunique() == 1
