@@ -126,7 +126,7 @@ def test_not_enough_labels_and_bad_feeds():
     with pytest.raises(QualityInputError, match=r"label feed \(1 rows\) lacks column\(s\) \['clicked'\]"):
         quality_report(log, horizon(T0).drop(columns="clicked"))
     bad = horizon(T0).assign(clicked=2)
-    with pytest.raises(QualityInputError, match="'clicked' must be 0 or 1; 1 of 1 rows are not"):
+    with pytest.raises(QualityInputError, match=r"'clicked' must be 0 or 1; 1 of 1 rows are not \(e\.g\. 2\)$"):
         quality_report(log, bad)
     with pytest.raises(QualityInputError, match="'item_id' must be int64"):
         quality_report(log, horizon(T0).assign(item_id=1.0))

@@ -133,7 +133,7 @@ def check_labels(frame: pd.DataFrame) -> pd.DataFrame:
     if bad.any():
         raise QualityInputError(
             f"label feed: column 'clicked' must be 0 or 1; {int(bad.sum()):,} of {len(frame):,} rows are not "
-            f"(e.g. {frame.loc[bad, 'clicked'].iloc[0]!r})"
+            f"(e.g. {frame.loc[bad, 'clicked'].tolist()[0]!r})"  # a Python value: 2, not np.int64(2)
         )
     out["clicked"] = clicked.astype("int8")
     ts = pd.to_datetime(frame["timestamp"], utc=True, errors="coerce")
