@@ -435,10 +435,14 @@ def serve(ctx: click.Context, deployment_file: str, port: int | None, request_lo
     from ctrflow import registry
     from ctrflow.fit_check import check_model_fits
     from ctrflow.request_log import recover_request_log
-    from ctrflow.server import SERVICE, read_deployment, serve_foreground, service_env
+    from ctrflow.server import SERVICE, port_in_use, read_deployment, serve_foreground, service_env
 
     params = _params(ctx)
     deployment = read_deployment(deployment_file)
+    host, port = params["serving"]["host"], port or params["serving"]["port"]
+    # checked before anything starts: BentoML's own answer is a traceback from its process manager (circus)
+    if (why := port_in_use(host, port)) is not None:
+        raise click.ClickException(f"cannot serve on {host}:{port}: {why} (another server? choose --port or serving.port)")
     log_dir = request_log or str(Path(deployment_file).parent / "request_log")
     s = params["serving"]
     env = service_env(deployment, log_dir, s["threads"], s["workers"], s["item_cache_refresh_s"])
@@ -454,7 +458,7 @@ def serve(ctx: click.Context, deployment_file: str, port: int | None, request_lo
     if not tag:
         raise click.ClickException(f"no model to serve: '{env['CTRFLOW_MODEL_NAME']}' has no production model and {deployment_file} names none")
     check_model_fits(tag, deployment["feature_repo"], env["CTRFLOW_FEATURE_SERVICE"])  # before anything starts
-    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", s["host"], "--port", str(port or s["port"])]
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
     code = serve_foreground(cmd, env)
     recovered = recover_request_log(log_dir)  # rows a killed worker left in its segment, compacted now
     if recovered:

@@ -37,6 +37,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (the OS's reason), or None when it can. SO_REUSEADDR as the server sets
+    it, so a port left in TIME_WAIT by a server that just stopped counts as free; a listening process does not."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 DEPLOYMENT_KEYS = ("feature_repo", "bentoml_home")  # and model_tag or model_name
 
 

@@ -142,3 +142,23 @@ def test_serve_names_what_a_hand_edited_deployment_file_lacks(content, says, tmp
         main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"error: {deployment}: the deployment file {says}" in err
+
+
+def test_serve_on_a_port_in_use_says_so_before_starting(tmp_path, monkeypatch, capsys):
+    # BentoML's answer was a circus traceback ending in "OSError: [Errno 98] Address already in use", exit 1
+    import socket
+
+    from ctrflow.cli import main
+
+    deployment = tmp_path / "deployment.json"
+    deployment.write_text(json.dumps({"model_tag": "m:1", "feature_repo": str(tmp_path), "bentoml_home": str(tmp_path)}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr("sys.argv", ["ctrflow", "serve", "--deployment", str(deployment), "--port", str(port)])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert f"cannot serve on 127.0.0.1:{port}: Address already in use (another server? choose --port or serving.port)" in err
