@@ -323,6 +323,12 @@ def test_a_request_log_with_no_row_yet_is_not_enough_data(reference, tmp_path):
     assert out.exit_code == EXIT_NOT_ENOUGH_DATA, out.output
     assert "NOT ENOUGH DATA (reference 2,000 rows, current 0 rows)" in out.output
     assert "0 current rows, fewer than min_current_rows=100" in out.output
+    # a service's log before its first request: only the (empty) segment folder, no Parquet, no column at all
+    fresh = RequestLogger(tmp_path / "fresh", flush_rows=1)
+    out = CliRunner().invoke(cli, ["monitor", "drift", "--training-set", str(ts), "--current", str(tmp_path / "fresh"), "--out", str(tmp_path / "out1")])
+    fresh.close()
+    assert out.exit_code == EXIT_NOT_ENOUGH_DATA, out.output
+    assert "NOT ENOUGH DATA (reference 2,000 rows, current 0 rows)" in out.output
     # a folder without any Parquet is still a usage error (a wrong path)
     (tmp_path / "nothing").mkdir()
     out = CliRunner().invoke(cli, ["monitor", "drift", "--training-set", str(ts), "--current", str(tmp_path / "nothing"), "--out", str(tmp_path / "out2")])

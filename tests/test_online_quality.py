@@ -212,3 +212,19 @@ def test_a_served_score_that_is_no_probability_is_a_breach_not_ok():
     assert r.overall["n"] == 397 and r.overall["clicks"] == 79
     assert r.overall["predicted_ctr"] == pytest.approx(0.2) and r.overall["observed_ctr"] == pytest.approx(79 / 397)
     assert r.overall["verdict"] == "ok"  # calibrated on what is left: the breach is the invalid rows alone
+
+
+def test_a_request_log_with_no_request_yet_is_not_enough_data(tmp_path):
+    # an empty log (Parquet without rows) was exit 2 "holds no rows"; a fresh log (only its segment folder) too
+    from ctrflow.request_log import RequestLogger
+
+    (tmp_path / "log").mkdir()
+    served([0.2]).head(0).to_parquet(tmp_path / "log" / "part-0.parquet")
+    fresh = RequestLogger(tmp_path / "fresh", flush_rows=1)
+    horizon(T0).to_parquet(tmp_path / "labels.parquet")
+    for log in ("log", "fresh"):
+        args = ["monitor", "quality", "--requests", str(tmp_path / log), "--labels", str(tmp_path / "labels.parquet"), "--out", str(tmp_path / f"q_{log}")]
+        out = CliRunner().invoke(cli, args)
+        assert out.exit_code == 3, (log, out.output)
+        assert "NOT ENOUGH DATA (0 labelled of 0 served rows" in out.output
+    fresh.close()

@@ -37,6 +37,8 @@ def read_current(
     if not path.exists():
         raise CurrentInputError(f"request log: {path} does not exist")
     if path.is_dir() and not any(path.rglob("*.parquet")) and not any((path / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}")):
+        if (path / SEGMENTS).is_dir():  # a service's log before its first request: no row yet, no column either
+            return pd.DataFrame(), {"rows_total": 0, "rows_read": 0, "sampled": False, "seed": seed, "rule": "all rows"}
         raise CurrentInputError(f"request log: no *.parquet file under {path}")
     try:
         dataset = pads.dataset(str(path), format="parquet", partitioning="hive")  # skips _segments and .tmp files

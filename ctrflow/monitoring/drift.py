@@ -264,6 +264,8 @@ def drift_report(
     if not monitored:
         raise DriftInputError("feature spec: every field is a large id field; no feature to test for drift")
     required = [f.column for f in spec.fields] + ([prediction_column] if prediction_column else [])
+    if current.empty:  # no row to test: a column the log never wrote (no request yet) is no usage error
+        current = current.reindex(columns=list(dict.fromkeys([*current.columns, *required])))
     for name, frame in (("reference", reference), ("current", current)):
         missing = [c for c in required if c not in frame.columns]
         if missing:

@@ -147,6 +147,9 @@ def join_labels(log: pd.DataFrame, labels: pd.DataFrame, window_s: float) -> tup
     """Served rows with their click outcome (module docstring): returns (labelled rows, join counts).
 
     The labelled frame has the log's columns plus ``clicked`` (0/1); pending rows are left out."""
+    if log.empty:  # a log with no request yet may hold no column either: nothing served, nothing to join
+        log = log.reindex(columns=list(dict.fromkeys([*log.columns, *LOG_COLUMNS])))
+        log["item_id"] = log["item_id"].astype("int64")
     missing = [c for c in LOG_COLUMNS if c not in log.columns]
     if missing:
         raise QualityInputError(f"request log ({len(log):,} rows) lacks column(s) {missing} needed to join labels")
