@@ -218,3 +218,15 @@ def test_cross_source_on_the_wheel_scenario_sizes_positive_rates_and_shared_titl
     rated = inter.groupby("scenario").item_id.agg(set)
     assert len(rated["ml-1m"] & rated["ml-100k"]) == 1_539 and inter.item_id.nunique() == 3_706 + 1_664 - 1_539
     assert len(ds.items) == 3_944 and ds.items.item_id.tolist() == list(range(1, 3_945))
+
+
+def test_two_platform_protocol_runs_on_all_rows_and_reports_rows_per_platform(cross_dirs):
+    ds = load_movielens_cross(cross_dirs)
+    ctx = BenchContext(ds, "random", epochs=1, patience=1, threads=1)
+    exps = experiments(Namespace(dataset="ml-cross"))
+    assert [(e.model, e.protocol, e.extra) for e in exps][0] == ("sharedbottom", "two-platform", {"sparse_scenario": "ml-100k"})
+    record = exps[0].run(ctx, 0)
+    # random 8:1:1 of 220 rows: 176 train, every one of them kept
+    assert record["train_rows"] == 176 and sum(record["scenario_train_rows"].values()) == 176
+    assert set(record["scenario_train_rows"]) == {"ml-1m", "ml-100k"}
+    assert record["scenario_train_rows"] == scenario_rows(ctx.tensors["train"], ctx)
