@@ -157,6 +157,9 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
         extra = ""
         if "sparse_scenario" in block and block["sparse_scenario"].notna().any():
             extra = f", sparse scenario {block['sparse_scenario'].dropna().iloc[0]}"
+            if "sparse_keep" in block and block["sparse_keep"].notna().any():
+                keep, seed = block["sparse_keep"].dropna().iloc[0], block["sparse_seed"].dropna().iloc[0]
+                extra += f" ({keep:.0%} of its training rows kept, sample seed {int(seed)})"
         if "label_fraction" in block and block["label_fraction"].notna().any() and protocol == "label-scarce":
             extra += f", label fraction {block['label_fraction'].dropna().iloc[0]}"
         lines += [f"## {dataset}, {split} split, {protocol} protocol{extra}", ""]
@@ -183,6 +186,9 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
                 cells += [f"{published[s]:.4f}" if s in published else "–" for s in scenarios]
                 cells += ["–"] * (int(has_cold) + 2)
                 lines.append("| " + " | ".join(cells) + " |")
+        if "scenario_train_rows" in block and block["scenario_train_rows"].notna().any():
+            counts = block["scenario_train_rows"].dropna().iloc[0]
+            lines += ["", "Training rows per scenario: " + ", ".join(f"{s} {n:,}" for s, n in counts.items())]
         if reference:
             lines += [
                 "",

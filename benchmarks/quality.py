@@ -2,6 +2,10 @@
 
     python -m benchmarks.quality --suite baselines --splits temporal random --seeds 0 1 2
     python -m benchmarks.quality --suite scenario_wise_rec --dataset ml-1m-swr --splits random --epochs 30 --threads 2
+    python -m benchmarks.quality --suite sparse_scenarios --dataset ml-cross --splits random --seeds 0 --epochs 30
+
+Datasets: ml-100k, ml-1m-swr (ML-1M with the Scenario-Wise Rec fields), ml-cross (ML-1M and ML-100K users as two
+scenarios over one title vocabulary, the same fields; ctrflow.data.movielens_cross), synthetic.
 
 Writes benchmarks/results/quality.json (one record per model, variant, dataset, protocol, split, seed; see
 shared/design/BENCHMARKS.md) and quality.md (mean ± std tables). Records of other suites are kept.
@@ -18,7 +22,8 @@ import torch
 from benchmarks.harness import RESULTS, BenchContext, run_experiments
 from benchmarks.suites import SUITES
 
-PROTOCOLS = ("standard", "label-scarce", "sparse-scenario", "published")
+PROTOCOLS = ("standard", "label-scarce", "sparse-scenario", "published", "two-platform")
+DATASETS = ("ml-100k", "ml-1m-swr", "ml-cross", "synthetic")
 
 
 def load_dataset(name: str):
@@ -30,15 +35,17 @@ def load_dataset(name: str):
         from ctrflow.data.movielens_1m import load_movielens_1m_swr
 
         return load_movielens_1m_swr()
+    if name == "ml-cross":  # the two-platform protocol (suite sparse_scenarios)
+        return load_source("movielens-cross")
     if name == "synthetic":
         return load_source("synthetic", n_users=5000, n_items=2000, n_interactions=200_000)
-    raise ValueError(f"unknown dataset '{name}': ml-100k, ml-1m-swr or synthetic")
+    raise ValueError(f"unknown dataset '{name}': one of {DATASETS}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", nargs="+", default=["baselines"], choices=[*SUITES, "all"])
-    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m-swr", "synthetic"])
+    p.add_argument("--dataset", default="ml-100k", choices=DATASETS)
     p.add_argument("--splits", nargs="+", default=["temporal", "random"], choices=["temporal", "random"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=20, help="Upper bound; early stopping on validation AUC decides.")

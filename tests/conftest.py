@@ -30,6 +30,7 @@ FILE_LEVELS = {
     "test_baselines.py": "unit",
     "test_benchmarks.py": "unit",
     "test_scenario_wise_rec.py": "unit",
+    "test_sparse_scenarios.py": "unit",
     "test_config.py": "unit",
     "test_engines.py": "component",
     "test_data.py": "unit",

@@ -7,11 +7,13 @@ from pathlib import Path
 from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
 from ctrflow.data.tables import Dataset
 
-SOURCES = ("movielens", "movielens-1m", "synthetic", "parquet")
+SOURCES = ("movielens", "movielens-1m", "movielens-cross", "synthetic", "parquet")
 
 
 def load_source(source: str, path: str | Path | None = None, max_len: int = 50, **synthetic: object) -> Dataset:
-    """Any source, in canonical form: 'movielens' (ML-100K), 'movielens-1m', 'synthetic' (keyword args go to SyntheticConfig) or 'parquet'."""
+    """Any source, in canonical form: 'movielens' (ML-100K), 'movielens-1m',
+    'movielens-cross' (ML-1M and ML-100K users over one title vocabulary, the platform as scenario; the benchmark's
+    fields only, not a pipeline `data.source`), 'synthetic' (keyword args go to SyntheticConfig) or 'parquet'."""
     if source == "movielens":
         from ctrflow.data.movielens import load_movielens
 
@@ -20,6 +22,10 @@ def load_source(source: str, path: str | Path | None = None, max_len: int = 50, 
         from ctrflow.data.movielens_1m import load_movielens_1m
 
         return load_movielens_1m(max_len=max_len)
+    if source == "movielens-cross":  # benchmark source: the Scenario-Wise Rec fields, no behaviour sequence
+        from ctrflow.data.movielens_cross import load_movielens_cross
+
+        return load_movielens_cross()
     if source == "synthetic":
         from ctrflow.data.synthetic import SyntheticConfig, generate_synthetic
 
