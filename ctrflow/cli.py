@@ -384,15 +384,17 @@ def models_promote_challenger(ctx: click.Context, name: str | None, reason: str,
     archived, the challenger slot freed)."""
     from ctrflow import registry
     from ctrflow.registry import PromotionError
+    from ctrflow.server import read_deployment
 
+    # read before promoting: a broken deployment file must not leave the registry promoted and the file stale
+    deployment = read_deployment(deployment_file, serving=False) if deployment_file else None
     try:
         record = registry.promote_challenger(_challenger_name(ctx, name), reason=reason, force=force)
     except PromotionError as exc:
         raise click.ClickException(f"{exc}\n(--force overrides the gate; the override is recorded)") from None
     click.echo(f"{record['tag']} is now production (was {record['replaced'] or 'none'})")
-    if deployment_file:
+    if deployment_file and deployment is not None:
         path = Path(deployment_file)
-        deployment = json.loads(path.read_text())
         deployment["model_tag"] = record["tag"]
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(deployment, indent=2))
@@ -433,10 +435,14 @@ def serve(ctx: click.Context, deployment_file: str, port: int | None, request_lo
     from ctrflow import registry
     from ctrflow.fit_check import check_model_fits
     from ctrflow.request_log import recover_request_log
-    from ctrflow.server import SERVICE, serve_foreground, service_env
+    from ctrflow.server import SERVICE, port_in_use, read_deployment, serve_foreground, service_env
 
     params = _params(ctx)
-    deployment = json.loads(Path(deployment_file).read_text())
+    deployment = read_deployment(deployment_file)
+    host, port = params["serving"]["host"], port or params["serving"]["port"]
+    # checked before anything starts: BentoML's own answer is a traceback from its process manager (circus)
+    if (why := port_in_use(host, port)) is not None:
+        raise click.ClickException(f"cannot serve on {host}:{port}: {why} (another server? choose --port or serving.port)")
     log_dir = request_log or str(Path(deployment_file).parent / "request_log")
     s = params["serving"]
     env = service_env(deployment, log_dir, s["threads"], s["workers"], s["item_cache_refresh_s"])
@@ -452,7 +458,7 @@ def serve(ctx: click.Context, deployment_file: str, port: int | None, request_lo
     if not tag:
         raise click.ClickException(f"no model to serve: '{env['CTRFLOW_MODEL_NAME']}' has no production model and {deployment_file} names none")
     check_model_fits(tag, deployment["feature_repo"], env["CTRFLOW_FEATURE_SERVICE"])  # before anything starts
-    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", s["host"], "--port", str(port or s["port"])]
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
     code = serve_foreground(cmd, env)
     recovered = recover_request_log(log_dir)  # rows a killed worker left in its segment, compacted now
     if recovered:

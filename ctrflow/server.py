@@ -37,6 +37,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (the OS's reason), or None when it can. SO_REUSEADDR as the server sets
+    it, so a port left in TIME_WAIT by a server that just stopped counts as free; a listening process does not."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+DEPLOYMENT_KEYS = ("feature_repo", "bentoml_home")  # and model_tag or model_name
+
+
+class DeploymentError(ValueError):
+    """A deployment.json that cannot be used; the message names the file, the key and the rule."""
+
+
+def read_deployment(path: str | Path, *, serving: bool = True) -> dict[str, Any]:
+    """A deployment.json (written by the deploy step) as a dict: a JSON object, holding (`serving`: what the service
+    needs) `feature_repo`, `bentoml_home` and `model_tag` or `model_name`. Raises DeploymentError naming the file and what is wrong (a
+    hand-edited file used to stop `ctrflow serve` with a bare KeyError such as "'bentoml_home'")."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise DeploymentError(f"{path}: cannot read the deployment file: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise DeploymentError(f"{path}: the deployment file is not valid JSON{where}") from None
+    if not isinstance(data, dict):
+        raise DeploymentError(f"{path}: the deployment file must be a JSON object, not {type(data).__name__}")
+    missing = [k for k in DEPLOYMENT_KEYS if not isinstance(data.get(k), str) or not data[k].strip()]
+    if not data.get("model_tag") and not data.get("model_name"):
+        missing.append("model_tag or model_name")
+    if missing and serving:
+        raise DeploymentError(
+            f"{path}: the deployment file lacks {', '.join(repr(k) for k in missing)} (non-empty text); it is written "
+            "by the pipeline's deploy step (`ctrflow register --deploy`), with feature_repo, bentoml_home and model_tag"
+        )
+    return data
+
+
 def service_env(
     deployment: dict[str, Any],
     request_log: str | Path,
@@ -195,7 +239,7 @@ def start_server(
     """`bentoml serve` of `service` in a subprocess; returns once /readyz answers 200 (or raises with the server's
     log). workers / threads / item_cache_refresh_s: as `service_env` (None: the typed defaults)."""
     if not isinstance(deployment, dict):
-        deployment = json.loads(Path(deployment).read_text())
+        deployment = read_deployment(deployment)
     port = port or free_port()
     log_path = Path(log_path or Path(request_log).parent / "server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -418,7 +418,7 @@ def drift_step(
         loaded = load_model_artifact(model_dir)
         scorer = Scorer(loaded.model, loaded.encoder)
         reference["prediction"] = scorer.score(reference)
-        if "prediction" not in current_df.columns:
+        if "prediction" not in current_df.columns and len(current_df):  # an empty log: nothing to score
             current_df["prediction"] = scorer.score(current_df)
     return drift_report(
         reference,

@@ -121,3 +121,44 @@ def test_dvc_repro_runs_the_same_steps_through_the_cli(tmp_path):
     again = subprocess.run([sys.executable, "-m", "dvc", "repro", "register"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert "didn't change" in again.stdout or "is cached" in again.stdout or "Skipping" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("{}", "lacks 'feature_repo', 'bentoml_home', 'model_tag or model_name' (non-empty text)"),
+        ('{"model_tag": "m:1", "feature_repo": "/r"}', "lacks 'bentoml_home' (non-empty text)"),
+        ("{", "is not valid JSON (line 1, column 2)"),
+    ],
+)
+def test_serve_names_what_a_hand_edited_deployment_file_lacks(content, says, tmp_path, monkeypatch, capsys):
+    # `ctrflow serve` stopped with a bare KeyError: "error: 'bentoml_home'"
+    from ctrflow.cli import main
+
+    deployment = tmp_path / "deployment.json"
+    deployment.write_text(content)
+    monkeypatch.setattr("sys.argv", ["ctrflow", "serve", "--deployment", str(deployment), "--port", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"error: {deployment}: the deployment file {says}" in err
+
+
+def test_serve_on_a_port_in_use_says_so_before_starting(tmp_path, monkeypatch, capsys):
+    # BentoML's answer was a circus traceback ending in "OSError: [Errno 98] Address already in use", exit 1
+    import socket
+
+    from ctrflow.cli import main
+
+    deployment = tmp_path / "deployment.json"
+    deployment.write_text(json.dumps({"model_tag": "m:1", "feature_repo": str(tmp_path), "bentoml_home": str(tmp_path)}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr("sys.argv", ["ctrflow", "serve", "--deployment", str(deployment), "--port", str(port)])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert f"cannot serve on 127.0.0.1:{port}: Address already in use (another server? choose --port or serving.port)" in err

@@ -272,3 +272,64 @@ def test_usage_error_exits_2_with_a_readable_message(reference, tmp_path, monkey
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
     assert "current frame (300 rows) lacks column(s) ['price']" in err
+
+
+# ---- odd request logs (breaker): ±inf, values numpy cannot bin, a log with no row yet ----------------------------
+def test_non_finite_values_are_counted_as_missing_not_a_crash(reference, tmp_path):
+    # ±inf used to reach Evidently as an empty column ("An empty column 'price' was provided") and stop the report
+    ref = reference.assign(prediction=np.linspace(0.1, 0.9, len(reference)))
+    cur = rows(300, 1).assign(prediction=np.linspace(0.1, 0.9, 300))
+    cur.loc[:199, "price"] = np.inf  # 200 of 300
+    cur.loc[:, "prediction"] = -np.inf  # a model answering -inf everywhere
+    r = drift_report(ref, cur, SPEC, tmp_path, prediction_column="prediction")
+    assert r.breached and r.exit_code == EXIT_BREACH
+    assert r.per_feature["price"]["missing"]["current_share"] == 200 / 300
+    assert r.reasons[0].startswith("feature 'price' missing in 66.7% of 300 current rows (reference 0.0%")
+    assert r.reasons[1].startswith("prediction 'prediction' missing or non-finite in 100.0% of 300 current rows")
+    assert "'price': 200 of 300 current values are ±inf, counted as missing" in r.overall.notes
+    assert "'prediction': 300 of 300 current values are ±inf, counted as missing" in r.overall.notes
+    # the 100 finite prices left (min_current_rows) are from the reference's distribution
+    assert r.per_feature["price"]["status"] == "no drift" and r.per_feature["price"]["test"] == "ks"
+
+
+@pytest.mark.parametrize(("n", "test"), [(300, "ks"), (1500, "wasserstein")])
+def test_a_value_numpy_cannot_bin_is_still_tested(reference, n, test, tmp_path):
+    # 1e300 in every row: Evidently's histogram pads the constant range by +-0.5, lost to rounding at 1e300, and
+    # numpy refused to bin it ("Too many bins for data range"), which stopped the whole report (exit 2)
+    cur = rows(n, 1).assign(price=1e300)
+    r = drift_report(reference, cur, SPEC, tmp_path, prediction_column=None, max_drifted_share=0.4)
+    price = r.per_feature["price"]
+    assert price["test"] == test and price["status"] == "drifted" and r.breached
+    if test == "ks":  # every current value above every reference value: KS statistic 1, p ~ 0
+        assert price["score"] < 1e-100
+    else:  # Wasserstein distance = 1e300 - mean(ref) (all mass moved to one point above), over std(ref)
+        ref = reference["price"].to_numpy()
+        assert price["score"] == pytest.approx((1e300 - ref.mean()) / ref.std(), rel=1e-9)
+    assert r.per_feature["gender"]["status"] == "no drift"  # the other columns still went through Evidently
+    assert f"'price': tested by ctrflow ({test}), not Evidently: its histogram cannot bin these values" in r.overall.notes
+
+
+def test_a_request_log_with_no_row_yet_is_not_enough_data(reference, tmp_path):
+    # an empty log (the service up, no request yet) was exit 2 "holds no rows"; one row was exit 3
+    ts = tmp_path / "training_set"
+    ts.mkdir()
+    reference.assign(split="train", label=0).to_parquet(ts / "frame.parquet")
+    SPEC.save(ts / "spec.json")
+    (tmp_path / "log").mkdir()
+    rows(5, 1).assign(scenario="home").head(0).to_parquet(tmp_path / "log" / "part-0.parquet")
+    frame, info = read_current(tmp_path / "log")
+    assert len(frame) == 0 and "price" in frame.columns and info["rows_total"] == 0
+    out = CliRunner().invoke(cli, ["monitor", "drift", "--training-set", str(ts), "--current", str(tmp_path / "log"), "--out", str(tmp_path / "out")])
+    assert out.exit_code == EXIT_NOT_ENOUGH_DATA, out.output
+    assert "NOT ENOUGH DATA (reference 2,000 rows, current 0 rows)" in out.output
+    assert "0 current rows, fewer than min_current_rows=100" in out.output
+    # a service's log before its first request: only the (empty) segment folder, no Parquet, no column at all
+    fresh = RequestLogger(tmp_path / "fresh", flush_rows=1)
+    out = CliRunner().invoke(cli, ["monitor", "drift", "--training-set", str(ts), "--current", str(tmp_path / "fresh"), "--out", str(tmp_path / "out1")])
+    fresh.close()
+    assert out.exit_code == EXIT_NOT_ENOUGH_DATA, out.output
+    assert "NOT ENOUGH DATA (reference 2,000 rows, current 0 rows)" in out.output
+    # a folder without any Parquet is still a usage error (a wrong path)
+    (tmp_path / "nothing").mkdir()
+    out = CliRunner().invoke(cli, ["monitor", "drift", "--training-set", str(ts), "--current", str(tmp_path / "nothing"), "--out", str(tmp_path / "out2")])
+    assert out.exit_code != 0 and "no *.parquet file under" in str(out.exception)

@@ -132,8 +132,10 @@ def test_missing_spec_column_names_column_and_frame(scored, spec, tmp_path):
 
 
 def test_bad_input_gives_clear_errors(scored, spec, tmp_path):
-    with pytest.raises(DriftInputError, match="current frame is empty"):
-        drift_report(scored, scored.iloc[:0], spec, tmp_path)
+    with pytest.raises(DriftInputError, match="reference frame is empty"):
+        drift_report(scored.iloc[:0], scored, spec, tmp_path)
+    # an empty current frame (a request log with no request yet) is "not enough data", like 1..99 rows
+    assert drift_report(scored, scored.iloc[:0], spec, tmp_path).verdict == "not_enough_data"
     bad = scored.copy()
     bad["price"] = bad["price"].astype(object)
     bad.loc[:2, "price"] = "n/a"

@@ -126,7 +126,7 @@ def test_not_enough_labels_and_bad_feeds():
     with pytest.raises(QualityInputError, match=r"label feed \(1 rows\) lacks column\(s\) \['clicked'\]"):
         quality_report(log, horizon(T0).drop(columns="clicked"))
     bad = horizon(T0).assign(clicked=2)
-    with pytest.raises(QualityInputError, match="'clicked' must be 0 or 1; 1 of 1 rows are not"):
+    with pytest.raises(QualityInputError, match=r"'clicked' must be 0 or 1; 1 of 1 rows are not \(e\.g\. 2\)$"):
         quality_report(log, bad)
     with pytest.raises(QualityInputError, match="'item_id' must be int64"):
         quality_report(log, horizon(T0).assign(item_id=1.0))
@@ -191,3 +191,40 @@ def test_quality_step_reads_only_the_join_columns_and_records_sampling(tmp_path)
     assert r.join["clicked"] + r.join["unmatched_clicks"] == y.sum()  # a click is in the sample or counted unmatched
     joined = pd.read_parquet(tmp_path / "q" / "labelled_requests.parquet")
     assert "hist_item_ids" not in joined.columns and "gender" not in joined.columns
+
+
+def test_a_served_score_that_is_no_probability_is_a_breach_not_ok():
+    # inf / NaN scores made the predicted CTR inf or NaN, the z-test's variance -inf, and the group came out "ok"
+    p = np.full(400, 0.2)
+    y = np.zeros(400, dtype=int)
+    y[::5] = 1  # 80 clicks of 400: observed 0.2 = predicted 0.2, calibrated
+    p[:3] = [np.inf, np.nan, 1.5]  # three rows with no probability
+    log = served(p, step=pd.Timedelta(seconds=10))
+    labels = pd.concat([clicks_of(log, y), horizon(T0 + 24 * HOUR)], ignore_index=True)
+    r = quality_report(log, labels, min_labelled_rows=100)
+    assert r.verdict == "breached" and r.exit_code == 1
+    assert r.reasons == [
+        "request log: prediction must be a probability in [0, 1]; 3 of 400 labelled rows broke it (e.g. inf, nan, 1.5); "
+        "those rows are left out of AUC and calibration"
+    ]
+    assert r.join["invalid_predictions"] == 3
+    # the 397 valid rows: 79 clicks (row 0 was one of the 80, left out), predicted 0.2 each
+    assert r.overall["n"] == 397 and r.overall["clicks"] == 79
+    assert r.overall["predicted_ctr"] == pytest.approx(0.2) and r.overall["observed_ctr"] == pytest.approx(79 / 397)
+    assert r.overall["verdict"] == "ok"  # calibrated on what is left: the breach is the invalid rows alone
+
+
+def test_a_request_log_with_no_request_yet_is_not_enough_data(tmp_path):
+    # an empty log (Parquet without rows) was exit 2 "holds no rows"; a fresh log (only its segment folder) too
+    from ctrflow.request_log import RequestLogger
+
+    (tmp_path / "log").mkdir()
+    served([0.2]).head(0).to_parquet(tmp_path / "log" / "part-0.parquet")
+    fresh = RequestLogger(tmp_path / "fresh", flush_rows=1)
+    horizon(T0).to_parquet(tmp_path / "labels.parquet")
+    for log in ("log", "fresh"):
+        args = ["monitor", "quality", "--requests", str(tmp_path / log), "--labels", str(tmp_path / "labels.parquet"), "--out", str(tmp_path / f"q_{log}")]
+        out = CliRunner().invoke(cli, args)
+        assert out.exit_code == 3, (log, out.output)
+        assert "NOT ENOUGH DATA (0 labelled of 0 served rows" in out.output
+    fresh.close()

@@ -181,3 +181,26 @@ def test_the_slot_follows_the_registry_and_survives_a_challenger_that_cannot_loa
     shutil.rmtree(registry.model_path(challenger))  # the challenger's files are gone: it cannot be loaded
     assert slot.refresh() is True and slot.shadow is None  # logged and counted, never raised
     assert slot.refresh() is False  # not retried until the registry changes again
+
+
+def test_promote_challenger_with_a_broken_deployment_file_changes_nothing(home, artifact, tiny_dataset, tmp_path, capsys):
+    # the file was read after the promotion: a file that is not JSON left the registry promoted, the file stale
+    # and a bare JSON error ("Expecting value: line 1 column 1 (char 0)") without the file's name
+    from ctrflow.cli import main
+
+    champion = _register(artifact, tiny_dataset, valid_auc=0.70)
+    challenger = _register(artifact, tiny_dataset, valid_auc=0.71)
+    registry.promote(champion, reason="first", force=True)
+    registry.attach_shadow(challenger)
+    for text, says in (("not json", "is not valid JSON (line 1, column 1)"), ("[1]", "must be a JSON object, not list")):
+        deployment = tmp_path / "deployment.json"
+        deployment.write_text(text)
+        argv = ["ctrflow", "models", "promote-challenger", "--force", "--deployment", str(deployment)]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("sys.argv", argv)
+            with pytest.raises(SystemExit) as exit_:
+                main()
+        assert exit_.value.code == 2 and f"{deployment}: the deployment file {says}" in capsys.readouterr().err
+        assert registry.production_model(NAME) == champion and registry.shadow_model(NAME) == challenger
+        assert deployment.read_text() == text
+

@@ -680,3 +680,25 @@ def test_context_fields_in_interactions_get_the_field_rules(tmp_path):
     assert "40 of 40 rows broke it" in _line(report, "interactions.page: page must hold a value in at least one row")
     assert not any(f["error"] for f in report.failures)
     assert_unchanged(bad, before)
+
+
+def test_undeclared_interaction_column_named_like_a_field_is_refused_others_carried(tmp_path):
+    """A denormalised export: interactions carry the user's 'gender' and a 'split' of their own, undeclared. They
+    passed validation and stopped the features step ("entity_df: columns ['gender'] are features of service ...");
+    now each is a rule naming table, column and rows. An undeclared column of another name ('session') is fine."""
+    ds = small_dataset()
+    inter = ds.interactions.copy()
+    n = len(inter)
+    inter["gender"] = ["F"] * (n - 1) + [None]  # a null row holds the column too
+    inter["split"] = "train"
+    inter["session"] = 7
+    report = validate_dataset(_with(ds, interactions=inter), tmp_path, now=NOW, raise_on_failure=False)
+    assert _rules(report) == [
+        ("interactions", "gender", "column 'gender' is not a context field of schema.yaml but is named like the user "
+         "field 'gender': the training frame would hold it twice; drop or rename it (or declare a context field of another name)"),
+        ("interactions", "split", "column 'split' is not a context field of schema.yaml but is named like a column the "
+         "features step makes: the training frame would hold it twice; drop or rename it (or declare a context field of another name)"),
+    ]  # fmt: skip
+    assert f"{n} of {n} rows broke it; examples: 'F'" in _line(report, "interactions.gender:")
+    assert f"{n} of {n} rows broke it; examples: 'train'" in _line(report, "interactions.split:")
+    assert validate_dataset(_with(ds, interactions=inter.drop(columns=["gender", "split"])), tmp_path / "ok", now=NOW).success

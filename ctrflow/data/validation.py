@@ -863,6 +863,7 @@ def validate_dataset(
     inter_exps, inter_derived = _interactions_suite(
         view, min_rows, max_rows, lo, hi, split_method, seed, warn_null_share
     )
+    inter_exps += _shadowing_rules(view.interactions, dataset.spec, inter_derived)
     user_exps, user_derived = _profile_suite(view, "users", warn_null_share)
     item_exps, item_derived = _profile_suite(view, "items", warn_null_share)
     suites = {
@@ -963,6 +964,31 @@ def _repeat_rules(table: str, frame: pd.DataFrame, repeats: dict[str, list[str]]
                 exact_match=True,
             )
         )
+    return exps
+
+
+def _shadowing_rules(interactions: pd.DataFrame, spec: Any, derived: dict[str, pd.Series]) -> list:
+    """One rule per undeclared interactions column named like a user or item field, or like a column the features
+    step derives: the training frame is the interactions joined with those, so such a column used to pass validation
+    and stop the features step ("entity_df: columns [...] are features of service ..."). Every row holding it breaks
+    the rule (a null shows as 'null'). Other undeclared columns are carried along unused."""
+    own = {f.column: f for f in spec.fields if f.entity is not Entity.CONTEXT}
+    made = {"split", HIST_FIELD, *BEHAVIOUR_COUNT_FIELDS}
+    keys = {spec.user_key, spec.item_key, spec.scenario_field, spec.label, "event_timestamp"}
+    exps = []
+    for c in interactions.columns:
+        if c in keys or (c not in own and c not in made):
+            continue
+        what = f"the {own[c].entity.value} field '{own[c].name}'" if c in own else "a column the features step makes"
+        col = interactions[c].astype(object)
+        exps.append(
+            _per_row(
+                "interactions", c,
+                f"column '{c}' is not a context field of schema.yaml but is named like {what}: the training frame "
+                "would hold it twice; drop or rename it (or declare a context field of another name)",
+                derived, f"_{c}_shadows_a_field", col.where(col.notna(), "null"), verbatim=False,
+            )
+        )  # fmt: skip
     return exps
 
 

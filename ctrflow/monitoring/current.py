@@ -29,13 +29,16 @@ def read_current(
 ) -> tuple[pd.DataFrame, dict]:
     """Rows of a request log (or a Parquet slice) as a frame, sampled to at most `max_rows` (module docstring).
 
-    Returns (frame, sampling) where sampling = {rows_total, rows_read, sampled, seed, rule}. Raises
-    CurrentInputError when the path is missing, holds no Parquet or no rows, or cannot be read.
+    Returns (frame, sampling) where sampling = {rows_total, rows_read, sampled, seed, rule}; a log whose files hold
+    no row yet gives an empty frame with the log's columns (the monitors call that "not enough data"). Raises
+    CurrentInputError when the path is missing, holds no Parquet (nor segment), or cannot be read.
     """
     path = Path(path)
     if not path.exists():
         raise CurrentInputError(f"request log: {path} does not exist")
     if path.is_dir() and not any(path.rglob("*.parquet")) and not any((path / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}")):
+        if (path / SEGMENTS).is_dir():  # a service's log before its first request: no row yet, no column either
+            return pd.DataFrame(), {"rows_total": 0, "rows_read": 0, "sampled": False, "seed": seed, "rule": "all rows"}
         raise CurrentInputError(f"request log: no *.parquet file under {path}")
     try:
         dataset = pads.dataset(str(path), format="parquet", partitioning="hive")  # skips _segments and .tmp files
@@ -44,8 +47,11 @@ def read_current(
     except (OSError, pa.ArrowException) as exc:
         raise CurrentInputError(f"request log: cannot read Parquet at {path}: {exc}") from exc
     total = n_parts + sum(t.num_rows for t in segments)
-    if total == 0:
-        raise CurrentInputError(f"request log: {path} holds no rows")
+    if total == 0:  # a log with no request yet (a quiet hour): not enough data to test, never a usage error
+        empty = _to_pandas(dataset.schema.empty_table() if dataset.files or not segments else segments[0].slice(0, 0))
+        if columns is not None:
+            empty = empty[[c for c in columns if c in empty.columns]]
+        return empty, {"rows_total": 0, "rows_read": 0, "sampled": False, "seed": seed, "rule": "all rows"}
     keep = None
     if max_rows is not None and total > max_rows:
         keep = np.sort(np.random.default_rng(seed).choice(total, size=max_rows, replace=False))

@@ -249,19 +249,23 @@ def drift_report(
     with `fail_on_prediction_drift`, the prediction drifted. Scenarios come from the spec's scenario column when
     both frames have it (`by_scenario`).
 
-    Raises DriftInputError for frames that cannot be compared (empty, a required column absent, non-numeric values
+    An empty `current` (with the spec's columns) is "not enough data" (exit 3), like any sample under
+    `min_current_rows`. Raises DriftInputError for frames that cannot be compared (an empty reference, a required column absent, non-numeric values
     in a numeric field, lists that are not lists).
     """
     s = settings_of(settings, **overrides)
     for name, frame in (("reference", reference), ("current", current)):
         if not isinstance(frame, pd.DataFrame):
             raise DriftInputError(f"{name} frame: expected a pandas DataFrame, got {type(frame).__name__}")
-        if frame.empty:
-            raise DriftInputError(f"{name} frame is empty (0 rows): nothing to compare")
+    if reference.empty:
+        raise DriftInputError("reference frame is empty (0 rows): nothing to compare with")
+    # an empty current frame (a request log with no request yet) goes on: 0 < min_current_rows, "not enough data"
     monitored = [f for f in spec.fields if not f.large]
     if not monitored:
         raise DriftInputError("feature spec: every field is a large id field; no feature to test for drift")
     required = [f.column for f in spec.fields] + ([prediction_column] if prediction_column else [])
+    if current.empty:  # no row to test: a column the log never wrote (no request yet) is no usage error
+        current = current.reindex(columns=list(dict.fromkeys([*current.columns, *required])))
     for name, frame in (("reference", reference), ("current", current)):
         missing = [c for c in required if c not in frame.columns]
         if missing:
@@ -277,6 +281,9 @@ def drift_report(
     out.mkdir(parents=True, exist_ok=True)
     stamp = _naive_utc(timestamp)
     overall, snapshot = _population("all", ref, cur, columns, prediction_column, s, stamp)
+    for which, frame in (("reference", ref), ("current", cur)):
+        for col, n in frame.attrs.get("non_finite", {}).items():
+            overall.notes.append(f"'{col}': {n:,} of {len(frame):,} {which} values are ±inf, counted as missing")
     scenarios: dict[str, PopulationDrift] = {}
     sc = spec.scenario_field
     if s.by_scenario and sc in reference.columns and sc in current.columns:
@@ -378,12 +385,25 @@ def _population(
     if prediction_column is not None:
         status, method, threshold = _plan(ref[prediction_column], cur[prediction_column], FieldKind.NUMERIC, s)
         pred_row = {"column": prediction_column, "test": method, "score": None, "threshold": threshold, "status": status, "drifted": False}
+        pred_row["missing"] = _missing_share_test(ref[prediction_column], cur[prediction_column], s)
         if status == TOO_FEW:
             notes.append(f"prediction: fewer than min_current_rows={s.min_current_rows} non-null current values")
         elif status == UNTESTABLE:
             notes.append(f"prediction: null in all {n_ref:,} reference rows")
         else:
             plan[prediction_column] = (method, threshold)
+
+    # Evidently draws a histogram of every numeric column it tests, and numpy cannot bin some finite columns (one
+    # value so large that the +-0.5 padding of a constant range is lost to rounding, e.g. 1e300 in every row):
+    # those are tested here with the same statistic (`_value_test`) instead of stopping the whole report
+    for col in [c for c, (method, _) in plan.items() if method in ("ks", "wasserstein")]:
+        if _binnable(ref[col]) and _binnable(cur[col]):
+            continue
+        method, threshold = plan.pop(col)
+        score, drifted = _value_test(ref[col], cur[col], method, threshold)
+        target = pred_row if col == prediction_column else per_feature[col]
+        target |= {"score": score, "drifted": drifted, "status": DRIFTED if drifted else NO_DRIFT}
+        notes.append(f"'{col}': tested by ctrflow ({method}), not Evidently: its histogram cannot bin these values")
 
     snapshot = None
     if plan:
@@ -416,6 +436,12 @@ def _population(
             )
     if pred_row is not None and pred_row["drifted"] and s.fail_on_prediction_drift:
         reasons.append(f"prediction '{prediction_column}' drifted ({_describe(pred_row)})")
+    if pred_row is not None and pred_row["missing"]["drifted"]:  # a model answering NaN / inf is no drift test
+        m = pred_row["missing"]
+        reasons.append(
+            f"prediction '{prediction_column}' missing or non-finite in {m['current_share']:.1%} of {m['n_current']:,} "
+            f"current rows (reference {m['reference_share']:.1%}; z-test p={m['p_value']:.2g})"
+        )
     any_missing_tested = any(r["missing"]["status"] != TOO_FEW for r in per_feature.values())
     if reasons:
         verdict = BREACHED
@@ -440,6 +466,36 @@ def _plan(ref: pd.Series, cur: pd.Series, kind: FieldKind, s: DriftParams) -> tu
     if min(n_ref, n_cur) <= s.pvalue_max_rows:
         return NO_DRIFT, PVALUE_TESTS[kind], s.pvalue_threshold
     return NO_DRIFT, DISTANCE_TESTS[kind], s.stattest_threshold
+
+
+def _binnable(values: pd.Series, bins: int = 10) -> bool:
+    """Whether numpy can make the `bins`-bin histogram Evidently draws of a column's finite values."""
+    finite = values.to_numpy(dtype="float64", na_value=np.nan)
+    finite = finite[np.isfinite(finite)]
+    try:
+        np.histogram(finite, bins=bins)
+    except ValueError:
+        return False
+    return True
+
+
+def _value_test(ref: pd.Series, cur: pd.Series, method: str, threshold: float) -> tuple[float | None, bool]:
+    """(score, drifted) of Evidently's numeric tests, computed on the non-null values as Evidently does: `ks`, the
+    two-sample KS p-value, drifted when <= threshold; `wasserstein`, the Wasserstein distance over the reference's
+    standard deviation (at least 0.001), drifted when >= threshold (inf when the values overflow float64)."""
+    from scipy import stats
+
+    r = ref.dropna().to_numpy(dtype="float64")
+    c = cur.dropna().to_numpy(dtype="float64")
+    if method == "ks":
+        p = float(stats.ks_2samp(r, c).pvalue)
+        return p, p <= threshold
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm = max(float(np.std(r)), 0.001)
+        score = float(stats.wasserstein_distance(r, c)) / norm
+    if math.isnan(score):  # inf - inf in the overflowing sums: the distributions are far apart
+        score = math.inf
+    return score, score >= threshold
 
 
 def _missing_share_test(ref: pd.Series, cur: pd.Series, s: DriftParams) -> dict:
@@ -541,10 +597,21 @@ def _monitoring_frame(
             out[_monitored_name(f)] = _list_stat(s, f, which, _l2_norm)
     if prediction_column is not None:
         out[prediction_column] = _as_float(frame[prediction_column], f"prediction column '{prediction_column}'", which)
+    # ±inf (a value, or a vector holding one) as missing: Evidently drops non-finite values before its tests, and a
+    # column of them reached it empty and stopped the whole report; counted by the missing-share test instead
+    non_finite: dict[str, int] = {}
+    for col, values in out.items():
+        if values.dtype == "float64":
+            inf = np.isinf(values.to_numpy())
+            if inf.any():
+                non_finite[col] = int(inf.sum())
+                out[col] = values.mask(inf)
     for flag in FALLBACK.values():
         if flag in frame.columns and flag not in out:
             out[flag] = frame[flag].astype("boolean")
-    return pd.DataFrame(out)
+    result = pd.DataFrame(out)
+    result.attrs["non_finite"] = non_finite
+    return result
 
 
 def _as_category_text(s: pd.Series) -> pd.Series:

@@ -16,7 +16,8 @@ class), predicted CTR (mean score), observed CTR (click share) and their ratio. 
 ``shadow_model``) are scored on the same labelled rows, beside the served model (AUC and its difference).
 
 Verdicts and exit codes as drift: ``ok`` 0, ``breached`` 1, ``not_enough_data`` 3 (no group reached
-``min_labelled_rows``).
+``min_labelled_rows``). A served score that is no probability (NaN, ±inf, outside [0, 1]) is a breach of its own
+(``invalid_predictions`` in the join counts); those rows are left out of the figures.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ctrflow.config import QualityParams
+from ctrflow.guard import cut
 from ctrflow.monitoring.drift import BREACHED, EXIT_CODES, NOT_ENOUGH_DATA, OK
 
 LABEL_COLUMNS = {"request_id": "string", "item_id": "int64", "clicked": "0/1", "timestamp": "UTC timestamp"}
@@ -131,7 +133,7 @@ def check_labels(frame: pd.DataFrame) -> pd.DataFrame:
     if bad.any():
         raise QualityInputError(
             f"label feed: column 'clicked' must be 0 or 1; {int(bad.sum()):,} of {len(frame):,} rows are not "
-            f"(e.g. {frame.loc[bad, 'clicked'].iloc[0]!r})"
+            f"(e.g. {frame.loc[bad, 'clicked'].tolist()[0]!r})"  # a Python value: 2, not np.int64(2)
         )
     out["clicked"] = clicked.astype("int8")
     ts = pd.to_datetime(frame["timestamp"], utc=True, errors="coerce")
@@ -145,6 +147,9 @@ def join_labels(log: pd.DataFrame, labels: pd.DataFrame, window_s: float) -> tup
     """Served rows with their click outcome (module docstring): returns (labelled rows, join counts).
 
     The labelled frame has the log's columns plus ``clicked`` (0/1); pending rows are left out."""
+    if log.empty:  # a log with no request yet may hold no column either: nothing served, nothing to join
+        log = log.reindex(columns=list(dict.fromkeys([*log.columns, *LOG_COLUMNS])))
+        log["item_id"] = log["item_id"].astype("int64")
     missing = [c for c in LOG_COLUMNS if c not in log.columns]
     if missing:
         raise QualityInputError(f"request log ({len(log):,} rows) lacks column(s) {missing} needed to join labels")
@@ -233,6 +238,20 @@ def quality_report(
     joined, counts = join_labels(log, labels, s.attribution_window_s)
     if sampling and sampling.get("sampled"):  # clicks of rows outside the sample count as unmatched: say so
         counts["log_sampled"] = {k: sampling[k] for k in ("rows_total", "rows_read", "seed")}
+    # a served score that is no probability (NaN, ±inf, outside [0, 1]: a broken model or log) made the mean and the
+    # z-test NaN or inf, and the group came out "ok"; such rows are a breach of their own, left out of the figures
+    p = joined["prediction"].to_numpy(dtype="float64", na_value=np.nan)
+    valid = np.isfinite(p) & (p >= 0) & (p <= 1)
+    invalid = int((~valid).sum())
+    counts["invalid_predictions"] = invalid
+    invalid_reason = None
+    if invalid:
+        examples = ", ".join(dict.fromkeys(repr(float(v)) for v in p[~valid][:50]))
+        invalid_reason = (
+            f"request log: prediction must be a probability in [0, 1]; {invalid:,} of {len(p):,} labelled rows broke it "
+            f"(e.g. {cut(examples, 60)}); those rows are left out of AUC and calibration"
+        )
+        joined = joined[valid].reset_index(drop=True)
     y = joined["clicked"].to_numpy(dtype="float64")
     p = joined["prediction"].to_numpy(dtype="float64")
 
@@ -242,7 +261,8 @@ def quality_report(
     series = _series(joined, y, p, s)
     shadow = _shadow(joined, y, p) if SHADOW_SCORE in joined.columns and joined[SHADOW_SCORE].notna().any() else None
 
-    reasons = [f"all traffic: {r}" for r in overall["reasons"]]
+    reasons = [invalid_reason] if invalid_reason else []
+    reasons += [f"all traffic: {r}" for r in overall["reasons"]]
     reasons += [f"scenario '{k}': {r}" for k, g in by_scenario.items() for r in g["reasons"]]
     reasons += [f"model '{k}': {r}" for k, g in by_model.items() for r in g["reasons"]]
     verdicts = [overall["verdict"], *(g["verdict"] for g in by_scenario.values())]
