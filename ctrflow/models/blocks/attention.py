@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ctrflow.models.blocks.mlp import MLP
@@ -23,9 +24,11 @@ class TargetAttention(nn.Module):
         q = query.unsqueeze(1).expand_as(keys)
         scores = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
         if self.softmax:
-            scores = scores.masked_fill(~mask, float("-inf"))
-            w = torch.softmax(scores, dim=-1)
-            return torch.nan_to_num(w, nan=0.0)  # a row with no real item: all weights 0
+            # a row with no real item gets all weights 0: its scores stay finite (no -inf, so no NaN to clean up
+            # with nan_to_num, whose backward costs four passes) and its softmax is multiplied by 0
+            nonempty = mask.any(dim=-1, keepdim=True)
+            w = torch.softmax(scores.masked_fill(~mask & nonempty, float("-inf")), dim=-1)
+            return w * nonempty.to(w.dtype)
         return scores * mask.to(scores.dtype)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -36,8 +39,10 @@ class TargetAttention(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head scaled dot-product self-attention over the behaviours, padding keys masked.
 
-    Written out with matmuls: at these sizes (d=16, L=50) it trains ~1.5x faster on CPU than nn.MultiheadAttention.
-    A row without any behaviour attends to nothing and returns zeros.
+    Through `F.scaled_dot_product_attention` (its fused CPU kernel never materialises the [B, H, L, L] scores: at
+    B=4096, L=50 training is ~2.5x faster than the written-out softmax(QK^T/sqrt(d)) V it replaces, which equals it
+    to float rounding, ~1e-6). Padding queries return zeros; a row without any behaviour attends to all of its
+    (padding) keys, so the kernel sees no fully masked row, and returns zeros like every padding query.
     """
 
     def __init__(self, dim: int, heads: int):
@@ -49,8 +54,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [B, H, L, d/H]
-        scores = (q @ k.transpose(-1, -2)) / (d // self.heads) ** 0.5
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        att = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
-        return self.out((att @ v).transpose(1, 2).reshape(b, n, d)) * mask.unsqueeze(-1).to(x.dtype)
+        keys = mask | ~mask.any(dim=1, keepdim=True)  # [B, L]: an empty row sees every key (its output is zeroed)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
+        return self.out(att.transpose(1, 2).reshape(b, n, d)) * mask.unsqueeze(-1).to(x.dtype)
 
