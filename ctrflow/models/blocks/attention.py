@@ -21,8 +21,7 @@ class TargetAttention(nn.Module):
 
     def weights(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """query [B, d], keys [B, L, d], mask [B, L] (True = real item) -> weights [B, L]."""
-        q = query.unsqueeze(1).expand_as(keys)
-        scores = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
+        scores = self._scores(query, keys)
         if self.softmax:
             # a row with no real item gets all weights 0: its scores stay finite (no -inf, so no NaN to clean up
             # with nan_to_num, whose backward costs four passes) and its softmax is multiplied by 0
@@ -30,6 +29,17 @@ class TargetAttention(nn.Module):
             w = torch.softmax(scores.masked_fill(~mask & nonempty, float("-inf")), dim=-1)
             return w * nonempty.to(w.dtype)
         return scores * mask.to(scores.dtype)
+
+    def _scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The activation unit MLP([q, k, q - k, q * k]) [B, L]. Its first Linear is applied by parts: with W split
+        into the four inputs' blocks, W [q, k, q-k, q*k] = (W_q + W_d) q + [W_k - W_d, W_p] [k, q*k], so the query's
+        part is computed once per row instead of once per behaviour and the [B, L, 4d] input is never built (the
+        same function; float rounding differs, ~1e-6)."""
+        first, rest = self.score.net[0], self.score.net[1:]
+        w_q, w_k, w_d, w_p = first.weight.split(query.shape[-1], dim=1)
+        per_row = F.linear(query, w_q + w_d, first.bias).unsqueeze(1)  # [B, 1, h]
+        per_key = F.linear(torch.cat([keys, query.unsqueeze(1) * keys], dim=-1), torch.cat([w_k - w_d, w_p], dim=1))
+        return rest(per_key + per_row).squeeze(-1)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return (self.weights(query, keys, mask).unsqueeze(-1) * keys).sum(dim=1)
