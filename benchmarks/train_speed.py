@@ -149,6 +149,12 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # Linux: KiB
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process so far, all threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def measure_ctrflow(job: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
 
@@ -180,14 +186,16 @@ def measure_ctrflow(job: dict[str, Any]) -> list[dict[str, Any]]:
     model = build_model(name, encoder, params)
     model.prepare(tensors)  # as the training recipe does (DMAE fills its item-modality table here)
     cfg = TrainConfig(epochs=1, batch_size=job["batch_size"], lr=1e-3, threads=job["threads"], progress=False)
+    cpu0 = _cpu_s()
     result = Trainer(model, cfg).fit(tensors)
+    train_cpu = _cpu_s() - cpu0
     train_rss = _peak_rss_mb()
     started = time.perf_counter()
     predict(model, tensors, job["batch_size"])
     infer_s = time.perf_counter() - started
     out = [
         {"phase": "train", "samples_per_s": n / result.seconds, "seconds": result.seconds, "peak_rss_mb": train_rss,
-         "rows": n},
+         "rows": n, "cpu_s": train_cpu},
         {"phase": "inference", "samples_per_s": n / infer_s, "seconds": infer_s, "peak_rss_mb": _peak_rss_mb(), "rows": n},
     ]  # fmt: skip
     if job["model"] == "dgenctr":  # the pre-training step (diffusion loss) on a slice of the same rows
@@ -196,10 +204,12 @@ def measure_ctrflow(job: dict[str, Any]) -> list[dict[str, Any]]:
         m = min(n, job["pretrain_rows"])
         section = {**params, "pretrain": {"epochs": 1, "batch_size": job["batch_size"], "threads": job["threads"]}}
         with tempfile.TemporaryDirectory() as tmp:
+            cpu0 = _cpu_s()
             pretrain(section, {k: v[:m] for k, v in tensors.items()}, encoder, tmp, progress=False)
+            pre_cpu = _cpu_s() - cpu0  # the whole call: a little more than the epoch the wall time is of
             seconds = json.loads((Path(tmp) / "pretrain.json").read_text())["history"][0]["seconds"]
         out.append({"phase": "pretrain", "samples_per_s": m / seconds, "seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
-                    "rows": m})  # fmt: skip
+                    "rows": m, "cpu_s": pre_cpu})  # fmt: skip
     return out
 
 
@@ -245,15 +255,16 @@ def measure_reference(job: dict[str, Any]) -> list[dict[str, Any]]:
     x = {f.name: arrays[f.name] for f in encoder.spec.fields}
     y = arrays["label"]
     n = len(y)
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), _cpu_s()
     model.fit(x, y, batch_size=job["batch_size"], epochs=1, verbose=0, shuffle=True)
-    train_s = time.perf_counter() - started
+    train_s, train_cpu = time.perf_counter() - started, _cpu_s() - cpu0
     train_rss = _peak_rss_mb()
     started = time.perf_counter()
     model.predict(x, batch_size=job["batch_size"])
     infer_s = time.perf_counter() - started
     return [
-        {"phase": "train", "samples_per_s": n / train_s, "seconds": train_s, "peak_rss_mb": train_rss, "rows": n},
+        {"phase": "train", "samples_per_s": n / train_s, "seconds": train_s, "peak_rss_mb": train_rss, "rows": n,
+         "cpu_s": train_cpu},  # fmt: skip
         {
             "phase": "inference",
             "samples_per_s": n / infer_s,
@@ -349,14 +360,14 @@ def measure_fuxictr(job: dict[str, Any]) -> list[dict[str, Any]]:
     n = len(tensors["label"])
     perm = torch.randperm(n)
     bs = job["batch_size"]
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), _cpu_s()
     model.train()
     model._max_gradient_norm = 10.0  # what its fit() sets before training (its default)
     total = 0.0
     for start in range(0, n, bs):
         idx = perm[start : start + bs]
         total += model.train_step({k: v[idx] for k, v in tensors.items()}).item()
-    train_s = time.perf_counter() - started
+    train_s, train_cpu = time.perf_counter() - started, _cpu_s() - cpu0
     train_rss = _peak_rss_mb()
     started = time.perf_counter()
     model.eval()
@@ -365,7 +376,8 @@ def measure_fuxictr(job: dict[str, Any]) -> list[dict[str, Any]]:
             model({k: v[start : start + bs] for k, v in tensors.items()})
     infer_s = time.perf_counter() - started
     return [
-        {"phase": "train", "samples_per_s": n / train_s, "seconds": train_s, "peak_rss_mb": train_rss, "rows": n},
+        {"phase": "train", "samples_per_s": n / train_s, "seconds": train_s, "peak_rss_mb": train_rss, "rows": n,
+         "cpu_s": train_cpu},
         {"phase": "inference", "samples_per_s": n / infer_s, "seconds": infer_s, "peak_rss_mb": _peak_rss_mb(),
          "rows": n},
     ]  # fmt: skip
@@ -421,6 +433,10 @@ def _epoch_s(rec: dict[str, Any] | None) -> str:
     return f"{rec['epoch_rows'] / rec['samples_per_s']:,.0f}"
 
 
+def _cpu(rec: dict[str, Any] | None) -> str:
+    return "–" if rec is None or not rec.get("cpu_samples_per_s") else f"{rec['cpu_samples_per_s']:,.0f}"
+
+
 def render_markdown(records: list[dict[str, Any]], notes: list[str] = ()) -> str:
     first = records[0]
     lines = [
@@ -433,7 +449,10 @@ def render_markdown(records: list[dict[str, Any]], notes: list[str] = ()) -> str
         "hits every implementation alike). Rows with the same `run` were measured in one invocation; compare speeds "
         "within a run (the machine is shared and noisy: `load` is the 1-minute load average on the 2 cores before and "
         "after the run's measurements). `s/epoch` = the dataset's whole training split over the measured rate (the "
-        "rate may come from a slice of it: `rows`). Written by `python -m benchmarks.train_speed`.",
+        "rate may come from a slice of it: `rows`). `per CPU-s × threads` = rows over the process's CPU seconds, "
+        "times its threads: the rate had its threads run all the time, a load-independent figure (on a busy machine "
+        "it still counts threads spinning while they wait for each other, so it stays below a quiet machine's rate). "
+        "Written by `python -m benchmarks.train_speed`.",
         "",
     ]
     for dataset in dict.fromkeys(r["dataset"] for r in records):
@@ -445,10 +464,11 @@ def render_markdown(records: list[dict[str, Any]], notes: list[str] = ()) -> str
         if dataset.startswith("ml-1m"):
             lines += [f"Published: {PUBLISHED_EPOCH_S}; here 2 CPU threads.", ""]
         lines += [
-            "| model | impl | gradients | threads | rows | train samples/s | s/epoch | inference samples/s "
-            "| pretrain samples/s | pretrain s/epoch | peak RSS MB | run | load |"
+            "| model | impl | gradients | threads | rows | train samples/s | s/epoch | train per CPU-s × threads "
+            "| inference samples/s | pretrain samples/s | pretrain s/epoch | pretrain per CPU-s × threads | peak RSS MB "
+            "| run | load |"
         ]
-        lines += ["|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         keys = list(dict.fromkeys((r["model"], r["impl"], r.get("sparse")) for r in rows))
         for model, impl, sparse in keys:
             got = {r["phase"]: r for r in rows if (r["model"], r["impl"], r.get("sparse")) == (model, impl, sparse)}
@@ -457,8 +477,9 @@ def render_markdown(records: list[dict[str, Any]], notes: list[str] = ()) -> str
             any_rec = got.get("train") or next(iter(got.values()))
             load = any_rec.get("load")
             cells = [
-                f"{any_rec['rows']:,}", _speed(got.get("train")), _epoch_s(got.get("train")),
+                f"{any_rec['rows']:,}", _speed(got.get("train")), _epoch_s(got.get("train")), _cpu(got.get("train")),
                 _speed(got.get("inference")), _speed(got.get("pretrain")), _epoch_s(got.get("pretrain")),
+                _cpu(got.get("pretrain")),
             ]  # fmt: skip
             lines.append(
                 f"| {model} | {impl} | {grads} | {any_rec['threads']} | {' | '.join(cells)} | {rss:,.0f} "
@@ -494,6 +515,9 @@ def _records(
                "epoch_rows": job["epoch_rows"], "load": load,
                "seconds": round(float(np.median([r["seconds"] for r in got])), 2), "embedding_dim": args.embedding_dim,
                "mlp": args.mlp, "run": run_id}  # fmt: skip
+        cpu = [r["rows"] / r["cpu_s"] * args.threads for r in got if r.get("cpu_s")]
+        if cpu:  # rows per CPU-second of the process, times its threads: what the threads did while they ran
+            rec["cpu_samples_per_s"] = round(float(np.median(cpu)), 1)
         if len(speeds) > 1:
             rec["samples_per_s_runs"] = [round(v, 1) for v in speeds]
         if job["sparse"] is not None:
