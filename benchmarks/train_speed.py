@@ -463,7 +463,8 @@ def render_markdown(records: list[dict[str, Any]], notes: list[str] = ()) -> str
         "rate may come from a slice of it: `rows`). `per CPU-s × threads` = rows over the process's CPU seconds, "
         "times its threads: the rate had its threads run all the time, a load-independent figure (on a busy machine "
         "it still counts threads spinning while they wait for each other, so it stays below a quiet machine's rate). "
-        "Written by `python -m benchmarks.train_speed`.",
+        "Written by `python -m benchmarks.train_speed`. Where the training time goes, what was made faster and the "
+        "before/after figures: `train_speed_profile.md`.",
         "",
     ]
     for dataset in dict.fromkeys(r["dataset"] for r in records):
