@@ -57,8 +57,10 @@ repro: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
 
 # the training-speed benchmark's reference (DeepCTR-Torch), only for benchmarks: --no-deps keeps torch as pinned
+# the reference implementations of benchmarks/train_speed.py, in a folder of their own (the venv and its pinned torch
+# stay as they are): python -m benchmarks.train_speed --reference-path runs/bench-refs
 bench-deps: $(STAMP)
-	$(PY) -m pip install --quiet --no-deps deepctr-torch==0.3.0
+	$(PY) -m pip install --quiet --no-deps --target runs/bench-refs deepctr-torch==0.3.0 fuxictr==2.3.10 polars==1.20.0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

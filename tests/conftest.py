@@ -36,6 +36,7 @@ FILE_LEVELS = {
     "test_data.py": "unit",
     "test_dgenctr.py": "unit",
     "test_dmae.py": "unit",
+    "test_fast_paths.py": "unit",
     "test_embeddings.py": "unit",
     "test_gsvr.py": "unit",
     "test_guard.py": "unit",

@@ -165,3 +165,43 @@ def test_offline_engines_digest_sees_every_cell_and_merge_replaces_by_engine_and
     merged = offline_engines.merge([{"engine": "spark", "rows": 10, "join_s": 5, "status": "ok"}], path)
     assert [(r["engine"], r["join_s"]) for r in merged] == [("duckdb", 1), ("spark", 5)]
     assert "| 10 | spark |  | ok |" in offline_engines.render(merged)
+
+
+def _speed_record(impl: str, speed: float, **extra) -> dict:
+    return {"dataset": "ml-1m", "model": "deepfm", "impl": impl, "phase": "train", "samples_per_s": speed,
+            "peak_rss_mb": 1.0, "threads": 2, "batch_size": 4096, "rows": 40960, "epoch_rows": 800167,
+            "run": "r1", "load": "9.1-9.8", **extra}  # fmt: skip
+
+
+def test_speed_table_compares_with_each_reference_and_gives_seconds_per_epoch() -> None:
+    records = [
+        _speed_record("deepctr-torch", 1000.0),
+        _speed_record("fuxictr", 2000.0),
+        _speed_record("ctrflow", 4000.0, sparse=False, cpu_samples_per_s=8000.0),
+    ]
+    assert train_speed.ratios(records, "ml-1m")["train"] == 4.0
+    assert train_speed.ratios(records, "ml-1m", train_speed.FUXICTR)["train"] == 2.0
+    md = train_speed.render_markdown(records)
+    assert "vs deepctr-torch DeepFM, training throughput: **4.00×**" in md
+    assert "vs fuxictr DeepFM, training throughput: **2.00×**" in md
+    assert "| deepfm | ctrflow | dense | 2 | 40,960 | 4,000 | 200 | 8,000 |" in md  # 800,167 rows / 4,000 per s
+    assert "7-11 s per epoch on a V100" in md
+
+
+def test_fuxictr_preprocessing_stand_in_raises_when_used(monkeypatch) -> None:
+    """Without ray, FuxiCTR's preprocessing package is replaced by one whose only member its layers import raises."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("ray is installed: FuxiCTR's own preprocessing is used")
+    monkeypatch.delitem(sys.modules, "fuxictr.preprocess", raising=False)
+    monkeypatch.delitem(sys.modules, "fuxictr.preprocess.tokenizer", raising=False)
+    try:
+        train_speed._fuxictr_imports()
+        load_pretrain_emb = sys.modules["fuxictr.preprocess.tokenizer"].load_pretrain_emb
+        with pytest.raises(RuntimeError, match="needs ray"):
+            load_pretrain_emb("x")
+    finally:
+        sys.modules.pop("fuxictr.preprocess", None)
+        sys.modules.pop("fuxictr.preprocess.tokenizer", None)

@@ -171,6 +171,7 @@ class DGenCTR(CTRModel):
         self.token_names: list[str] = [f.name for f in self.fields] + [LABEL]
         self.n_tokens = len(self.token_names)
         self.label_pos = self.n_tokens - 1
+        self._id_positions = [p for p, k in enumerate(self.kinds) if k in (SMALL, LARGE)]
         self.label_embedding = nn.Embedding(2, d)
         nn.init.normal_(self.label_embedding.weight, std=init_std)
         self.position = nn.Parameter(torch.randn(self.n_tokens, d) * init_std)
@@ -251,10 +252,10 @@ class DGenCTR(CTRModel):
         sample, as in pre-training, instead of being read as one shared "unknown" embedding; never targets."""
         first = batch[self.token_names[0]]
         out = torch.zeros(len(first), self.n_tokens, dtype=torch.bool, device=first.device)
-        if self.unknown_as_mask:
-            for pos, kind in enumerate(self.kinds):
-                if kind in (SMALL, LARGE):
-                    out[:, pos] = batch[self.token_names[pos]] == 0
+        if self.unknown_as_mask and self._id_positions:
+            # one comparison over the stacked id columns instead of one per field
+            ids = torch.stack([batch[self.token_names[p]] for p in self._id_positions], dim=1)
+            out[:, self._id_positions] = ids == 0
         return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -275,15 +276,15 @@ class DGenCTR(CTRModel):
         return out
 
     # ---- pre-training: absorbing-mask diffusion ----------------------------------------------------
-    def eligible(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def eligible(self, batch: Mapping[str, torch.Tensor], unknown: torch.Tensor | None = None) -> torch.Tensor:
         """Positions the forward process may mask [B, P]: every known feature; the label when it is diffused and
-        known."""
+        known. `unknown`: `self.unknown(batch)` when the caller has it already."""
         b = len(batch[LABEL])
         eligible = torch.ones(b, self.n_tokens, dtype=torch.bool, device=batch[LABEL].device)
         eligible[:, self.label_pos] = self.label_in_diffusion
         if "label_known" in batch and self.label_in_diffusion:
             eligible[:, self.label_pos] = batch["label_known"].bool()
-        return eligible & ~self.unknown(batch)
+        return eligible & ~(self.unknown(batch) if unknown is None else unknown)
 
     def corrupt(
         self, batch: Mapping[str, torch.Tensor], t: torch.Tensor | None = None, generator: torch.Generator | None = None
@@ -291,14 +292,15 @@ class DGenCTR(CTRModel):
         """The forward process: t ~ U{1..T} (unless given) and the masks [2, B, P] (input mask, target mask); a label
         that is not diffused or not known, and an unknown id (`unknown_as_mask`), is always masked in the input and
         never a target."""
-        eligible = self.eligible(batch)
+        unknown = self.unknown(batch)
+        eligible = self.eligible(batch, unknown)
         b = eligible.shape[0]
         if t is None:
             t = torch.randint(1, self.steps + 1, (b,), generator=generator).to(eligible.device)
         mask = sample_mask(eligible, mask_rate(t, self.steps, self.schedule), generator)
         target = mask.clone()
         mask[:, self.label_pos] |= ~eligible[:, self.label_pos]
-        mask |= self.unknown(batch)
+        mask |= unknown
         return t, torch.stack([mask, target])
 
     def diffusion_loss(
@@ -364,8 +366,13 @@ class DGenCTR(CTRModel):
         # where each masked row's own value sits among the candidates
         slot = torch.empty(len(values), dtype=torch.long, device=values.device)
         slot[cand_rows] = inverse
-        logits = F.normalize(g[idx], dim=-1) @ F.normalize(cand, dim=-1).t() / self.tau
+        logits = self._cosine_logits(g[idx], cand)
         return F.cross_entropy(logits, slot[idx], reduction="none")
+
+    def _cosine_logits(self, g: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """cos(g_i, cand_j) / τ, [N, M]. 1/τ scales the [N, d] queries, not the [N, M] result: the same logits to float
+        rounding, one pass over the large matrix fewer (forward and backward)."""
+        return (F.normalize(g, dim=-1) / self.tau) @ F.normalize(cand, dim=-1).t()
 
     # ---- generation helpers -------------------------------------------------------------------------
     def position_logits(self, h: torch.Tensor, pos: int, bank_values: torch.Tensor | None = None) -> torch.Tensor:
@@ -380,9 +387,9 @@ class DGenCTR(CTRModel):
             return logits
         if kind == LARGE:
             table = self.embedding.table(self.token_names[pos]).weight
-            logits = F.normalize(g, dim=-1) @ F.normalize(table, dim=-1).t() / self.tau
+            logits = self._cosine_logits(g, table)
             logits[:, 0] = float("-inf")  # never generate the unknown id
             return logits
         if bank_values is None:
             raise ValueError(f"dgenctr: position '{self.token_names[pos]}' is dense; it needs bank values to sample")
-        return F.normalize(g, dim=-1) @ F.normalize(bank_values, dim=-1).t() / self.tau
+        return self._cosine_logits(g, bank_values)

@@ -63,6 +63,7 @@ class DIN(CTRModel):
         self.sequence_field, self.target_field = sequence_field, target_field
         self.embedding = FieldEmbedding(encoder, int(embedding_dim), sparse=sparse)
         self.others = [f for f in self.embedding.field_specs if f.name != sequence_field]
+        self._target_pos = [f.name for f in self.others].index(target_field)
         self.attention = TargetAttention(int(embedding_dim), attention_mlp, softmax=bool(attention_softmax))
         width = (len(self.others) + 1) * int(embedding_dim)
         self.deep = MLP(width, mlp, dropout=float(dropout), out_dim=1)
@@ -75,7 +76,7 @@ class DIN(CTRModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         keys, mask = self.embedding.sequence(batch, self.sequence_field)
-        fields = {f.name: self.embedding.embed_field(batch, f) for f in self.others}
-        interest = self.attention(fields[self.target_field], keys, mask)
-        x = torch.cat([*fields.values(), interest], dim=1)
+        fields = self.embedding(batch, exclude=(self.sequence_field,))  # [B, F-1, d]: every other field, spec order
+        interest = self.attention(fields[:, self._target_pos], keys, mask)
+        x = torch.cat([fields.flatten(1), interest], dim=1)
         return self.deep(x).squeeze(-1)

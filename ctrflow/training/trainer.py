@@ -185,6 +185,12 @@ def as_tensors(data: Mapping[str, object], what: str) -> dict[str, torch.Tensor]
     return out
 
 
+def gather_rows(data: Mapping[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows `idx` of every field: `index_select` on dim 0, the same rows as `v[idx]` but without advanced
+    indexing's per-call overhead (about 100x less for a 1-d field at batch 4096, on CPU)."""
+    return {k: v.index_select(0, idx) for k, v in data.items()}
+
+
 def _rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
@@ -537,7 +543,7 @@ class Trainer:
         try:
             for step, rows in enumerate(self.batch_indices(n, epoch)):
                 idx, weight = self._local_rows(rows)
-                losses = self.train_step({k: v[idx] for k, v in train.items()}, epoch, step, weight)
+                losses = self.train_step(gather_rows(train, idx), epoch, step, weight)
                 if release is not None and step % RELEASE_EVERY == RELEASE_EVERY - 1:
                     release()
                 for k, v in losses.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ctrflow.models.blocks.mlp import MLP
@@ -20,13 +21,25 @@ class TargetAttention(nn.Module):
 
     def weights(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """query [B, d], keys [B, L, d], mask [B, L] (True = real item) -> weights [B, L]."""
-        q = query.unsqueeze(1).expand_as(keys)
-        scores = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
+        scores = self._scores(query, keys)
         if self.softmax:
-            scores = scores.masked_fill(~mask, float("-inf"))
-            w = torch.softmax(scores, dim=-1)
-            return torch.nan_to_num(w, nan=0.0)  # a row with no real item: all weights 0
+            # a row with no real item gets all weights 0: its scores stay finite (no -inf, so no NaN to clean up
+            # with nan_to_num, whose backward costs four passes) and its softmax is multiplied by 0
+            nonempty = mask.any(dim=-1, keepdim=True)
+            w = torch.softmax(scores.masked_fill(~mask & nonempty, float("-inf")), dim=-1)
+            return w * nonempty.to(w.dtype)
         return scores * mask.to(scores.dtype)
+
+    def _scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The activation unit MLP([q, k, q - k, q * k]) [B, L]. Its first Linear is applied by parts: with W split
+        into the four inputs' blocks, W [q, k, q-k, q*k] = (W_q + W_d) q + [W_k - W_d, W_p] [k, q*k], so the query's
+        part is computed once per row instead of once per behaviour and the [B, L, 4d] input is never built (the
+        same function; float rounding differs, ~1e-6)."""
+        first, rest = self.score.net[0], self.score.net[1:]
+        w_q, w_k, w_d, w_p = first.weight.split(query.shape[-1], dim=1)
+        per_row = F.linear(query, w_q + w_d, first.bias).unsqueeze(1)  # [B, 1, h]
+        per_key = F.linear(torch.cat([keys, query.unsqueeze(1) * keys], dim=-1), torch.cat([w_k - w_d, w_p], dim=1))
+        return rest(per_key + per_row).squeeze(-1)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return (self.weights(query, keys, mask).unsqueeze(-1) * keys).sum(dim=1)
@@ -36,8 +49,10 @@ class TargetAttention(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head scaled dot-product self-attention over the behaviours, padding keys masked.
 
-    Written out with matmuls: at these sizes (d=16, L=50) it trains ~1.5x faster on CPU than nn.MultiheadAttention.
-    A row without any behaviour attends to nothing and returns zeros.
+    Through `F.scaled_dot_product_attention` (its fused CPU kernel never materialises the [B, H, L, L] scores: at
+    B=4096, L=50 training is ~2.5x faster than the written-out softmax(QK^T/sqrt(d)) V it replaces, which equals it
+    to float rounding, ~1e-6). Padding queries return zeros; a row without any behaviour attends to all of its
+    (padding) keys, so the kernel sees no fully masked row, and returns zeros like every padding query.
     """
 
     def __init__(self, dim: int, heads: int):
@@ -49,8 +64,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [B, H, L, d/H]
-        scores = (q @ k.transpose(-1, -2)) / (d // self.heads) ** 0.5
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        att = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
-        return self.out((att @ v).transpose(1, 2).reshape(b, n, d)) * mask.unsqueeze(-1).to(x.dtype)
+        keys = mask | ~mask.any(dim=1, keepdim=True)  # [B, L]: an empty row sees every key (its output is zeroed)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
+        return self.out(att.transpose(1, 2).reshape(b, n, d)) * mask.unsqueeze(-1).to(x.dtype)
 

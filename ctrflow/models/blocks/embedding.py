@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ctrflow.data.encoding import FeatureEncoder
@@ -72,6 +73,8 @@ class FieldEmbedding(nn.Module):
                 with torch.no_grad():
                     table.weight[0].zero_()
                 self.tables[owner] = table
+        self._plans: dict[tuple[str, ...], tuple | None] = {}  # forward's fused-lookup plan per excluded set
+        self._offsets: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_fields(self) -> int:
@@ -104,8 +107,71 @@ class FieldEmbedding(nn.Module):
             return (emb * m).sum(1) / m.sum(1).clamp(min=1.0)  # an empty sequence pools to zeros
         return self.table(f.name)(_field(batch, f.name))
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([self.embed_field(batch, f) for f in self.field_specs], dim=1)
+    def forward(self, batch: dict[str, torch.Tensor], exclude: Collection[str] = ()) -> torch.Tensor:
+        """The fields (less `exclude`) to `[B, F, dim]`, in spec order.
+
+        The single-id fields whose tables are dense (categorical and bucketised numeric; sparse tables excluded)
+        are looked up in one `F.embedding` call over their tables concatenated (ids shifted by each table's offset;
+        id 0 of every field maps to row 0, the first table's zero padding row, which gets no gradient): one lookup
+        and one backward instead of one per field. Values are the same rows, gradients the same sums. An id outside
+        its table raises IndexError naming the field, as a per-field lookup does."""
+        plan = self._plan(tuple(exclude))
+        if plan is None:
+            specs = [f for f in self.field_specs if f.name not in exclude]
+            return torch.stack([self.embed_field(batch, f) for f in specs], dim=1)
+        names, owners, rest, order = plan
+        ids = torch.stack([_field(batch, n).long() for n in names], dim=1)  # [B, S]
+        offsets, sizes = self._fused_offsets(owners, names, ids.device)
+        bad = (ids < 0) | (ids >= sizes)
+        if bool(bad.any()):
+            col = int(bad.any(dim=0).nonzero()[0])
+            raise IndexError(
+                f"field '{names[col]}': {int(bad[:, col].sum())} ids outside its table of {int(sizes[col])} rows "
+                f"(e.g. {int(ids[:, col][bad[:, col]][0])})"
+            )
+        weight = torch.cat([self.tables[o].weight for o in owners]) if len(owners) > 1 else self.tables[owners[0]].weight
+        out = F.embedding((ids + offsets) * (ids != 0), weight, padding_idx=0)  # [B, S, dim]
+        if rest:
+            out = torch.cat([out, torch.stack([self.embed_field(batch, f) for f in rest], dim=1)], dim=1)
+        return out if order is None else out.index_select(1, order.to(out.device))
+
+    def _plan(
+        self, exclude: tuple[str, ...]
+    ) -> tuple[list[str], list[str], list[FieldSpec], torch.Tensor | None] | None:
+        """(fused field names, their table owners in concatenation order, the other fields, the column order that
+        puts [fused..., others...] back in spec order or None when it already is); None when fewer than two fields
+        can be fused."""
+        if exclude not in self._plans:
+            specs = [f for f in self.field_specs if f.name not in exclude]
+            fused = [
+                f for f in specs
+                if f.kind in (FieldKind.CATEGORICAL, FieldKind.NUMERIC) and not self.table(f.name).sparse
+            ]  # fmt: skip
+            if len(fused) < 2:
+                self._plans[exclude] = None
+            else:
+                rest = [f for f in specs if f not in fused]
+                owners = list(dict.fromkeys(self._table_of[f.name] for f in fused))
+                position = {f.name: i for i, f in enumerate(fused + rest)}
+                order = [position[f.name] for f in specs]
+                perm = None if order == list(range(len(order))) else torch.tensor(order)
+                self._plans[exclude] = ([f.name for f in fused], owners, rest, perm)
+        return self._plans[exclude]
+
+    def _fused_offsets(self, owners: list[str], names: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per fused field: the row where its table starts in the concatenation, and its table's size."""
+        key = (tuple(names), str(device))
+        if key not in self._offsets:
+            start, starts = 0, {}
+            for o in owners:
+                starts[o] = start
+                start += self.tables[o].num_embeddings
+            own = [self._table_of[n] for n in names]
+            self._offsets[key] = (
+                torch.tensor([starts[o] for o in own], device=device),
+                torch.tensor([self.tables[o].num_embeddings for o in own], device=device),
+            )
+        return self._offsets[key]
 
 
 
