@@ -224,6 +224,9 @@ class FeaturesParams(Section):
     # which stores a new run's repo copy gets (ctrflow.features.profile_file): local = DuckDB + SQLite + file registry;
     # production = Spark + Redis + SQL registry on PostgreSQL, hosts and credentials from environment variables
     profile: Literal["local", "production"] = "local"
+    # the features step joins and writes the training set about this many entity rows (a user-id range) at a time,
+    # and builds the behaviour table as many rows at a time: its memory is bounded by this, not by the rows in all
+    chunk_rows: int = Field(500_000, gt=0)
 
 
 class TrainParams(Section):

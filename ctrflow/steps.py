@@ -87,6 +87,7 @@ def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str
     from ctrflow.data.tables import Dataset
 
     dataset = Dataset.load(dataset_dir)
+    spec = dataset.spec
     repo_dir = Path(repo_dir).resolve()
     profile = section(params, "features").profile
     if not (repo_dir / "feature_store.yaml").exists():
@@ -95,23 +96,27 @@ def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str
         log.warning("feature repo %s keeps its own feature_store.yaml, not profile '%s's (a new --repo gets it)", repo_dir, profile)
     data_dir = repo_dir / "data"
     n = len(dataset.interactions)
-    features.write_feature_tables(dataset, data_dir)
+    chunk_rows = section(params, "features").chunk_rows
+    features.write_feature_tables(dataset, data_dir, chunk_rows=chunk_rows)
     progress(0, n, "feature tables written", every_s=0)
     store = features.apply_repo(repo_dir, data_dir)
 
-    entity_df = dataset.interactions.copy()
+    entity_df = dataset.interactions
+    del dataset  # the profiles and spec are in the repo now; the events are the entity rows
     data = section(params, "data")
     entity_df["split"] = make_split(entity_df, data.split, seed=data.seed).to_numpy()
-    # behaviour through the ASOF join (linear in rows), hist cells as numpy views (no Python list per row)
-    frame = features.historical_frame(store, entity_df, service=section(params, "features").service, lists=False)
-    progress(n, n, "point-in-time join", every_s=0)
     out = Path(training_set_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_frame(frame, out / TRAINING_FRAME)
-    dataset.spec.save(out / SPEC_FILE)
+    # behaviour through the ASOF join (linear in rows), a user range of ~chunk_rows rows at a time, written with one
+    # fixed schema and merged back into the events' order: memory bounded by the chunk, not the rows in all
+    rows = features.write_historical_frame(
+        store, entity_df, out / TRAINING_FRAME, service=section(params, "features").service, chunk_rows=chunk_rows,
+        slice_rows=WRITE_SLICE_ROWS,
+    )
+    spec.save(out / SPEC_FILE)
     progress(n, n, "training set written", every_s=0)
-    counts, rows = frame["split"].value_counts().to_dict(), len(frame)
-    del frame, entity_df, dataset  # written: materialization must not run on top of the frame's memory
+    counts = entity_df["split"].value_counts().to_dict()
+    del entity_df  # written: materialization must not run on top of the events' memory
     features.materialize(store)
     log.info("training set %s: %s; Feast repo %s", out, counts, repo_dir)
     return {"feature_repo": str(repo_dir), "training_set": str(out), "rows": rows, "splits": counts}
