@@ -218,6 +218,30 @@ def embed_step(params: dict[str, Any], dataset_dir: str | Path, dataset_out: str
 
 
 # ---- register + gate ------------------------------------------------------------------------------------
+def first_rows_per_key(path: str | Path, key: str, columns: list[str], batch_rows: int = 500_000) -> pd.DataFrame:
+    """The first row (in file order) of each distinct `key` value of a Parquet file, `columns` of it (those the file
+    has): what `pd.read_parquet(path, columns).drop_duplicates(subset=[key])` keeps, read `batch_rows` rows at a time
+    so memory grows with the distinct keys, not the rows (10M training rows hold ~100k items)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    names = [c for c in dict.fromkeys([key, *columns]) if c in set(file.schema_arrow.names)]
+    seen = np.array([], dtype=np.int64)
+    parts = []
+    for batch in file.iter_batches(batch_size=batch_rows, columns=names):
+        keys = batch.column(key).to_numpy(zero_copy_only=False)
+        _, first = np.unique(keys, return_index=True)
+        first = np.sort(first)
+        new = first[~np.isin(keys[first], seen)]
+        if len(new):
+            parts.append(pa.Table.from_batches([batch]).take(pa.array(new)))
+            seen = np.concatenate([seen, keys[new]]) if len(seen) else keys[new]
+    table = pa.concat_tables(parts) if parts else file.schema_arrow.empty_table().select(names)
+    return table.to_pandas()
+
+
 def model_name(params: dict[str, Any], dataset: str | None) -> str:
     """The registry name: registry.model_name when set, else one per data set (`ctrflow-<dataset>`)."""
     from ctrflow.registry import model_name_for
@@ -239,7 +263,6 @@ def register_step(
     item features it was trained with), which `ctrflow.fit_check` compares with a feature repository before serving.
     """
     use_bentoml_home(params)
-    import pyarrow.parquet as pq
 
     from ctrflow import registry
     from ctrflow.data.encoding import FeatureEncoder
@@ -256,8 +279,7 @@ def register_step(
     if training_set_dir is not None:
         path = Path(training_set_dir) / TRAINING_FRAME
         wanted = [spec.item_key, *(f.column for f in spec.fields if f.entity is Entity.ITEM)]  # all the fingerprint reads
-        present = set(pq.ParquetFile(path).schema_arrow.names)
-        frame = pd.read_parquet(path, columns=[c for c in dict.fromkeys(wanted) if c in present])
+        frame = first_rows_per_key(path, spec.item_key, [c for c in dict.fromkeys(wanted)])
         key_field = next((f.name for f in spec.fields if f.column == spec.item_key), None)
         vocab = encoder.vocabs.get(key_field, []) if key_field else []
         items = registry.item_fingerprint(frame, spec, vocab or frame[spec.item_key].unique())
