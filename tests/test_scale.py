@@ -226,3 +226,24 @@ def test_chunked_training_set_equals_one_chunk_with_all_null_chunks(tiny_dataset
     # not vacuous: unknown users/items are null, known ones are not, histories are there
     assert want.loc[want.user_id == unknown, "gender"].isna().all() and want.loc[want.user_id != unknown, "gender"].notna().all()
     assert want.loc[want.item_id == unknown, "category"].isna().all() and want["hist_item_ids"].map(len).max() == 10
+
+
+def test_user_ranges_and_first_rows_per_key(tmp_path):
+    """Chunks are whole users of about chunk_rows rows (a heavy user alone); register's item rows are the first of
+    each item in file order, read in batches, as drop_duplicates of the whole file keeps them."""
+    from ctrflow.steps import first_rows_per_key
+
+    users = np.array([3, 1, 1, 2, 9, 9, 9, 9, 9, 2, 4])  # counts: 1:2, 2:2, 3:1, 4:1, 9:5
+    assert F._user_ranges(users, None) == [None] and F._user_ranges(users, 11) == [None]
+    assert F._user_ranges(users, 4) == [(1, 2), (3, 4), (9, 9)]
+    assert F._user_ranges(users, 1) == [(1, 1), (2, 2), (3, 3), (4, 4), (9, 9)]
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"item_id": rng.integers(0, 40, 1000), "price": np.arange(1000.0),
+                          "emb": [np.full(3, i, dtype=np.float32) for i in range(1000)], "other": "x"})
+    frame.to_parquet(tmp_path / "f.parquet", index=False)
+    got = first_rows_per_key(tmp_path / "f.parquet", "item_id", ["price", "emb", "not_there"], batch_rows=77)
+    want = frame.drop_duplicates(subset=["item_id"]).reset_index(drop=True)
+    assert list(got.columns) == ["item_id", "price", "emb"] and len(got) == len(want) == 40
+    assert got[["item_id", "price"]].equals(want[["item_id", "price"]])
+    assert all(np.array_equal(a, b) for a, b in zip(got["emb"], want["emb"]))
