@@ -617,6 +617,8 @@ def _behaviour_asof(
     con = duckdb.connect()
     try:
         con.execute("SET preserve_insertion_order = false")
+        for name, value in _DUCKDB_SETTINGS.items():  # limit_duckdb_memory: the step's cap and spill folder
+            con.execute(f"SET {name} = '{value}'")
         # DuckDB (>= 1.3) plans an ASOF join whose one side looks small as a nested loop + arg_max; a registered
         # Arrow table has no row estimate (~1 row), which turns a linear join into entity rows x behaviour rows
         with contextlib.suppress(duckdb.Error):
@@ -906,14 +908,16 @@ def write_historical_frame(
             tmp.mkdir(parents=True)
             try:
                 with_row = schema.append(pa.field(_ROW, pa.int64()))
+                group_rows = max(1_000, slice_rows // ranges)  # one output block's share of each chunk file
                 files = []
                 for number, (positions, part) in enumerate(chunks):
                     part[_ROW] = positions
                     files.append(tmp / f"{number:05d}.parquet")
                     with pq.ParquetWriter(files[-1], with_row) as chunk_writer:
                         for a in range(0, len(part), slice_rows):
-                            chunk_writer.write_table(
-                                pa.Table.from_pandas(part.iloc[a : a + slice_rows], schema=with_row, preserve_index=False)
+                            chunk_writer.write_table(  # small groups: the merge decodes one group per file at once
+                                pa.Table.from_pandas(part.iloc[a : a + slice_rows], schema=with_row, preserve_index=False),
+                                row_group_size=group_rows,
                             )
                     done += len(part)
                     del part
@@ -930,7 +934,7 @@ def _merge_by_row(files: list[Path], writer: pq.ParquetWriter, n: int, block_row
     `block_rows` row numbers at a time, without _ROW; reads each file once, in batches."""
     from ctrflow.meter import progress
 
-    batch = max(1_000, block_rows // max(len(files), 1))
+    batch = max(1_000, block_rows // max(len(files), 1))  # the chunk files' row groups are this size too
     readers = [pq.ParquetFile(f).iter_batches(batch_size=batch) for f in files]
     buffers: list[pa.Table | None] = [None] * len(files)
     exhausted = [False] * len(files)
@@ -955,6 +959,39 @@ def _merge_by_row(files: list[Path], writer: pq.ParquetWriter, n: int, block_row
             order = np.argsort(block.column(_ROW).to_numpy(), kind="stable")
             writer.write_table(block.take(pa.array(order)).drop_columns([_ROW]))
         progress(min(end, n), n, "training set written in row order")
+
+
+_DUCKDB_SETTINGS: dict[str, str] = {}  # set by limit_duckdb_memory, applied to every DuckDB connection opened here
+
+
+@contextlib.contextmanager
+def duckdb_memory_limit(memory_mb: int):
+    """Within the block, cap DuckDB's memory at `memory_mb` MiB (spilling to a temporary folder beyond it) in this
+    process's offline joins: Feast's DuckDB offline store (ibis' default DuckDB connection, which
+    `get_historical_features` and `materialize` run on) and the behaviour ASOF joins; restored after.
+
+    Why: materialising the behaviour view picks each user's latest row with a window over every behaviour row and its
+    item list; DuckDB's default cap (80% of RAM) let that take 12+ GB on 10M rows, while with a 1 GB cap it spills and
+    takes the same time (measured on the 10M-row table: 1.2 GB peak, 24 s). No effect on the Spark profile's joins."""
+    import tempfile
+
+    from ibis.config import _default_backend
+
+    backend = _default_backend()  # what ibis.read_parquet, and so Feast's DuckDB store, runs on
+    on_duckdb = getattr(backend, "name", "") == "duckdb"
+    with tempfile.TemporaryDirectory(prefix="ctrflow-duckdb-") as spill:
+        settings = {"memory_limit": f"{int(memory_mb)}MB", "temp_directory": spill}
+        _DUCKDB_SETTINGS.update(settings)
+        try:
+            if on_duckdb:
+                for name, value in settings.items():
+                    backend.raw_sql(f"SET {name} = '{value}'")
+            yield
+        finally:
+            _DUCKDB_SETTINGS.clear()
+            if on_duckdb:
+                for name in settings:
+                    backend.raw_sql(f"RESET {name}")
 
 
 def materialize(store: FeatureStore, end: datetime | None = None) -> None:

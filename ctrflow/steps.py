@@ -81,7 +81,17 @@ def template_repo(params: dict[str, Any]) -> Path:
 
 @metered("features")
 def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str | Path, training_set_dir: str | Path) -> dict[str, Any]:
-    """Feature tables → Feast apply → point-in-time training set (with its split) → materialise online."""
+    """Feature tables → Feast apply → point-in-time training set (with its split) → materialise online.
+
+    Bounded memory: the behaviour table and the training set are built `features.chunk_rows` rows at a time, and
+    DuckDB (Feast's offline store, the ASOF joins) is capped at `features.duckdb_memory_mb`, spilling beyond it."""
+    from ctrflow import features
+
+    with features.duckdb_memory_limit(section(params, "features").duckdb_memory_mb):
+        return _features(params, dataset_dir, repo_dir, training_set_dir)
+
+
+def _features(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str | Path, training_set_dir: str | Path) -> dict[str, Any]:
     from ctrflow import features
     from ctrflow.data.splits import make_split
     from ctrflow.data.tables import Dataset
