@@ -19,6 +19,7 @@ from components.finetune import finetune_model  # noqa: E402
 from components.gate import promotion_gate  # noqa: E402
 from components.gsvr import train_multiscenario  # noqa: E402
 from components.pretrain import pretrain_model  # noqa: E402
+from components.pytorchjob import train_pytorchjob  # noqa: E402
 from components.register import register_model  # noqa: E402
 from components.train import train_model  # noqa: E402
 from components.validate import validate_data  # noqa: E402
@@ -37,5 +38,6 @@ __all__ = [
     "request_retraining",
     "train_model",
     "train_multiscenario",
+    "train_pytorchjob",
     "validate_data",
 ]

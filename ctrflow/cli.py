@@ -567,11 +567,12 @@ def pipeline_run(ctx: click.Context, workdir: str, model_name: str, family: str 
 @click.option("--name", type=click.Choice(["training", "monitoring"]), default="training", show_default=True)
 @click.option("--family", type=click.Choice(FAMILIES), default="standard", show_default=True, help="Training DAG's model family.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Default: runs/<name>_pipeline.yaml")
-def pipeline_compile(name: str, family: str, out_path: str | None) -> None:
-    """Write the pipeline's IR YAML (what Kubeflow Pipelines runs)."""
+@click.pass_context
+def pipeline_compile(ctx: click.Context, name: str, family: str, out_path: str | None) -> None:
+    """Write the pipeline's IR YAML (what Kubeflow Pipelines runs); pipeline.launcher picks its train step."""
     from pipelines.runner import compile_pipeline
 
-    click.echo(compile_pipeline(name, out_path or f"runs/{name}_pipeline.yaml", family))
+    click.echo(compile_pipeline(name, out_path or f"runs/{name}_pipeline.yaml", family, _params(ctx)))
 
 
 @pipeline.command("submit")

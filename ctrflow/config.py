@@ -214,8 +214,14 @@ class ValidationParams(Section):
         return value.isoformat() if isinstance(value, dt.date) else value
 
 
+LAUNCHERS = ("local", "pytorchjob")  # how the training DAG's train step runs (pipelines.training)
+
+
 class PipelineParams(Section):
     family: Literal[FAMILIES] = "standard"  # the training DAG `ctrflow pipeline run` / `make run` use
+    # the train step of the compiled DAG: local = in its own pod (components.train); pytorchjob = a Kubeflow
+    # PyTorchJob the component creates and waits for (components.pytorchjob; families standard and dmae)
+    launcher: Literal[LAUNCHERS] = "local"
 
 
 class FeaturesParams(Section):
@@ -262,6 +268,8 @@ class PyTorchJobParams(Section):
     memory: str = "4Gi"  # per pod: every pod holds the whole training set
     volume_claim: str = "ctrflow-data"  # PersistentVolumeClaim (ReadWriteMany) with the training set and the output
     mount_path: str = "/data"  # where it is mounted in every pod
+    poll_s: float = Field(10.0, gt=0)  # the pipeline's train_pytorchjob component: seconds between status reads
+    timeout_s: float = Field(86_400.0, gt=0)  # ... and how long it waits for Succeeded / Failed before deleting the job
 
 
 class DGenCTRPretrain(Section):

@@ -56,7 +56,7 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     lines.append(f"GX validation results:  {run['validation_report_json']}")
     lines.append(f"Feast repo:             {run['feature_repo']}")
     lines.append(f"registered model:       {run['model_tag']} (gate {'passed' if run['gate_passed'] else 'failed'})")
-    ir = compile_pipeline("training", workdir / "training_pipeline.yaml")
+    ir = compile_pipeline("training", workdir / "training_pipeline.yaml", run["family"], params)
     lines.append(f"pipeline IR YAML:       {ir}")
 
     gate = run.get("gate") or {}

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ctrflow.config import REPO_ROOT, section
+from ctrflow.meter import current as current_meter
 from ctrflow.meter import metered, progress
 
 log = logging.getLogger("ctrflow")
@@ -156,6 +157,34 @@ def load_training_set(training_set_dir: str | Path) -> tuple[pd.DataFrame, Any]:
 
     d = Path(training_set_dir)
     return pd.read_parquet(d / TRAINING_FRAME), FeatureSpec.load(d / SPEC_FILE)
+
+
+def last_split_rows(training_set_dir: str | Path, split: str, n: int, batch_rows: int = 65_536) -> tuple[pd.DataFrame, Any]:
+    """The last `n` rows of one split of the training set (in the frame's row order) and its spec, read batch by
+    batch: memory ~ n rows + one batch, not the whole training set (millions of rows with 50-item lists).
+
+    Equals `frame[frame["split"] == split].tail(n).reset_index(drop=True)` of `load_training_set`.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from ctrflow.data.spec import FeatureSpec
+
+    d = Path(training_set_dir)
+    file = pq.ParquetFile(d / TRAINING_FRAME)
+    kept: list[pa.Table] = []
+    held = 0
+    for batch in file.iter_batches(batch_size=batch_rows):
+        part = pa.Table.from_batches([batch]).filter(pc.equal(batch.column("split"), split))
+        if part.num_rows:
+            kept.append(part)
+            held += part.num_rows
+        while kept and held - kept[0].num_rows >= n:  # the oldest part is no longer needed for the last n rows
+            held -= kept.pop(0).num_rows
+    table = pa.concat_tables(kept) if kept else file.schema_arrow.empty_table()
+    table = table.slice(max(table.num_rows - n, 0))
+    return table.to_pandas().reset_index(drop=True), FeatureSpec.load(d / SPEC_FILE)
 
 
 # ---- train ----------------------------------------------------------------------------------------------
@@ -415,12 +444,13 @@ def drift_step(
     from ctrflow.training.artifact import Scorer, load_model_artifact
 
     d = section(params, "drift")
-    frame, spec = load_training_set(training_set_dir)
-    reference = frame[frame["split"] == "train"].tail(d.reference_rows).reset_index(drop=True)
+    reference, spec = last_split_rows(training_set_dir, "train", d.reference_rows)
     try:
         current_df, sampling = read_current(current, max_rows=d.max_current_rows, seed=d.sample_seed)
     except CurrentInputError as exc:
         raise DriftInputError(str(exc)) from exc
+    if (meter := current_meter()) is not None:
+        meter.rows = len(reference) + len(current_df)  # the rows compared (the report object carries no row count)
     if model_dir is not None:
         loaded = load_model_artifact(model_dir)
         scorer = Scorer(loaded.model, loaded.encoder)

@@ -18,11 +18,12 @@ from ctrflow.config import section, to_struct
 PIPELINES = ("training", "monitoring")
 
 
-def pipeline_func(name: str, family: str = "standard") -> Any:
+def pipeline_func(name: str, family: str = "standard", params: dict[str, Any] | None = None) -> Any:
+    """The pipeline object; `params` pick the training DAG's launcher (pipeline.launcher, pytorchjob section)."""
     if name == "training":
         from pipelines.training import build_training_pipeline
 
-        return build_training_pipeline(family)
+        return build_training_pipeline(family, params)
     if name == "monitoring":
         from pipelines.monitoring import monitoring_pipeline
 
@@ -36,11 +37,11 @@ def pipeline_params(params: dict[str, Any]) -> dict[str, Any]:
     return to_struct(params)
 
 
-def compile_pipeline(name: str, package_path: str | Path, family: str = "standard") -> Path:
-    """Write the KFP IR YAML (what a Kubeflow cluster runs)."""
+def compile_pipeline(name: str, package_path: str | Path, family: str = "standard", params: dict[str, Any] | None = None) -> Path:
+    """Write the KFP IR YAML (what a Kubeflow cluster runs); `params` as in `pipeline_func`."""
     package_path = Path(package_path)
     package_path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline_func(name, family), str(package_path))
+    compiler.Compiler().compile(pipeline_func(name, family, params), str(package_path))
     return package_path
 
 
@@ -60,7 +61,7 @@ def run_training_local(params: dict[str, Any], workdir: str | Path, model_name: 
         arguments = {"params": pipeline_params(params), "feature_repo": str(workdir / "feature_repo")}
         if model_name:
             arguments["model_name"] = model_name
-        task = pipeline_func("training", family)(**arguments)
+        task = pipeline_func("training", family, params)(**arguments)
     finally:
         _cleanup_ephemeral_dirs()
     outputs = task.outputs
@@ -154,7 +155,7 @@ def submit(
         raise ValueError(f"cron '{cron}' must have 6 fields (seconds first), got {len(cron.split())}")
     client = client or kfp.Client(host=host)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline("training", Path(tmp) / "training.yaml", family)
+        package = compile_pipeline("training", Path(tmp) / "training.yaml", family, params)
         arguments = {"params": pipeline_params(params), "feature_repo": feature_repo}
         exp = client.create_experiment(name=experiment)
         exp_id = getattr(exp, "experiment_id", None) or getattr(exp, "id", None)

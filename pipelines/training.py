@@ -11,16 +11,23 @@ One DAG per model family, chosen when the pipeline is built (`build_training_pip
   pre-training
 - `dmae`: item modality embeddings are computed and written to the feature store before the features step
 
+The train step of `standard` and `dmae` runs in its own pod (`launcher="local"`, components.train) or, with
+`pipeline.launcher: pytorchjob`, as a Kubeflow PyTorchJob that `train_pytorchjob` creates and waits for: the
+PersistentVolumeClaim `pytorchjob.volume_claim` is mounted on that task at `pytorchjob.mount_path` (kfp-kubernetes),
+the same volume the job's pods mount.
+
 Side-effect steps (Feast materialisation, registry writes, the gate, deployment) are never cached; a failed
 validation stops the run before anything is registered, and deploy runs only when the gate passes (`dsl.If`).
 """
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Dataset, Model
 
 from components import (
+    BASE_IMAGE,
     build_features,
     deploy_model,
     embed_items,
@@ -30,9 +37,10 @@ from components import (
     register_model,
     train_model,
     train_multiscenario,
+    train_pytorchjob,
     validate_data,
 )
-from ctrflow.config import FAMILIES
+from ctrflow.config import FAMILIES, section
 
 PIPELINE_NAME = "ctrflow-training"
 
@@ -44,9 +52,15 @@ class TrainingOutputs(NamedTuple):
     gate_passed: bool
 
 
-def build_training_pipeline(family: str = "standard"):  # noqa: ANN201 - a KFP pipeline object
+def build_training_pipeline(family: str = "standard", params: Mapping[str, Any] | None = None):  # noqa: ANN201 - a KFP pipeline object
+    """The DAG of `family`; `params` (default: the defaults) choose its train step's launcher (pipeline.launcher)
+    and, for a PyTorchJob, the volume mounted on that step (pytorchjob.volume_claim, mount_path) at compile time."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family '{family}': choose one of {FAMILIES}")
+    launcher = section(params, "pipeline").launcher  # typed: one of ctrflow.config.LAUNCHERS
+    if launcher == "pytorchjob" and family not in ("standard", "dmae"):
+        raise ValueError(f"pipeline.launcher pytorchjob runs `ctrflow train`: families standard and dmae, not '{family}'")
+    job = section(params, "pytorchjob")
     name = PIPELINE_NAME if family == "standard" else f"{PIPELINE_NAME}-{family}"
     default_model = "dmae" if family == "dmae" else ""
 
@@ -72,6 +86,12 @@ def build_training_pipeline(family: str = "standard"):  # noqa: ANN201 - a KFP p
         elif family == "gsvr-pretrained":
             trained = train_multiscenario(params=params, training_set=training_set, init_from=pretrained.outputs["Output"])
             trained.set_display_name("train GSVR (pretrained embeddings)")
+        elif launcher == "pytorchjob":
+            from kfp import kubernetes
+
+            trained = train_pytorchjob(params=params, training_set=training_set, model_name=model_name, image=BASE_IMAGE)
+            trained.set_display_name(f"train (PyTorchJob, {job.replicas} pods)").set_caching_options(False)
+            kubernetes.mount_pvc(trained, pvc_name=job.volume_claim, mount_path=job.mount_path)
         else:
             trained = train_model(params=params, training_set=training_set, model_name=model_name).set_display_name("train")
 

@@ -7,6 +7,7 @@ online stores). Each test gets its own PostgreSQL database and Redis server (tes
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -200,3 +201,74 @@ def test_production_profile_names_unset_variables_and_keeps_hosts_out_of_files(t
         assert bad.exit_code == 2 and "params.nowhere.yaml" in bad.output
     finally:
         cli.commands.pop("_show_profile", None)
+
+
+# ---- the whole product on the production engines -------------------------------------------------------------
+@pytest.mark.slow  # the whole pipeline with Spark in its features step, then `bentoml serve`: minutes on 2 cores
+@pytest.mark.spark
+@pytest.mark.serving
+def test_production_profile_run_all_registers_and_serves_through_the_production_stores(tmp_path, redis_url):
+    """`ctrflow --profile production run-all` on a tiny synthetic set, one epoch: the KFP pipeline applies the
+    Feast repository to the SQL registry on PostgreSQL, builds the training set on Spark, materialises into Redis,
+    trains, registers, passes the gate and deploys; the service answers from Redis; the drift report follows. The
+    stores are then read back on their own: the registry tables in PostgreSQL, the keys in Redis, and the features
+    the service logged for a user are what Feast reads online from Redis for that user."""
+    import psycopg
+    import redis
+
+    from ctrflow.local_services import free_port
+    from ctrflow.request_log import read_request_log
+
+    workdir = tmp_path / "run"
+    with postgres_database() as registry_url:
+        env = {**_production_env(registry_url, redis_url), "BENTOML_HOME": str(tmp_path / "bentoml")}
+        tiny = {"data.source": "synthetic", "data.synthetic.n_users": 200, "data.synthetic.n_items": 150,
+                "data.synthetic.n_interactions": 5000, "data.max_len": 8, "validation.min_rows": 100, "train.epochs": 1,
+                "train.threads": 1, "train.progress": "false", "train.batch_size": 512, "train.embedding_dim": 4,
+                "models.dcnv2.cross_layers": 1, "models.dcnv2.mlp": "[16]", "gate.min_valid_auc": 0.0,
+                "gate.min_lift_over_reference": -1.0, "serving.port": free_port(), "serving.workers": 1,
+                "monitoring.workspace": "null"}  # fmt: skip  (gate floor 0: one epoch on 5000 rows sits near AUC 0.5; the stores are under test here)
+        sets = [a for k, v in tiny.items() for a in ("--set", f"{k}={v}")]
+        proc = subprocess.run(
+            [sys.executable, "-m", "ctrflow.cli", "--profile", "production", *sets, "run-all", "--workdir", str(workdir), "--requests", "20"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        assert "service that answered" in proc.stdout and "drift verdict" in proc.stdout
+
+        run = json.loads((workdir / "run.json").read_text())
+        assert run["gate_passed"] is True and json.loads((workdir / "deployment.json").read_text())["model_tag"] == run["model_tag"]
+        repo = Path(run["feature_repo"])
+        config = yaml.safe_load((repo / "feature_store.yaml").read_text())
+        assert (config["registry"]["registry_type"], config["offline_store"]["type"], config["online_store"]["type"]) == ("sql", "spark", "redis")
+        assert not (repo / "data" / "registry.db").exists() and not (repo / "data" / "online_store.db").exists()
+
+        # registered in the BentoML store and promoted to production
+        models = subprocess.run([sys.executable, "-m", "ctrflow.cli", "models", "list", "--json"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert models.returncode == 0, models.stderr[-2000:]
+        assert {m["tag"]: m["stage"] for m in json.loads(models.stdout)}[run["model_tag"]] == "production"
+
+        # the Feast registry lives in PostgreSQL, the online features in Redis
+        with psycopg.connect(registry_url.replace("postgresql+psycopg://", "postgresql://", 1)) as conn:
+            views = {r[0] for r in conn.execute("SELECT feature_view_name FROM feature_views WHERE project_id = 'ctrflow'")}
+        assert views == set(F.VIEWS)
+        host, port = redis_url.split(":")
+        assert redis.Redis(host=host, port=int(port)).dbsize() > 0
+
+        # what the service scored a known user with is what Feast reads online from Redis for that user
+        log = read_request_log(workdir / "request_log")
+        assert log["request_id"].nunique() == 20
+        first = log[log["request_id"] == log["request_id"].iloc[0]]
+        user, scenario, items = int(first["user_id"].iloc[0]), str(first["scenario"].iloc[0]), [int(i) for i in first["item_id"]]
+        with pytest.MonkeyPatch.context() as mp:
+            for var in ("CTRFLOW_REGISTRY_URL", "CTRFLOW_REDIS", "CTRFLOW_SPARK_MASTER"):
+                mp.setenv(var, env[var])
+            from feast import FeatureStore
+
+            online = F.online_frame(FeatureStore(repo_path=str(repo)), user, items, scenario)
+        shared = [c for c in online.columns if c in first.columns and c not in ("user_id", "item_id", "scenario", "event_timestamp")]
+        assert len(shared) >= 3, (list(online.columns), list(first.columns))
+        for c in shared:  # by value: the log keeps counts as float64 (its schema allows missing ones)
+            got, want = first[c].tolist(), online[c].tolist()
+            assert all(_same(x, y) for x, y in zip(got, want, strict=True)), (c, got[:3], want[:3])

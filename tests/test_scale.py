@@ -247,3 +247,19 @@ def test_user_ranges_and_first_rows_per_key(tmp_path):
     assert list(got.columns) == ["item_id", "price", "emb"] and len(got) == len(want) == 40
     assert got[["item_id", "price"]].equals(want[["item_id", "price"]])
     assert all(np.array_equal(a, b) for a, b in zip(got["emb"], want["emb"]))
+
+
+def test_drift_reference_is_read_in_batches_and_equals_the_tail(tiny_training_set):
+    """The drift reference (the last n train rows) read batch by batch equals the whole-frame tail, for n larger
+    than one batch, n spanning batches, n above the split's size, and a split that is not there."""
+    from ctrflow.steps import last_split_rows, load_training_set
+
+    frame, spec = load_training_set(tiny_training_set)
+    n_train = int((frame["split"] == "train").sum())
+    for split, n, batch in (("train", 7, 5), ("train", 130, 64), ("train", n_train + 10, 100), ("valid", 3, 1000)):
+        got, got_spec = last_split_rows(tiny_training_set, split, n, batch_rows=batch)
+        want = frame[frame["split"] == split].tail(n).reset_index(drop=True)
+        assert len(got) == min(n, len(want)) and got_spec.to_dict() == spec.to_dict()
+        pd.testing.assert_frame_equal(got, want)
+    empty, _ = last_split_rows(tiny_training_set, "holdout", 5)
+    assert empty.empty and list(empty.columns) == list(frame.columns)
