@@ -164,6 +164,9 @@ def render(records: list[dict[str, Any]], md: Path, png: Path) -> None:
             f"{r['rows_per_s'] or '-'} | {r['peak_rss_mb']:,.0f} | {cpu if cpu is not None else '-'} | {cpu_per_m} | {status} | "
             f"{'-'.join(str(x) for x in r['load_avg']) if r.get('load_avg') else '-'} |"
         )
+    notes = [f"- {r['dataset']} {r['step']}: {r['note']}" for r in records if r.get("note")]
+    if notes:
+        lines += ["", "Notes on single runs:", "", *notes]
     lines += target_lines(records)
     missing = [f"{d} {st}" for d in [*SYNTHETIC, *REAL] for st in STEPS
                if not any(r["dataset"] == d and r["step"] == st for r in records)]
