@@ -189,7 +189,7 @@ def target_lines(records: list[dict[str, Any]]) -> list[str]:
         small, big = by.get(("syn-1m", step)), by.get(("syn-10m", step))
         if not small or not big or small["rc"] != 0 or small.get("killed"):
             peak = f"{big['peak_rss_mb']:,.0f}" if big else "-"
-            lines.append(f"| {step} | {small['s_per_million_rows'] if small else '-'} | - | - | - | {peak} | not measured |")
+            lines.append(f"| {step} | {(small or {}).get('s_per_million_rows') or '-'} | - | - | - | {peak} | not measured |")
             continue
         ok_run = big["rc"] == 0 and not big.get("killed")
         wall = big["seconds"] / big["rows"] / (small["seconds"] / small["rows"]) if ok_run else None
