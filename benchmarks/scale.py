@@ -81,6 +81,7 @@ def run_dataset(name: str, workdir: Path, activity_sigma: float, limit_s: float,
         if step not in steps:
             continue
         log_path = work / f"{step}.log"
+        load_before = os.getloadavg()[0]  # the machine is shared: the load goes next to the timing
         result = measure(base + args, limit_s=limit_s, limit_mb=limit_mb, log_path=log_path, env=env, cwd=str(ROOT))
         out = log_path.read_text(errors="replace")
         if step == "validate" and result["rc"] == 0:
@@ -96,6 +97,7 @@ def run_dataset(name: str, workdir: Path, activity_sigma: float, limit_s: float,
             "rows_per_s": round(rows / result["seconds"]) if rows and result["rc"] == 0 else None,
             "s_per_million_rows": round(result["seconds"] / rows * 1e6, 2) if rows and result["rc"] == 0 else None,
             "meter_lines": meter,
+            "load_avg": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # 1-minute load at start and end
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         records.append(record)
@@ -149,8 +151,8 @@ def render(records: list[dict[str, Any]], md: Path, png: Path) -> None:
         "",
         f"![time and memory against rows]({png.name})",
         "",
-        "| dataset | rows | step | seconds | s / 1M rows | rows/s | peak RSS MB | CPU s | CPU s / 1M rows | status |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| dataset | rows | step | seconds | s / 1M rows | rows/s | peak RSS MB | CPU s | CPU s / 1M rows | status | load avg |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in records:
         status = "ok" if r["rc"] == 0 and not r["killed"] else (f"killed ({r['killed']})" if r["killed"] else f"failed rc={r['rc']}")
@@ -159,13 +161,47 @@ def render(records: list[dict[str, Any]], md: Path, png: Path) -> None:
         rows = f"{r['rows']:,}" if r["rows"] else "?"
         lines.append(
             f"| {r['dataset']} | {rows} | {r['step']} | {r['seconds']:.1f} | {r['s_per_million_rows'] or '-'} | "
-            f"{r['rows_per_s'] or '-'} | {r['peak_rss_mb']:,.0f} | {cpu if cpu is not None else '-'} | {cpu_per_m} | {status} |"
+            f"{r['rows_per_s'] or '-'} | {r['peak_rss_mb']:,.0f} | {cpu if cpu is not None else '-'} | {cpu_per_m} | {status} | "
+            f"{'-'.join(str(x) for x in r['load_avg']) if r.get('load_avg') else '-'} |"
         )
+    notes = [f"- {r['dataset']} {r['step']}: {r['note']}" for r in records if r.get("note")]
+    if notes:
+        lines += ["", "Notes on single runs:", "", *notes]
+    lines += target_lines(records)
     missing = [f"{d} {st}" for d in [*SYNTHETIC, *REAL] for st in STEPS
                if not any(r["dataset"] == d and r["step"] == st for r in records)]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]
     md.write_text("\n".join(lines) + "\n")
+
+
+TARGET_MB, TARGET_RATIO = 12_000, 1.5  # issue 9: every step at 10M rows <= 12 GB, s / 1M rows within 1.5x of 1M
+
+
+def target_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Markdown: per step, syn-10m against syn-1m (peak RSS <= TARGET_MB, seconds per million rows within
+    TARGET_RATIO of 1M's, wall and CPU), or why it cannot be said yet."""
+    by = {(r["dataset"], r["step"]): r for r in records}
+    lines = ["", f"## 10M against 1M (target: every step <= {TARGET_MB:,} MB peak RSS, s / 1M rows <= {TARGET_RATIO}x of 1M's)", "",
+             "| step | 1M s / 1M rows | 10M s / 1M rows | ratio (wall) | ratio (CPU) | 10M peak RSS MB | meets |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for step in STEPS:
+        small, big = by.get(("syn-1m", step)), by.get(("syn-10m", step))
+        if not small or not big or small["rc"] != 0 or small.get("killed"):
+            peak = f"{big['peak_rss_mb']:,.0f}" if big else "-"
+            lines.append(f"| {step} | {(small or {}).get('s_per_million_rows') or '-'} | - | - | - | {peak} | not measured |")
+            continue
+        ok_run = big["rc"] == 0 and not big.get("killed")
+        wall = big["seconds"] / big["rows"] / (small["seconds"] / small["rows"]) if ok_run else None
+        cpu = (big["cpu_seconds"] / big["rows"]) / (small["cpu_seconds"] / small["rows"]) if ok_run and small.get("cpu_seconds") else None
+        meets = ok_run and big["peak_rss_mb"] <= TARGET_MB and wall is not None and wall <= TARGET_RATIO
+        verdict = "yes" if meets else ("no" if ok_run else f"no ({'killed: ' + big['killed'] if big.get('killed') else 'failed'})")
+        lines.append(
+            f"| {step} | {small['s_per_million_rows']} | {big['s_per_million_rows'] or '-'} | "
+            f"{f'{wall:.2f}' if wall is not None else '-'} | {f'{cpu:.2f}' if cpu is not None else '-'} | "
+            f"{big['peak_rss_mb']:,.0f} | {verdict} |"
+        )
+    return lines
 
 
 def main() -> None:

@@ -230,6 +230,12 @@ class FeaturesParams(Section):
     # which stores a new run's repo copy gets (ctrflow.features.profile_file): local = DuckDB + SQLite + file registry;
     # production = Spark + Redis + SQL registry on PostgreSQL, hosts and credentials from environment variables
     profile: Literal["local", "production"] = "local"
+    # the features step joins and writes the training set about this many entity rows (a user-id range) at a time,
+    # and builds the behaviour table as many rows at a time: its memory is bounded by this, not by the rows in all
+    chunk_rows: int = Field(500_000, gt=0)
+    # DuckDB's memory cap in the features step (Feast's offline store and the ASOF joins; it spills to a temporary
+    # folder beyond it): without one, materialising the behaviour view of 10M rows took 12+ GB
+    duckdb_memory_mb: int = Field(2048, gt=0)
 
 
 class TrainParams(Section):

@@ -82,12 +82,23 @@ def template_repo(params: dict[str, Any]) -> Path:
 
 @metered("features")
 def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str | Path, training_set_dir: str | Path) -> dict[str, Any]:
-    """Feature tables → Feast apply → point-in-time training set (with its split) → materialise online."""
+    """Feature tables → Feast apply → point-in-time training set (with its split) → materialise online.
+
+    Bounded memory: the behaviour table and the training set are built `features.chunk_rows` rows at a time, and
+    DuckDB (Feast's offline store, the ASOF joins) is capped at `features.duckdb_memory_mb`, spilling beyond it."""
+    from ctrflow import features
+
+    with features.duckdb_memory_limit(section(params, "features").duckdb_memory_mb):
+        return _features(params, dataset_dir, repo_dir, training_set_dir)
+
+
+def _features(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str | Path, training_set_dir: str | Path) -> dict[str, Any]:
     from ctrflow import features
     from ctrflow.data.splits import make_split
     from ctrflow.data.tables import Dataset
 
     dataset = Dataset.load(dataset_dir)
+    spec = dataset.spec
     repo_dir = Path(repo_dir).resolve()
     profile = section(params, "features").profile
     if not (repo_dir / "feature_store.yaml").exists():
@@ -96,23 +107,27 @@ def features_step(params: dict[str, Any], dataset_dir: str | Path, repo_dir: str
         log.warning("feature repo %s keeps its own feature_store.yaml, not profile '%s's (a new --repo gets it)", repo_dir, profile)
     data_dir = repo_dir / "data"
     n = len(dataset.interactions)
-    features.write_feature_tables(dataset, data_dir)
+    chunk_rows = section(params, "features").chunk_rows
+    features.write_feature_tables(dataset, data_dir, chunk_rows=chunk_rows)
     progress(0, n, "feature tables written", every_s=0)
     store = features.apply_repo(repo_dir, data_dir)
 
-    entity_df = dataset.interactions.copy()
+    entity_df = dataset.interactions
+    del dataset  # the profiles and spec are in the repo now; the events are the entity rows
     data = section(params, "data")
     entity_df["split"] = make_split(entity_df, data.split, seed=data.seed).to_numpy()
-    # behaviour through the ASOF join (linear in rows), hist cells as numpy views (no Python list per row)
-    frame = features.historical_frame(store, entity_df, service=section(params, "features").service, lists=False)
-    progress(n, n, "point-in-time join", every_s=0)
     out = Path(training_set_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_frame(frame, out / TRAINING_FRAME)
-    dataset.spec.save(out / SPEC_FILE)
+    # behaviour through the ASOF join (linear in rows), a user range of ~chunk_rows rows at a time, written with one
+    # fixed schema and merged back into the events' order: memory bounded by the chunk, not the rows in all
+    rows = features.write_historical_frame(
+        store, entity_df, out / TRAINING_FRAME, service=section(params, "features").service, chunk_rows=chunk_rows,
+        slice_rows=WRITE_SLICE_ROWS,
+    )
+    spec.save(out / SPEC_FILE)
     progress(n, n, "training set written", every_s=0)
-    counts, rows = frame["split"].value_counts().to_dict(), len(frame)
-    del frame, entity_df, dataset  # written: materialization must not run on top of the frame's memory
+    counts = entity_df["split"].value_counts().to_dict()
+    del entity_df  # written: materialization must not run on top of the events' memory
     features.materialize(store)
     log.info("training set %s: %s; Feast repo %s", out, counts, repo_dir)
     return {"feature_repo": str(repo_dir), "training_set": str(out), "rows": rows, "splits": counts}
@@ -242,6 +257,30 @@ def embed_step(params: dict[str, Any], dataset_dir: str | Path, dataset_out: str
 
 
 # ---- register + gate ------------------------------------------------------------------------------------
+def first_rows_per_key(path: str | Path, key: str, columns: list[str], batch_rows: int = 500_000) -> pd.DataFrame:
+    """The first row (in file order) of each distinct `key` value of a Parquet file, `columns` of it (those the file
+    has): what `pd.read_parquet(path, columns).drop_duplicates(subset=[key])` keeps, read `batch_rows` rows at a time
+    so memory grows with the distinct keys, not the rows (10M training rows hold ~100k items)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    names = [c for c in dict.fromkeys([key, *columns]) if c in set(file.schema_arrow.names)]
+    seen = np.array([], dtype=np.int64)
+    parts = []
+    for batch in file.iter_batches(batch_size=batch_rows, columns=names):
+        keys = batch.column(key).to_numpy(zero_copy_only=False)
+        _, first = np.unique(keys, return_index=True)
+        first = np.sort(first)
+        new = first[~np.isin(keys[first], seen)]
+        if len(new):
+            parts.append(pa.Table.from_batches([batch]).take(pa.array(new)))
+            seen = np.concatenate([seen, keys[new]]) if len(seen) else keys[new]
+    table = pa.concat_tables(parts) if parts else file.schema_arrow.empty_table().select(names)
+    return table.to_pandas()
+
+
 def model_name(params: dict[str, Any], dataset: str | None) -> str:
     """The registry name: registry.model_name when set, else one per data set (`ctrflow-<dataset>`)."""
     from ctrflow.registry import model_name_for
@@ -263,7 +302,6 @@ def register_step(
     item features it was trained with), which `ctrflow.fit_check` compares with a feature repository before serving.
     """
     use_bentoml_home(params)
-    import pyarrow.parquet as pq
 
     from ctrflow import registry
     from ctrflow.data.encoding import FeatureEncoder
@@ -280,8 +318,7 @@ def register_step(
     if training_set_dir is not None:
         path = Path(training_set_dir) / TRAINING_FRAME
         wanted = [spec.item_key, *(f.column for f in spec.fields if f.entity is Entity.ITEM)]  # all the fingerprint reads
-        present = set(pq.ParquetFile(path).schema_arrow.names)
-        frame = pd.read_parquet(path, columns=[c for c in dict.fromkeys(wanted) if c in present])
+        frame = first_rows_per_key(path, spec.item_key, [c for c in dict.fromkeys(wanted)])
         key_field = next((f.name for f in spec.fields if f.column == spec.item_key), None)
         vocab = encoder.vocabs.get(key_field, []) if key_field else []
         items = registry.item_fingerprint(frame, spec, vocab or frame[spec.item_key].unique())

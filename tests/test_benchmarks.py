@@ -144,6 +144,11 @@ def test_scale_results_merge_by_dataset_and_step_and_render_a_plot(tmp_path) -> 
     assert "![time and memory against rows](scale.png)" in md
     assert "| syn-1m | 1,000,000 | features | 20.0 | 20.0 | 50000 | 200 | 20.0 | 20.0 | ok |" in md
     assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
+    # issue 9's target, 10M against 1M: 15 s / 1M rows against 20 (0.75x) and 1,100 MB meets it; 40 s / 1M (2x) does not
+    target = scale.target_lines([*merged, rec("syn-10m", 10_000_000, "features", 150.0)])
+    assert "| features | 20.0 | 15.0 | 0.75 | 0.75 | 1,100 | yes |" in target
+    assert "| train | - | - | - | - | - | not measured |" in target
+    assert "| features | 20.0 | 40.0 | 2.00 | 2.00 | 1,100 | no |" in scale.target_lines([*merged, rec("syn-10m", 10_000_000, "features", 400.0)])
     # the measuring wrapper kills a command over its memory limit and says so
     hog = ["python3", "-c", "import time; b = bytearray(300 * 2**20); time.sleep(30)"]
     result = measure(hog, limit_s=20, limit_mb=100, interval=0.05)

@@ -58,8 +58,8 @@ def _spark_jobs() -> set[int]:
 @pytest.mark.spark
 def test_spark_training_set_equals_duckdb_on_movielens_100k(tmp_path, monkeypatch):
     """The point-in-time training set of ML-100K through the Spark offline store (SparkSource, local[2]: the profile
-    views by Feast's Spark join, the behaviour view by ctrflow's running-window join in the same Spark session)
-    equals the DuckDB one row for row, and both equal the pandas join (ctrflow.data.frames.point_in_time_frame) on
+    views by Feast's Spark join, the behaviour view by ctrflow's running-window join in the same Spark session), at
+    once and a user range of 40k rows at a time, equals the DuckDB one row for row, and both equal the pandas join (ctrflow.data.frames.point_in_time_frame) on
     the service's columns."""
     from ctrflow.data import load_source
     from ctrflow.data.frames import point_in_time_frame
@@ -82,8 +82,11 @@ def test_spark_training_set_equals_duckdb_on_movielens_100k(tmp_path, monkeypatc
         frames[engine] = F.historical_frame(store, dataset.interactions)
         if engine == "spark":  # the join ran as Spark jobs, not through another engine
             assert _spark_jobs() - jobs_before
+            # a user range at a time (the features step's chunks): each chunk's Spark join reads its users only
+            frames["spark-chunked"] = F.historical_frame(store, dataset.interactions, chunk_rows=40_000)
     assert len(frames["spark"]) == len(dataset.interactions) == 100_000
     _assert_frames_equal(frames["spark"], frames["duckdb"])
+    _assert_frames_equal(frames["spark-chunked"], frames["duckdb"])
     pandas_join = point_in_time_frame(dataset)  # it also holds columns no feature service serves (title)
     _assert_frames_equal(frames["duckdb"], pandas_join[list(frames["duckdb"].columns)])
 

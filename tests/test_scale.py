@@ -169,6 +169,86 @@ def test_every_step_ends_with_rows_seconds_and_peak_memory(caplog):
     assert any(line.startswith("demo: half: 33,554,432/67,108,864 rows (50%)") and "ETA" in line for line in lines)
 
 
+# ---- bounded memory: the training set joined and written a user range at a time ---------------------------------
+def test_chunked_training_set_equals_one_chunk_with_all_null_chunks(tiny_dataset, tmp_path):
+    """With a tiny `chunk_rows` (many user ranges, merged back into row order through temporary files) the training
+    frame equals the one-chunk frame: rows in the entity order (shuffled here), index, dtypes and every value, in
+    memory and through Parquet. An unknown user's chunk has every user-profile column null and an int64 profile field
+    null where the rest of the chunks have none: the fixed schema keeps the types, pandas reads float64 with NaN as
+    for the whole frame. The behaviour table written in batches equals the one built at once."""
+    import pyarrow.parquet as pq
+
+    from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
+    from ctrflow.steps import write_frame
+
+    users = tiny_dataset.users.assign(n_kids=(tiny_dataset.users.user_id % 3).astype("int64"))
+    spec = FeatureSpec.from_dict(tiny_dataset.spec.to_dict())
+    spec.fields.append(FieldSpec("n_kids", FieldKind.NUMERIC, Entity.USER, buckets=3))
+    ds = type(tiny_dataset)(tiny_dataset.name, tiny_dataset.interactions, users, tiny_dataset.items, spec)
+    F.write_feature_tables(ds, tmp_path / "data", chunk_rows=700)  # ~9 batches of whole users
+    written = pq.read_table(tmp_path / "data" / "user_behaviour.parquet")
+    assert pq.ParquetFile(tmp_path / "data" / "user_behaviour.parquet").metadata.num_row_groups > 1
+    at_once = behaviour_arrow(ds.interactions, spec["hist_item_ids"].max_len, closing=True)
+    assert written.select(at_once.column_names).equals(at_once.cast(written.select(at_once.column_names).schema))
+    store = F.apply_repo(F.copy_repo(tmp_path / "repo"), tmp_path / "data")
+
+    unknown = 987_654  # no profile row, more rows than a chunk: a chunk (user range) of its own, user fields all null
+    last = ds.interactions.event_timestamp.max()
+    extra = pd.DataFrame({"user_id": [unknown] * 61 + [5], "item_id": [1] * 60 + [unknown, unknown], "scenario": "home",
+                          "label": 0, "event_timestamp": pd.Series([last] * 62).astype("datetime64[us, UTC]")})
+    entity = pd.concat([ds.interactions.iloc[:1500], extra], ignore_index=True).sample(frac=1, random_state=0)
+    entity["split"] = np.where(np.arange(len(entity)) % 5 == 0, "test", "train")
+    assert F._user_ranges(entity.user_id.to_numpy(), 60)[-1] == (unknown, unknown)
+
+    whole = F.historical_frame(store, entity, lists=False)
+    chunks = list(F.historical_chunks(store, entity, lists=False, chunk_rows=60))
+    assert len(chunks) > 10 and sorted(np.concatenate([p for p, _ in chunks]).tolist()) == list(range(len(entity)))
+    lone = chunks[-1][1]
+    assert set(lone.user_id) == {unknown} and lone[["gender", "region", "n_kids"]].isna().all().all()
+    assert lone["n_kids"].dtype == np.float64 and chunks[0][1]["n_kids"].dtype == np.int64
+    chunked = F.historical_frame(store, entity, lists=False, chunk_rows=60)
+    assert list(chunked.index) == list(whole.index) and list(chunked.columns) == list(whole.columns)
+    assert chunked.dtypes.to_dict() == whole.dtypes.to_dict() and whole["n_kids"].dtype == np.float64
+    for c in whole.columns:
+        assert not _cells_equal(chunked[c], whole[c]), c
+
+    write_frame(whole.reset_index(drop=True), tmp_path / "want.parquet")  # today's way: the whole frame at once
+    want = pd.read_parquet(tmp_path / "want.parquet")
+    for name, rows in (("one", None), ("many", 60)):
+        n = F.write_historical_frame(store, entity, tmp_path / f"{name}.parquet", chunk_rows=rows, slice_rows=97)
+        got = pd.read_parquet(tmp_path / f"{name}.parquet")
+        assert n == len(got) == len(entity) and list(got.columns) == list(want.columns)
+        assert got.dtypes.to_dict() == want.dtypes.to_dict()
+        for c in want.columns:
+            bad = _cells_equal(got[c], want[c])
+            assert not bad, f"{name}: column {c}: {len(bad)} rows differ, first {bad[0]}"
+    assert not list(tmp_path.glob(".*.chunks"))  # the chunk files are gone
+    # not vacuous: unknown users/items are null, known ones are not, histories are there
+    assert want.loc[want.user_id == unknown, "gender"].isna().all() and want.loc[want.user_id != unknown, "gender"].notna().all()
+    assert want.loc[want.item_id == unknown, "category"].isna().all() and want["hist_item_ids"].map(len).max() == 10
+
+
+def test_user_ranges_and_first_rows_per_key(tmp_path):
+    """Chunks are whole users of about chunk_rows rows (a heavy user alone); register's item rows are the first of
+    each item in file order, read in batches, as drop_duplicates of the whole file keeps them."""
+    from ctrflow.steps import first_rows_per_key
+
+    users = np.array([3, 1, 1, 2, 9, 9, 9, 9, 9, 2, 4])  # counts: 1:2, 2:2, 3:1, 4:1, 9:5
+    assert F._user_ranges(users, None) == [None] and F._user_ranges(users, 11) == [None]
+    assert F._user_ranges(users, 4) == [(1, 2), (3, 4), (9, 9)]
+    assert F._user_ranges(users, 1) == [(1, 1), (2, 2), (3, 3), (4, 4), (9, 9)]
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"item_id": rng.integers(0, 40, 1000), "price": np.arange(1000.0),
+                          "emb": [np.full(3, i, dtype=np.float32) for i in range(1000)], "other": "x"})
+    frame.to_parquet(tmp_path / "f.parquet", index=False)
+    got = first_rows_per_key(tmp_path / "f.parquet", "item_id", ["price", "emb", "not_there"], batch_rows=77)
+    want = frame.drop_duplicates(subset=["item_id"]).reset_index(drop=True)
+    assert list(got.columns) == ["item_id", "price", "emb"] and len(got) == len(want) == 40
+    assert got[["item_id", "price"]].equals(want[["item_id", "price"]])
+    assert all(np.array_equal(a, b) for a, b in zip(got["emb"], want["emb"]))
+
+
 def test_drift_reference_is_read_in_batches_and_equals_the_tail(tiny_training_set):
     """The drift reference (the last n train rows) read batch by batch equals the whole-frame tail, for n larger
     than one batch, n spanning batches, n above the split's size, and a split that is not there."""

@@ -7,6 +7,7 @@ items:        item_id int64 + the item fields of the spec
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,14 +111,42 @@ def behaviour_arrow(interactions: pd.DataFrame, max_len: int, closing: bool = Fa
     Cost: O(n log n) for the sort plus O(rows x max_len) for the lists, whatever the events per user (the
     per-user-pairs cost of a point-in-time join is what this avoids). A row stamped t holds only events with
     timestamp < t, so a point-in-time join at t never sees the event itself or anything at the same instant.
+    `behaviour_batches` gives the same rows a range of users at a time (bounded memory).
+    """
+    batches = list(behaviour_batches(interactions, max_len, closing=closing))
+    return pa.concat_tables(batches) if len(batches) > 1 else batches[0]
+
+
+BEHAVIOUR_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.int64()),
+        pa.field("event_timestamp", pa.timestamp("us", tz="UTC")),
+        pa.field(HIST_FIELD, pa.list_(pa.int64())),
+        pa.field("user_n_events", pa.int64()),
+        pa.field("user_n_pos", pa.int64()),
+    ]
+)
+
+
+def behaviour_batches(
+    interactions: pd.DataFrame, max_len: int, closing: bool = False, batch_rows: int | None = None
+) -> Iterator[pa.Table]:
+    """`behaviour_arrow`'s rows (the same values, the same order) as Arrow tables of whole users, each of about
+    `batch_rows` rows (None: one table; a user with more rows than that is one table of their own).
+
+    The sort and the per-event arrays (a few int64 per interaction) are built once; the item lists, rows x up to
+    `max_len` int64 (4 GB on 10M events with full histories), only one batch at a time. Always yields at least one
+    table (an empty one when there are no interactions), each with `BEHAVIOUR_SCHEMA`.
     """
     df = interactions[["user_id", "item_id", "label", "event_timestamp"]]
     ts_all = df["event_timestamp"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy().astype("datetime64[us]").view(np.int64)
     users_all = df["user_id"].to_numpy(dtype=np.int64)
     order = np.lexsort((ts_all, users_all))  # stable: by user, then time, then input order
     users, ts = users_all[order], ts_all[order]
+    del ts_all, users_all
     items = df["item_id"].to_numpy(dtype=np.int64)[order]
     positive = df["label"].to_numpy()[order] == 1
+    del order
     n = len(users)
     new_user = np.ones(n, dtype=bool)
     new_user[1:] = users[1:] != users[:-1]
@@ -127,6 +156,7 @@ def behaviour_arrow(interactions: pd.DataFrame, max_len: int, closing: bool = Fa
     at = np.flatnonzero(first)
     row_ts = ts[at]
     start = user_start[at]
+    del first, user_start
     if closing and n:
         ends = np.append(np.flatnonzero(new_user)[1:], n)  # one past each user's last event
         starts = np.flatnonzero(new_user)
@@ -135,25 +165,42 @@ def behaviour_arrow(interactions: pd.DataFrame, max_len: int, closing: bool = Fa
         start = np.concatenate([start, starts])
         keep = np.lexsort((row_ts, users[start]))
         at, row_ts, start = at[keep], row_ts[keep], start[keep]
+    del ts, new_user
     cum_pos = np.zeros(n + 1, dtype=np.int64)  # positives in [0, i)
     np.cumsum(positive, out=cum_pos[1:])
     pos_items = items[positive]
-    hi = cum_pos[at]
-    lo = np.maximum(cum_pos[start], hi - max_len)
-    lengths = hi - lo
-    offsets = np.zeros(len(at) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    take = np.repeat(lo - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
-    hist = pa.ListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(pos_items[take], pa.int64()))
-    return pa.table(
-        {
-            "user_id": pa.array(users[start], pa.int64()),
-            "event_timestamp": pa.array(row_ts, pa.timestamp("us", tz="UTC")),
-            HIST_FIELD: hist,
-            "user_n_events": pa.array(at - start, pa.int64()),
-            "user_n_pos": pa.array(hi - cum_pos[start], pa.int64()),
-        }
-    )
+    del items, positive
+    row_users = users[start]
+    rows = len(at)
+    # cut points between rows of different users, the first at or after each multiple of batch_rows
+    cuts = [0]
+    if batch_rows and rows > batch_rows:
+        boundary = np.flatnonzero(row_users[1:] != row_users[:-1]) + 1
+        while rows - cuts[-1] > batch_rows:
+            i = np.searchsorted(boundary, cuts[-1] + batch_rows)
+            if i == len(boundary):
+                break
+            cuts.append(int(boundary[i]))
+    cuts.append(rows)
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        hi = cum_pos[at[a:b]]
+        lo = np.maximum(cum_pos[start[a:b]], hi - max_len)
+        lengths = hi - lo
+        offsets = np.zeros(b - a + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        take = np.repeat(lo - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+        hist = pa.ListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(pos_items[take], pa.int64()))
+        del take
+        yield pa.Table.from_arrays(
+            [
+                pa.array(row_users[a:b], pa.int64()),
+                pa.array(row_ts[a:b], pa.timestamp("us", tz="UTC")),
+                hist,
+                pa.array(at[a:b] - start[a:b], pa.int64()),
+                pa.array(hi - cum_pos[start[a:b]], pa.int64()),
+            ],
+            schema=BEHAVIOUR_SCHEMA,
+        )
 
 
 def behaviour_table(interactions: pd.DataFrame, max_len: int) -> pd.DataFrame:

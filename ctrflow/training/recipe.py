@@ -114,8 +114,9 @@ class SplitData:
                 raise ValueError(f"{where}: the '{s}' split has 0 rows")
         del splits
         user_column = spec[spec.user_key].column
-        if encoder is None:  # fitted on the train rows; sequences that share another field's vocabulary are not read
-            skip = {f.column for f in spec.fields if f.kind is FieldKind.SEQUENCE and f.vocab_of}
+        if encoder is None:  # fitted on the train rows; what fit does not read (sequences that share another field's
+            # vocabulary, vectors) is not read: at 10M rows those cells would cost gigabytes of Python objects
+            skip = {f.column for f in spec.fields if (f.kind is FieldKind.SEQUENCE and f.vocab_of) or f.kind is FieldKind.EMBEDDING}
             present = set(pq.ParquetFile(path).schema_arrow.names)
             columns = [c for c in dict.fromkeys(f.column for f in spec.fields) if c not in skip and c in present]
             train = pq.read_table(path, columns=[*columns, split_column], filters=[(split_column, "=", "train")]).to_pandas()
