@@ -106,12 +106,13 @@ SWR_NAME = "ml-1m-swr"
 SWR_AGE_RANGE = (1.0, 56.0)  # the smallest and largest ML-1M age code: MinMax scaling of `age` to [0, 1]
 
 
-def scenario_wise_rec_spec() -> FeatureSpec:
+def scenario_wise_rec_spec(scenarios: list[str] | None = None) -> FeatureSpec:
     """The fields of the Scenario-Wise Rec ML-1M script (Li et al., KDD 2024, arXiv 2412.17374;
     scripts/run_movielens_rank_multi_domain.py): sparse user_id, movie_id, gender, occupation, zip (the whole code),
     cate_id (first genre), and age as a dense feature (MinMax-scaled, a length-1 vector here). `scenario` (their
     domain_indicator) is in the spec because every multi-scenario model routes by it; whether it is also embedded as
-    a feature is the models' `fields` setting. No behaviour sequence, no counts."""
+    a feature is the models' `fields` setting. No behaviour sequence, no counts. `scenarios`: the scenario values
+    (default: the three age groups)."""
     return FeatureSpec(
         fields=[
             FieldSpec("user_id", FieldKind.CATEGORICAL, Entity.USER, large=True),
@@ -123,7 +124,7 @@ def scenario_wise_rec_spec() -> FeatureSpec:
             FieldSpec("first_genre", FieldKind.CATEGORICAL, Entity.ITEM),
             FieldSpec("age", FieldKind.EMBEDDING, Entity.USER, dim=1),
         ],
-        scenarios=list(SCENARIOS),
+        scenarios=list(SCENARIOS if scenarios is None else scenarios),
     )
 
 

@@ -38,8 +38,8 @@ import numpy as np
 import pandas as pd
 
 from ctrflow.data.movielens import read_atomic, wheel_dataset_dir
-from ctrflow.data.movielens_1m import SWR_AGE_RANGE
-from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
+from ctrflow.data.movielens_1m import SWR_AGE_RANGE, scenario_wise_rec_spec
+from ctrflow.data.spec import FeatureSpec
 from ctrflow.data.tables import Dataset, to_utc_us
 
 NAME = "ml-cross"
@@ -60,20 +60,8 @@ def movielens_cross_dirs() -> dict[str, Path]:
 
 
 def movielens_cross_spec() -> FeatureSpec:
-    """The Scenario-Wise Rec fields (as `scenario_wise_rec_spec`) with the two platforms as scenarios."""
-    return FeatureSpec(
-        fields=[
-            FieldSpec("user_id", FieldKind.CATEGORICAL, Entity.USER, large=True),
-            FieldSpec("item_id", FieldKind.CATEGORICAL, Entity.ITEM, large=True),
-            FieldSpec("scenario", FieldKind.CATEGORICAL, Entity.CONTEXT),
-            FieldSpec("gender", FieldKind.CATEGORICAL, Entity.USER),
-            FieldSpec("occupation", FieldKind.CATEGORICAL, Entity.USER),
-            FieldSpec("zip", FieldKind.CATEGORICAL, Entity.USER),
-            FieldSpec("first_genre", FieldKind.CATEGORICAL, Entity.ITEM),
-            FieldSpec("age", FieldKind.EMBEDDING, Entity.USER, dim=1),
-        ],
-        scenarios=list(SCENARIOS),
-    )
+    """The Scenario-Wise Rec fields (`scenario_wise_rec_spec`) with the two platforms as scenarios."""
+    return scenario_wise_rec_spec(SCENARIOS)
 
 
 def ml1m_age_code(age: pd.Series) -> np.ndarray:
