@@ -180,7 +180,9 @@ def train_evaluate_save(
     (default: the model's own parameters and the trainer settings). evaluate_splits: default every split but
     train. subsets: split -> {name: bool mask} for `<name>_auc` / `<name>_rows` (e.g. cold items).
     """
-    train_t = dict(data.tensors["train"] if train is None else train)
+    source = data.tensors["train"] if train is None else train
+    # DiskRows (streamed rows) stay themselves: the trainer reads them by window and releases their mapped pages
+    train_t = source if hasattr(source, "read_window") else dict(source)
     seed_everything(config.seed)  # before building: the initial weights are a function of the seed
     model = build()
     label = label or model.name

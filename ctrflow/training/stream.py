@@ -4,12 +4,21 @@ arrays on disk, and gathered batch by batch by the one training loop.
     rows = encode_to_disk(parquet, encoder, "train", out_dir)     # one .npy per field, [n, ...] like the tensors
     Trainer(model, cfg).fit(rows, valid)                          # the same batches as the in-memory tensors
 
-`DiskRows` is a read-only mapping field -> tensor whose storage is the memory-mapped file: `rows[k][idx]` gathers
-one batch (the pages it touches are read from disk), so the trainer's batches (its seeded permutation, cut into
-`batch_size` slices) and therefore the trained weights are exactly those of the in-memory tensors. The trainer
-calls `release()` every few steps, which drops the mapped pages from this process's resident set (madvise
-MADV_DONTNEED; they stay in the page cache), so resident memory stays near one window of batches instead of
-growing to the file size over an epoch.
+`DiskRows` is a read-only mapping field -> tensor whose storage is the memory-mapped file. The trainer reads it in
+one of two orders (`train.stream_order`):
+
+- `blocks` (default): the rows are cut into blocks of `stream_block_rows` contiguous rows; each epoch visits the
+  blocks in a seeded random order, `stream_window_blocks` at a time (`block_windows`); a window's blocks are read
+  with sequential I/O into memory (`read_window`) and its rows permuted and cut into batches. Every row is seen once
+  per epoch; a batch mixes the rows of its window's blocks only (the shuffle of a shuffle buffer over shuffled
+  shards, as TFRecord/WebDataset pipelines do). Measured on 8M streamed rows: 17k rows/s with `rows` (one page
+  fault per row and field, page-cache hits included), see benchmarks/results/scale.md for `blocks`.
+- `rows`: `rows[k][idx]` gathers each batch of the in-memory permutation (the pages it touches are read from
+  disk), so the batches and therefore the trained weights are exactly those of the in-memory tensors.
+
+The trainer calls `release()` every few steps, which drops the mapped pages from this process's resident set
+(madvise MADV_DONTNEED; they stay in the page cache), so resident memory stays near one window instead of growing
+to the file size over an epoch.
 
 When: `ctrflow.steps.split_data` streams when the encoded training rows (`encoded_row_bytes` x rows) exceed
 `train.memory_budget_mb`; the valid and test splits stay in memory (evaluation reads them whole).
@@ -110,6 +119,21 @@ def encode_to_disk(path: str | Path, encoder: FeatureEncoder, split: str, out_di
     return DiskRows(out_dir, names)
 
 
+def block_windows(n: int, block_rows: int, window_blocks: int, generator: torch.Generator) -> Iterator[list[tuple[int, int]]]:
+    """Rows [0, n) as blocks [start, end) of `block_rows` contiguous rows (the last one shorter), in a random order
+    drawn from `generator`, grouped `window_blocks` at a time (the last window may hold fewer); each window's blocks
+    sorted by start, so reading them is one forward pass over the files. Every row is in exactly one block.
+
+        list(block_windows(10, 3, 2, g))  # e.g. [[(3, 6), (9, 10)], [(0, 3), (6, 9)]]
+    """
+    if block_rows < 1 or window_blocks < 1:
+        raise ValueError(f"block_rows and window_blocks must be >= 1, got {block_rows}, {window_blocks}")
+    starts = torch.arange(0, n, block_rows)
+    order = starts[torch.randperm(len(starts), generator=generator)].tolist()
+    for a in range(0, len(order), window_blocks):
+        yield [(s, min(s + block_rows, n)) for s in sorted(order[a : a + window_blocks])]
+
+
 class DiskRows(Mapping[str, torch.Tensor]):
     """Encoded rows on disk, one memory-mapped .npy per field: a mapping field -> tensor [n, ...] (see module doc).
 
@@ -147,6 +171,16 @@ class DiskRows(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._tensors)
+
+    def read_window(self, blocks: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """The rows of `blocks` ([start, end) row ranges) of every field, concatenated in that order, as in-memory
+        tensors (copies: each block is one sequential read per field). The mapped pages are released after."""
+        if not blocks:
+            raise ValueError(f"{self.directory}: read_window needs at least one block")
+        out = {k: torch.cat([v[a:b] for a, b in blocks]) if len(blocks) > 1 else v[blocks[0][0] : blocks[0][1]].clone()
+               for k, v in self._tensors.items()}
+        self.release()
+        return out
 
     def release(self) -> None:
         """Drop the mapped pages from this process's resident set (they stay cached by the kernel)."""

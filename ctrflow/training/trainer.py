@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "last.pt"
 OPTIMIZERS = ("adam", "adamw")
 MONITOR_MODES = ("max", "min")
+STREAM_ORDERS = ("rows", "blocks")
 RELEASE_EVERY = 64  # steps between DiskRows.release() calls (drop the mapped pages of the batches read so far)
 
 
@@ -93,9 +94,16 @@ class TrainConfig:
     grad_clip: float | None = None  # max L2 norm of the dense gradients per step; None or 0: no clipping
     monitor: str = _TRAIN["monitor"]  # validation metric that picks the best epoch and stops early; "none": last epoch
     monitor_mode: str | None = _TRAIN["monitor_mode"]  # max | min; None: from the metric's name (see monitor_direction)
+    # streamed rows (DiskRows) only: "rows" reads the in-memory permutation, "blocks" shuffled contiguous blocks
+    stream_order: str = _TRAIN["stream_order"]
+    stream_block_rows: int = _TRAIN["stream_block_rows"]
+    stream_window_blocks: int = _TRAIN["stream_window_blocks"]
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience", "threads", "eval_batch_size"):
+        if self.stream_order not in STREAM_ORDERS:
+            raise ValueError(f"train config: stream_order must be one of {STREAM_ORDERS}, got '{self.stream_order}'")
+        for name in ("epochs", "batch_size", "patience", "threads", "eval_batch_size", "stream_block_rows",
+                     "stream_window_blocks"):
             value = getattr(self, name)
             if int(value) != value or value < (0 if name == "epochs" else 1):
                 raise ValueError(f"train config: {name} must be a positive integer, got {value!r}")
@@ -503,6 +511,33 @@ class Trainer:
         for start in range(0, n, cfg.batch_size):
             yield perm[start : start + cfg.batch_size]
 
+    def epoch_batches(self, train: Mapping[str, torch.Tensor], epoch: int) -> Iterator[tuple[Mapping[str, torch.Tensor], torch.Tensor]]:
+        """(source, rows) of each training step of `epoch`: the batch is `gather_rows(source, rows)`.
+
+        In-memory rows, and streamed rows with `stream_order: rows`: `train` and the slices of `batch_indices`.
+        Streamed rows (`DiskRows`) with `stream_order: blocks`: a window of `stream_window_blocks` blocks of
+        `stream_block_rows` contiguous rows (`stream.block_windows`, seeded by (seed, epoch)) is read into memory at
+        once, its rows permuted and cut into `batch_size` slices (the window's last one may be shorter). Every row
+        is still seen once per epoch, but a batch mixes only its window's blocks: a different (and coarser)
+        shuffle than the in-memory one, which reads each block with sequential I/O instead of one page per row.
+        """
+        cfg = self.config
+        n = len(train["label"])
+        read_window = getattr(train, "read_window", None)
+        if read_window is None or cfg.stream_order == "rows":
+            for rows in self.batch_indices(n, epoch):
+                yield train, rows
+            return
+        from ctrflow.training.stream import block_windows
+
+        generator = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+        for blocks in block_windows(n, cfg.stream_block_rows, cfg.stream_window_blocks, generator):
+            window = read_window(blocks)
+            perm = torch.randperm(len(window["label"]), generator=generator)
+            for start in range(0, len(perm), cfg.batch_size):
+                yield window, perm[start : start + cfg.batch_size]
+            del window
+
     def train_step(
         self, batch: dict[str, torch.Tensor], epoch: int, step: int, weight: float = 1.0
     ) -> dict[str, torch.Tensor]:
@@ -541,9 +576,9 @@ class Trainer:
         )
         release = getattr(train, "release", None)
         try:
-            for step, rows in enumerate(self.batch_indices(n, epoch)):
+            for step, (source, rows) in enumerate(self.epoch_batches(train, epoch)):
                 idx, weight = self._local_rows(rows)
-                losses = self.train_step(gather_rows(train, idx), epoch, step, weight)
+                losses = self.train_step(gather_rows(source, idx), epoch, step, weight)
                 if release is not None and step % RELEASE_EVERY == RELEASE_EVERY - 1:
                     release()
                 for k, v in losses.items():
