@@ -7,9 +7,10 @@ against DuckDB (the embedded default), wall time and peak memory, on synthetic i
 Per row count the synthetic dataset (ctrflow.data.synthetic; users scale with rows, ~10 events per user on
 average, lognormal activity) and its feature tables are written once; then each engine runs in a fresh
 subprocess: copy the Feast repo (the production profile's `offline_store` block for Spark), `apply`, and
-`historical_frame` over every interaction (the features step's point-in-time join; `--behaviour-join`). Peak memory is the peak of the
-summed RSS of that subprocess and its children (the Spark JVM included), sampled every 0.2 s. The join's result is
-checked equal across engines (row count and a hash of every cell) before a record is kept.
+`write_historical_frame` over every interaction, as the features step runs it (user ranges of `features.chunk_rows`
+rows, DuckDB capped at `features.duckdb_memory_mb`; `--behaviour-join`). Peak memory is the peak of the
+summed RSS of that subprocess and its children (the Spark JVM included), sampled every 0.2 s. Each engine's training
+set is compared with DuckDB's, Parquet batch by batch (schema, rows and every cell in order).
 
 Writes benchmarks/results/offline_engines.{json,md}; records merge by (engine, rows).
 """
@@ -17,7 +18,6 @@ Writes benchmarks/results/offline_engines.{json,md}; records merge by (engine, r
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -35,32 +35,32 @@ ITEMS_PER_ROW = 0.02
 SPARK_DRIVER_MEMORY = "6g"  # local mode: the driver is the only executor
 
 
-def frame_digest(frame: Any) -> str:
-    """A hash of every cell of a training frame (lists and vectors by value, missing values alike)."""
-    import numpy as np
-    import pandas as pd
+def parquet_equal(a: Path, b: Path, batch_rows: int = 200_000) -> bool:
+    """Whether two Parquet files hold the same table: schema, row count and every cell in order (lists by value,
+    nulls alike), compared `batch_rows` rows at a time so memory stays near two batches."""
+    import pyarrow.parquet as pq
 
-    h = hashlib.sha256()
-    for c in frame.columns:
-        h.update(c.encode())
-        for v in frame[c]:
-            if v is None or (np.isscalar(v) and pd.isna(v)):
-                h.update(b"\x00")
-            elif isinstance(v, list | np.ndarray):
-                h.update(np.asarray(v).tobytes())
-            else:
-                h.update(repr(v).encode())
-    return h.hexdigest()
+    fa, fb = pq.ParquetFile(a), pq.ParquetFile(b)
+    if fa.metadata.num_rows != fb.metadata.num_rows or not fa.schema_arrow.equals(fb.schema_arrow):
+        return False
+    for xa, xb in zip(fa.iter_batches(batch_rows), fb.iter_batches(batch_rows), strict=True):
+        if not xa.equals(xb):
+            return False
+    return True
 
 
 def child(engine: str, data_dir: Path, work: Path, spark_master: str, behaviour_join: str) -> dict[str, Any]:
-    """One engine in this process: apply + the point-in-time join over every interaction; times and digest."""
+    """One engine in this process: apply + the features step's point-in-time join over every interaction, written
+    as the step writes it (`write_historical_frame`, `features.chunk_rows` rows at a time, DuckDB capped at
+    `features.duckdb_memory_mb`) to work/<engine>.parquet; times and rows."""
     import pandas as pd
     import yaml
 
     from ctrflow import features as F
+    from ctrflow.config import section
     from ctrflow.local_services import use_production_stores
 
+    defaults = section(None, "features")
     repo = F.copy_repo(work / f"repo-{engine}")
     if engine == "spark":
         os.environ["CTRFLOW_SPARK_MASTER"] = spark_master
@@ -69,13 +69,15 @@ def child(engine: str, data_dir: Path, work: Path, spark_master: str, behaviour_
         config["offline_store"]["spark_conf"]["spark.driver.memory"] = SPARK_DRIVER_MEMORY
         path.write_text(yaml.safe_dump(config, sort_keys=False))
     entity = pd.read_parquet(data_dir / "entity.parquet")
-    started = time.perf_counter()
-    store = F.apply_repo(repo, data_dir)
-    apply_s = time.perf_counter() - started
-    started = time.perf_counter()
-    frame = F.historical_frame(store, entity, behaviour_join=behaviour_join)
-    join_s = time.perf_counter() - started
-    return {"apply_s": round(apply_s, 2), "join_s": round(join_s, 2), "out_rows": len(frame), "digest": frame_digest(frame)}
+    with F.duckdb_memory_limit(defaults.duckdb_memory_mb):
+        started = time.perf_counter()
+        store = F.apply_repo(repo, data_dir)
+        apply_s = time.perf_counter() - started
+        started = time.perf_counter()
+        rows = F.write_historical_frame(store, entity, work / f"{engine}.parquet", behaviour_join=behaviour_join,
+                                        chunk_rows=defaults.chunk_rows)
+        join_s = time.perf_counter() - started
+    return {"apply_s": round(apply_s, 2), "join_s": round(join_s, 2), "out_rows": rows, "chunk_rows": defaults.chunk_rows}
 
 
 def _tree_rss(pid: int) -> int:
@@ -127,13 +129,14 @@ def run_engine(
 def prepare(rows: int, work: Path) -> tuple[Path, dict[str, Any]]:
     """Synthetic dataset of `rows` interactions -> feature tables + the entity rows, in work/data."""
     from ctrflow import features as F
+    from ctrflow.config import section
     from ctrflow.data.synthetic import SyntheticConfig, generate_synthetic
 
     cfg = SyntheticConfig(n_users=max(100, int(rows * USERS_PER_ROW)), n_items=max(50, int(rows * ITEMS_PER_ROW)),
                           n_interactions=rows, seed=0)
     dataset = generate_synthetic(cfg)
     data_dir = work / "data"
-    F.write_feature_tables(dataset, data_dir)
+    F.write_feature_tables(dataset, data_dir, chunk_rows=section(None, "features").chunk_rows)
     dataset.interactions.to_parquet(data_dir / "entity.parquet", index=False)
     return data_dir, {"users": cfg.n_users, "items": cfg.n_items, "max_len": cfg.max_len}
 
@@ -150,7 +153,7 @@ def render(records: list[dict[str, Any]]) -> str:
         "# Offline engines: the training-set join on Spark vs DuckDB",
         "",
         "`python -m benchmarks.offline_engines` (see its docstring). Each engine in a fresh subprocess: Feast `apply`,",
-        "then `historical_frame` over every interaction (the features step's point-in-time join; `--behaviour-join`). Peak RSS: the",
+        "then `write_historical_frame` over every interaction (the features step's chunked point-in-time join; `--behaviour-join`). Peak RSS: the",
         "process tree (the Spark JVM included). Synthetic interactions, ~10 events per user. Same machine, same run.",
         "",
         "The machine is shared: `load 1m` is the 1-minute load average seen during the run (2 cores; above 2 the",
@@ -205,11 +208,13 @@ def main(argv: list[str] | None = None) -> None:
             got = {}
             for engine in args.engines:
                 got[engine] = run_engine(engine, data_dir, work, args.spark_master, args.timeout, args.behaviour_join)
-                print(f"  {engine}: {json.dumps({k: v for k, v in got[engine].items() if k != 'digest'})}", flush=True)
+                print(f"  {engine}: {json.dumps(got[engine])}", flush=True)
             for engine, r in got.items():
                 r.setdefault("status", "ok")
-                if "duckdb" in got and r.get("digest") and got["duckdb"].get("digest"):
-                    r["equal_to_duckdb"] = r["digest"] == got["duckdb"]["digest"]
+                if engine != "duckdb" and r["status"] == "ok" and got.get("duckdb", {}).get("status") == "ok":
+                    r["equal_to_duckdb"] = parquet_equal(work / f"{engine}.parquet", work / "duckdb.parquet")
+                elif engine == "duckdb" and r["status"] == "ok":
+                    r["equal_to_duckdb"] = True
                 records.append({"engine": engine, "rows": rows, "behaviour_join": args.behaviour_join, **shape, "machine": machine,
                                 "spark_master": args.spark_master if engine == "spark" else None, **r})
     args.results.mkdir(parents=True, exist_ok=True)

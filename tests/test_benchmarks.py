@@ -155,16 +155,25 @@ def test_scale_results_merge_by_dataset_and_step_and_render_a_plot(tmp_path) -> 
     assert result["killed"] == "memory" and result["rc"] != 0
 
 
-def test_offline_engines_digest_sees_every_cell_and_merge_replaces_by_engine_and_rows(tmp_path) -> None:
+def test_offline_engines_parquet_equal_sees_every_cell_and_merge_replaces_by_engine_and_rows(tmp_path) -> None:
     import pandas as pd
 
     from benchmarks import offline_engines
 
-    a = pd.DataFrame({"u": [1, 2], "hist": [[1, 2], []], "cat": ["x", None], "emb": [np.ones(2, np.float32), None]})
-    b = a.copy()
-    assert offline_engines.frame_digest(a) == offline_engines.frame_digest(b)
-    b.at[0, "hist"] = [1, 3]
-    assert offline_engines.frame_digest(a) != offline_engines.frame_digest(b)
+    a = pd.DataFrame({"u": range(5), "hist": [[1, 2], [], [3], [4], [5, 6]], "cat": ["x", None, "y", "z", "w"]})
+    a.to_parquet(tmp_path / "a.parquet", index=False)
+    a.to_parquet(tmp_path / "same.parquet", index=False)
+    assert offline_engines.parquet_equal(tmp_path / "a.parquet", tmp_path / "same.parquet", batch_rows=2)
+    for change in ({"hist": (4, [5, 7])}, {"cat": (1, "")}):  # a list value in the last batch; null vs empty string
+        b = a.copy()
+        (column, (row, value)), = change.items()
+        b.at[row, column] = value
+        b.to_parquet(tmp_path / "b.parquet", index=False)
+        assert not offline_engines.parquet_equal(tmp_path / "a.parquet", tmp_path / "b.parquet", batch_rows=2)
+    a.iloc[:4].to_parquet(tmp_path / "short.parquet", index=False)
+    assert not offline_engines.parquet_equal(tmp_path / "a.parquet", tmp_path / "short.parquet")
+    a.astype({"u": "float64"}).to_parquet(tmp_path / "typed.parquet", index=False)
+    assert not offline_engines.parquet_equal(tmp_path / "a.parquet", tmp_path / "typed.parquet")
     path = tmp_path / "offline_engines.json"
     path.write_text(json.dumps([{"engine": "spark", "rows": 10, "join_s": 9}, {"engine": "duckdb", "rows": 10, "join_s": 1}]))
     merged = offline_engines.merge([{"engine": "spark", "rows": 10, "join_s": 5, "status": "ok"}], path)
