@@ -135,14 +135,15 @@ def test_scale_results_merge_by_dataset_and_step_and_render_a_plot(tmp_path) -> 
 
     path = tmp_path / "scale.json"
     scale.merge([rec("syn-100k", 100_000, "features", 2.0), rec("syn-1m", 1_000_000, "features", 20.0)], path)
-    merged = scale.merge([rec("syn-100k", 100_000, "features", 3.0), rec("syn-100k", 100_000, "train", 5.0)], path)
+    merged = scale.merge([rec("syn-100k", 100_000, "features", 3.0), {**rec("syn-100k", 100_000, "train", 5.0), "test_auc": 0.7123}], path)
     assert [(r["dataset"], r["step"], r["seconds"]) for r in merged] == [
         ("syn-100k", "features", 3.0), ("syn-100k", "train", 5.0), ("syn-1m", "features", 20.0)
     ]
     scale.render(merged, tmp_path / "scale.md", tmp_path / "scale.png")
     md = (tmp_path / "scale.md").read_text()
     assert "![time and memory against rows](scale.png)" in md
-    assert "| syn-1m | 1,000,000 | features | 20.0 | 20.0 | 50000 | 200 | 20.0 | 20.0 | ok |" in md
+    assert "| syn-1m | 1,000,000 | features | 20.0 | 20.0 | 50000 | 200 | 20.0 | 20.0 | ok | - |  |" in md
+    assert "| syn-100k | 100,000 | train | 5.0 | 50.0 | 20000 | 110 | 5.0 | 50.0 | ok | - | 0.7123 |" in md
     assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
     # issue 9's target, 10M against 1M: 15 s / 1M rows against 20 (0.75x) and 1,100 MB meets it; 40 s / 1M (2x) does not
     target = scale.target_lines([*merged, rec("syn-10m", 10_000_000, "features", 150.0)])
