@@ -302,6 +302,7 @@ def register_step(
     item features it was trained with), which `ctrflow.fit_check` compares with a feature repository before serving.
     """
     use_bentoml_home(params)
+    import pyarrow.parquet as pq
 
     from ctrflow import registry
     from ctrflow.data.encoding import FeatureEncoder
@@ -315,8 +316,10 @@ def register_step(
     dataset = str(spec.extra.get("dataset", ""))
     fingerprint_inputs = sorted(Path(dataset_dir).glob("*.parquet")) if dataset_dir else [model_dir / "encoder.json"]
     items = None
+    rows = metrics.get("train_rows")  # the closing line's rows: the training-set rows read, else the model's
     if training_set_dir is not None:
         path = Path(training_set_dir) / TRAINING_FRAME
+        rows = pq.ParquetFile(path).metadata.num_rows
         wanted = [spec.item_key, *(f.column for f in spec.fields if f.entity is Entity.ITEM)]  # all the fingerprint reads
         frame = first_rows_per_key(path, spec.item_key, [c for c in dict.fromkeys(wanted)])
         key_field = next((f.name for f in spec.fields if f.column == spec.item_key), None)
@@ -335,6 +338,8 @@ def register_step(
         inputs=registry.model_inputs(spec, feature_service=service, item_fingerprint=items),
     )
     log.info("registered %s", tag)
+    if (meter := current_meter()) is not None and isinstance(rows, int):
+        meter.rows = rows
     return {"tag": str(tag), "dataset": dataset}
 
 
@@ -366,6 +371,9 @@ def gate_step(params: dict[str, Any], tag: str, training_set_dir: str | Path | N
         min_lift_over_reference=g.min_lift_over_reference,
     )
     log.info("%s", decision.summary())
+    rows = (reference_metrics or decision.candidate_metrics or {}).get("train_rows")  # the reference trained, or the candidate's
+    if (meter := current_meter()) is not None and isinstance(rows, int):
+        meter.rows = rows
     return {
         "tag": str(tag),
         "gate_passed": bool(decision.passed),

@@ -30,6 +30,7 @@ import yaml
 
 from ctrflow.config import REPO_ROOT, load_params, merge
 from ctrflow.server import free_port, start_server
+from ctrflow.steps import TRAINING_FRAME
 
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
 READY_TIMEOUT_S = 120.0
@@ -137,6 +138,12 @@ def deployed_a(world):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["gate_passed"] and result["metrics"]["reference"]["valid_auc"] is not None
+    # every step's closing line counts its rows: register the training set it read, gate the reference's train rows
+    closing = {line.split(" INFO ")[-1].split(":")[0]: line.split(" INFO ")[-1] for line in proc.stderr.splitlines()
+               if " rows, " in line and "peak RSS" in line and "so far" not in line}
+    split = pd.read_parquet(world["a"]["ts"] / TRAINING_FRAME, columns=["split"])["split"]
+    assert closing["register"].startswith(f"register: {len(split):,} rows, "), closing
+    assert closing["gate"].startswith(f"gate: {int((split == 'train').sum()):,} rows, "), closing
     return json.loads((world["a"]["root"] / "deployment.json").read_text())
 
 
