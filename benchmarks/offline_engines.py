@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                 if engine != "duckdb" and r["status"] == "ok" and got.get("duckdb", {}).get("status") == "ok":
                     r["equal_to_duckdb"] = parquet_equal(work / f"{engine}.parquet", work / "duckdb.parquet")
                 elif engine == "duckdb" and r["status"] == "ok":
-                    r["equal_to_duckdb"] = True
+                    r["equal_to_duckdb"] = "reference"
                 records.append({"engine": engine, "rows": rows, "behaviour_join": args.behaviour_join, **shape, "machine": machine,
                                 "spark_master": args.spark_master if engine == "spark" else None, **r})
     args.results.mkdir(parents=True, exist_ok=True)
