@@ -371,7 +371,7 @@ def gate_step(params: dict[str, Any], tag: str, training_set_dir: str | Path | N
         min_lift_over_reference=g.min_lift_over_reference,
     )
     log.info("%s", decision.summary())
-    rows = (reference_metrics or decision.candidate_metrics or {}).get("train_rows")  # the reference trained, or the candidate's
+    rows = (reference_metrics or {}).get("train_rows")  # the rows the gate read: the reference's training rows
     if (meter := current_meter()) is not None and isinstance(rows, int):
         meter.rows = rows
     return {

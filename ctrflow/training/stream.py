@@ -11,8 +11,9 @@ one of two orders (`train.stream_order`):
   blocks in a seeded random order, `stream_window_blocks` at a time (`block_windows`); a window's blocks are read
   with sequential I/O into memory (`read_window`) and its rows permuted and cut into batches. Every row is seen once
   per epoch; a batch mixes the rows of its window's blocks only (the shuffle of a shuffle buffer over shuffled
-  shards, as TFRecord/WebDataset pipelines do). Measured on 8M streamed rows: 17k rows/s with `rows` (one page
-  fault per row and field, page-cache hits included), see benchmarks/results/scale.md for `blocks`.
+  shards, as TFRecord/WebDataset pipelines do). Measured on 8M streamed rows (one epoch of DCNv2): 514 s and
+  6.0 GB peak with `blocks`, 548 s and 10.5 GB with `rows` (a page per row and field faulted in between
+  releases); benchmarks/results/scale.md.
 - `rows`: `rows[k][idx]` gathers each batch of the in-memory permutation (the pages it touches are read from
   disk), so the batches and therefore the trained weights are exactly those of the in-memory tensors.
 
@@ -177,8 +178,7 @@ class DiskRows(Mapping[str, torch.Tensor]):
         tensors (copies: each block is one sequential read per field). The mapped pages are released after."""
         if not blocks:
             raise ValueError(f"{self.directory}: read_window needs at least one block")
-        out = {k: torch.cat([v[a:b] for a, b in blocks]) if len(blocks) > 1 else v[blocks[0][0] : blocks[0][1]].clone()
-               for k, v in self._tensors.items()}
+        out = {k: torch.cat([v[a:b] for a, b in blocks]) for k, v in self._tensors.items()}  # cat copies, one block too
         self.release()
         return out
 
