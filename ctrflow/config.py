@@ -325,6 +325,9 @@ class ServingParams(Section):
     workers: int = Field(2, ge=1)  # BentoML worker processes: two, so one worker's crash is not an outage
     threads: int = Field(1, ge=1)  # torch intra-op threads per worker (more gave p99 spikes under concurrency)
     item_cache_refresh_s: float = Field(30.0, ge=0)  # how often a worker checks for a new materialisation (0: never)
+    # who compacts the request log into Parquet: "process" (a compactor process per worker, at a lower priority, off
+    # the worker's GIL) or "thread" (a thread of the worker: its Python work showed as a ~5 ms p99 tail; issue 10)
+    request_log_compaction: Literal["process", "thread"] = "process"
 
 
 class DriftParams(Section):

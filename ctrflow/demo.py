@@ -78,7 +78,8 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     headers = auth_headers(s)
     with start_server(
         deployment, request_log, host=s["host"], port=s["port"], workers=s["workers"], threads=s["threads"],
-        item_cache_refresh_s=s["item_cache_refresh_s"], extra_env=guard_env(s),
+        item_cache_refresh_s=s["item_cache_refresh_s"],
+        request_log_compaction=s["request_log_compaction"], extra_env=guard_env(s),
     ) as server:
         latencies = []
         first = None

@@ -13,14 +13,25 @@ short by a crash mid-write is detected and dropped, never misread. A value that 
 one run (~8 KB a record for 100 candidates instead of ~60 KB with the user's history repeated per row), and expanded
 to one value per row when a record is read back (`_read_segment`): what compaction and readers see is unchanged.
 
-Compaction: a background thread rotates the segment every ``flush_seconds`` or ``flush_rows`` rows and compacts
-the closed one into a Parquet part ``part-<utc>-<pid>-<id>.parquet`` (written under a hidden temporary name, fsynced
-and renamed, then the segment is deleted), so the folder is an ordinary Parquet data set (``pd.read_parquet(dir)``,
-DuckDB and Spark skip ``_segments``); a part is named after its segment, so compacting one twice writes the same
-file, never duplicate rows. A live writer holds an exclusive flock on its segment; at start (``recover_request_log``)
-segments nobody holds (left by a crashed worker) are compacted and hidden temporary files of dead compactions are
-removed. A graceful stop (``close()``, the service's shutdown hook) compacts everything; a request answered after
-that is still written (to a new segment, recovered at the next start), never refused.
+Compaction: the segment is rotated every ``flush_seconds`` or ``flush_rows`` rows and the closed one is compacted
+into a Parquet part ``part-<utc>-<pid>-<id>.parquet`` (written under a hidden temporary name, fsynced and renamed,
+then the segment is deleted), so the folder is an ordinary Parquet data set (``pd.read_parquet(dir)``, DuckDB and
+Spark skip ``_segments``); a part is named after its segment, so compacting one twice writes the same file, never
+duplicate rows. Who compacts (``compaction``):
+
+- ``"process"`` (what the service uses): a compactor process per writer (``python -m ctrflow.request_log compact``,
+  ``run_compactor``), at a lower CPU priority, woken through a pipe at each rotation. A rotated segment is unlocked
+  and compacted there, off the serving process: in a thread, compaction's Python work held the worker's GIL for
+  milliseconds every ``flush_rows`` rows and showed as a ~5 ms p99 tail (issue 10; benchmarks/results/serving.md).
+  The compactor exits when its writer closes the pipe, also on a kill -9 of the writer, after a last pass.
+- ``"thread"``: a background thread of the writer's process compacts (no child process; tests, notebooks).
+
+A live writer holds an exclusive flock on its open segment (a segment is created under a hidden name, locked, then
+renamed into place, so no reader ever sees it unlocked); whoever compacts takes that lock first, so a segment is
+compacted once. At start (``recover_request_log``) segments nobody holds (rotated, or left by a crashed worker) are
+compacted and hidden temporary files of dead compactions and segment openings are removed. A graceful stop
+(``close()``, the service's shutdown hook) compacts everything; a request answered after that is still written (to a
+new segment, recovered at the next start), never refused.
 
 A backlog of rows waiting for compaction beyond ``max_backlog_rows`` (compaction falling behind, or failing) is
 counted (``backlog_full``) and warned about: the rows are safe in their segments. `stats()` has every counter; with
@@ -40,11 +51,16 @@ import datetime as dt
 import fcntl
 import logging
 import os
+import select
+import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +92,10 @@ BASE_TYPES = {
 }
 SEGMENTS = "_segments"  # a leading underscore: Parquet dataset readers skip it
 SEGMENT_SUFFIX = ".arrows"
+OPENING_SUFFIX = ".opening"  # a segment being created: hidden (.seg-...) until it is locked and renamed
+COMPACTION_MODES = ("process", "thread")
+COMPACTOR_NICE = 10  # the compactor process yields the CPU to serving; it catches up when requests leave room
+COMPACTOR_PERIOD_S = 5.0  # the compactor also looks for unheld segments this often without being woken
 MAGIC = b"CFRL"
 HEADER = struct.Struct("<4sQI")  # magic, payload length, crc32 of the payload
 COUNTERS = (
@@ -305,30 +325,80 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+def compact_segment(directory: Path, seg: Path, *, wait: bool = False, counts: Callable[[str, int], None] | None = None) -> tuple[Path | None, int] | None:
+    """Compact one segment that no writer holds into its part and delete it: (part path or None when it held no
+    whole record, rows). None when a writer holds it (or, `wait`=False, another compactor does right now) or it is
+    gone already. `wait`: block on a compactor's lock instead of skipping (a flush that must see its rows on disk).
+    `counts(name, n)` is told about torn_records."""
+    try:
+        fd = os.open(seg, os.O_RDONLY)
+    except FileNotFoundError:  # compacted by someone else meanwhile
+        return None
+    try:
+        if wait:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        elif not _try_lock(fd):
+            return None
+        if os.fstat(fd).st_nlink == 0:  # compacted and deleted between our open and our lock
+            return None
+        stem = _stem(seg)
+        part, rows = _part_path(directory, stem), 0
+        if part.exists():  # compacted before, deleting the segment did not happen: never write it twice
+            rows = pq.read_metadata(part).num_rows
+        else:
+            tables, torn = _read_segment(fd)
+            if torn:
+                log.warning("request log: %s ends with %d bytes of a record cut short by a crash; dropped", seg, torn)
+                if counts is not None:
+                    counts("torn_records", 1)
+            part, rows = _write_part(directory, stem, tables)
+        seg.unlink(missing_ok=True)
+        return part, rows
+    finally:
+        os.close(fd)  # releases the lock only once the segment is gone
+
+
+def compact_unheld(directory: str | Path, counts: Callable[[str, int], None] | None = None) -> int:
+    """One pass over a request-log folder: every segment no writer holds (rotated, or left by a stopped worker)
+    compacted (`compact_segment`); returns the rows compacted. `counts(name, n)`: compactions, compacted_rows,
+    compaction_errors, torn_records. A segment that fails to compact stays (logged, counted) for the next pass."""
+    directory = Path(directory)
+    total = 0
+    for seg in sorted((directory / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}")):
+        try:
+            done = compact_segment(directory, seg, counts=counts)
+        except Exception:  # noqa: BLE001 - a full disk: the rows stay in the segment, retried next pass
+            log.exception("request log: compacting %s failed; its rows stay there", seg)
+            if counts is not None:
+                counts("compaction_errors", 1)
+            continue
+        if done is not None:
+            total += done[1]
+            if counts is not None:
+                counts("compactions", 1)
+                counts("compacted_rows", done[1])
+    return total
+
+
 def recover_request_log(directory: str | Path) -> int:
-    """Compact the segments no live writer holds (left by a killed worker) and remove hidden temporary files of dead
-    compactions; returns the number of rows recovered. Safe while other workers write to the same folder."""
+    """Compact the segments no live writer holds (left by a killed worker, or rotated and not compacted yet) and
+    remove hidden temporary files of dead compactions and segment openings; returns the number of rows compacted.
+    Safe while other workers write to (and compact) the same folder."""
     directory = Path(directory)
     seg_dir = directory / SEGMENTS
     recovered = 0
     if seg_dir.is_dir():
-        for seg in sorted(seg_dir.glob(f"seg-*{SEGMENT_SUFFIX}")):
+        recovered = compact_unheld(directory)
+        if recovered:
+            log.warning("request log: compacted %d rows that no writer held (a stopped worker's, or rotated)", recovered)
+        for opening in seg_dir.glob(f".seg-*{OPENING_SUFFIX}"):  # a writer died between creating and renaming
             try:
-                fd = os.open(seg, os.O_RDONLY)
-            except FileNotFoundError:  # compacted by another worker meanwhile
+                fd = os.open(opening, os.O_RDONLY)
+            except FileNotFoundError:
                 continue
             try:
-                if not _try_lock(fd):
-                    continue  # a live writer's segment
-                stem = _stem(seg)
-                if not _part_path(directory, stem).exists():
-                    tables, torn = _read_segment(fd)
-                    if torn:
-                        log.warning("request log: %s ends with %d bytes of a record cut short by a crash; dropped", seg, torn)
-                    _, rows = _write_part(directory, stem, tables)
-                    recovered += rows
-                    log.warning("request log: recovered %d rows left in %s by a stopped worker", rows, seg.name)
-                seg.unlink(missing_ok=True)
+                if _try_lock(fd):
+                    opening.unlink(missing_ok=True)
             finally:
                 os.close(fd)
     for tmp in directory.glob(".part-*.tmp"):
@@ -347,6 +417,35 @@ def recover_request_log(directory: str | Path) -> int:
         tmp.unlink(missing_ok=True)
         log.warning("request log: removed %s, a temporary file of a compaction that did not finish", tmp.name)
     return recovered
+
+
+def run_compactor(directory: str | Path, wake: int, *, period_s: float = COMPACTOR_PERIOD_S, metrics: bool = False, nice: int = COMPACTOR_NICE) -> int:
+    """The compactor process's loop (``compaction="process"``): compact every unheld segment of `directory` each time
+    a byte arrives on the file descriptor `wake` (the writer's pipe: one byte per rotation) and every `period_s`
+    seconds; after the writer closes the pipe (or dies: end of file), one last pass, then return the rows compacted.
+    SIGTERM and SIGINT are ignored: a stopping server signals its whole process group, and this process must outlive
+    its writer's last rotation. `metrics`: Prometheus counters (in a BentoML worker's multiprocess folder, inherited
+    through the environment, they show on the worker's /metrics)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    prometheus = _prometheus_counters() if metrics else None
+
+    def counts(name: str, n: int) -> None:
+        if prometheus is not None and n:
+            prometheus[name].inc(n)
+
+    total = 0
+    while True:
+        readable, _, _ = select.select([wake], [], [], period_s)
+        end = bool(readable) and not os.read(wake, 65536)
+        total += compact_unheld(directory, counts)
+        if end:
+            return total
 
 
 # ---- the writer ------------------------------------------------------------------------------------------------
@@ -370,6 +469,9 @@ class RequestLogger:
     """Durable, thread-safe request log writer (one per worker process): see the module docstring.
 
     `flush_rows` / `flush_seconds`: compact the current segment into a Parquet part after this many rows / seconds.
+    `compaction`: "process" (a compactor process, off this process's GIL) or "thread" (a thread of this process);
+    see the module docstring. With "process", compactions, compacted_rows, compaction_errors and torn_records are
+    counted by the compactor (its Prometheus counters), not in `stats()`, except for what `flush`/`close` compact here.
     `max_backlog_rows`: rows waiting for compaction above which `backlog_full` is counted and warned about.
     `fsync`: fsync each request's write (power-loss safe; a kill -9 is survived without it).
     `metrics`: also count in Prometheus counters (`ctrflow_request_log_*_total`) for the worker's /metrics.
@@ -387,12 +489,17 @@ class RequestLogger:
         fsync: bool = False,
         metrics: bool = False,
         recover: bool = True,
+        compaction: str = "thread",
     ):
         if flush_rows < 1 or flush_seconds <= 0 or max_backlog_rows < 1:
             raise ValueError(
                 f"RequestLogger: flush_rows and max_backlog_rows must be >= 1 and flush_seconds > 0 "
                 f"(got {flush_rows}, {max_backlog_rows}, {flush_seconds})"
             )
+        if compaction not in COMPACTION_MODES:
+            raise ValueError(f"RequestLogger: compaction must be one of {', '.join(COMPACTION_MODES)} (got '{compaction}')")
+        self.compaction = compaction
+        self.metrics = metrics
         self.directory = Path(directory)
         self.segments = self.directory / SEGMENTS
         self.segments.mkdir(parents=True, exist_ok=True)
@@ -410,11 +517,15 @@ class RequestLogger:
         self._seg: Path | None = None
         self._seg_rows = 0
         self._opened_at = 0.0
-        self._closed_segments: list[tuple[Path, int, int]] = []  # rotated, not compacted yet: (path, fd, rows)
+        self._closed_segments: list[tuple[Path, int, int]] = []  # thread: rotated, still locked: (path, fd, rows)
+        self._handed: list[tuple[Path, int]] = []  # process: rotated and unlocked, for the compactor: (path, rows)
+        self._compactor: subprocess.Popen | None = None
         self._wake = threading.Event()
         self._closed = False
         if recover:
             self._count("recovered_rows", recover_request_log(self.directory))
+        if compaction == "process":
+            self._start_compactor()
         self._thread = threading.Thread(target=self._run, name="request-log-compactor", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -433,17 +544,57 @@ class RequestLogger:
         compaction_errors, backlog_full, recovered_segments, recovered_rows, torn_records) plus `backlog_rows`: rows
         written but not yet compacted into Parquet."""
         with self._lock:
-            backlog = self._seg_rows + sum(r for _, _, r in self._closed_segments)
+            self._handed = [(seg, rows) for seg, rows in self._handed if seg.exists()]
+            backlog = self._seg_rows + sum(r for _, _, r in self._closed_segments) + sum(r for _, r in self._handed)
         with self._count_lock:
             return {**self.counts, "backlog_rows": backlog}
 
     # ---- writing ---------------------------------------------------------------------------------------
     def _open_segment(self) -> None:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
-        path = self.segments / f"seg-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}{SEGMENT_SUFFIX}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)  # read back at compaction
-        fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we live: recovery leaves a held segment alone
+        name = f"seg-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}{SEGMENT_SUFFIX}"
+        opening = self.segments / f".{name}{OPENING_SUFFIX}"
+        fd = os.open(opening, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)  # read back at compaction
+        fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we write: a compactor leaves a held segment alone
+        path = self.segments / name
+        os.rename(opening, path)  # visible only once locked: a compactor never takes a segment being opened
         self._fd, self._seg, self._seg_rows, self._opened_at = fd, path, 0, time.monotonic()
+
+    # ---- the compactor process (compaction="process") -----------------------------------------------------
+    def _start_compactor(self) -> None:
+        cmd = [sys.executable, "-m", "ctrflow.request_log", "compact", str(self.directory)]
+        if self.metrics:
+            cmd.append("--metrics")
+        self._compactor = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
+
+    def _wake_compactor(self) -> None:
+        """One byte down the compactor's pipe; a compactor that died is started again (its segments wait on disk)."""
+        child = self._compactor
+        if child is None or child.poll() is not None:
+            if child is not None:
+                log.warning("request log: the compactor process exited with %s; starting another", child.returncode)
+            self._start_compactor()
+            child = self._compactor
+        try:
+            child.stdin.write(b"\n")
+            child.stdin.flush()
+        except (OSError, ValueError):  # it died since the poll: the next rotation starts another
+            pass
+
+    def _stop_compactor(self, timeout: float = 30.0) -> None:
+        child, self._compactor = self._compactor, None
+        if child is None:
+            return
+        try:
+            child.stdin.close()  # end of file: its last pass, then it exits
+        except OSError:
+            pass
+        try:
+            child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("request log: the compactor did not finish in %.0fs; stopping it (its segments stay on disk)", timeout)
+            child.kill()
+            child.wait(timeout=10)
 
     def log_request(
         self,
@@ -549,17 +700,27 @@ class RequestLogger:
         return constant(value, self.types.get(name), n)
 
     # ---- compaction ------------------------------------------------------------------------------------
-    def _rotate(self) -> None:
-        """Close the current segment for writing (it stays locked until compacted); the next request opens another."""
+    def _rotate(self) -> bool:
+        """Close the current segment for writing; the next request opens another. Thread mode: it stays locked until
+        compacted here; process mode: it is unlocked for the compactor. True when a segment was closed."""
         with self._lock:
-            if self._fd is not None and self._seg_rows:
+            if self._fd is None or not self._seg_rows:
+                return False
+            if self.compaction == "process":
+                os.close(self._fd)
+                self._handed.append((self._seg, self._seg_rows))
+            else:
                 self._closed_segments.append((self._seg, self._fd, self._seg_rows))
-                self._fd, self._seg, self._seg_rows = None, None, 0
+            self._fd, self._seg, self._seg_rows = None, None, 0
+            return True
 
     def flush(self) -> Path | None:
         """Compact what was written so far into Parquet now; returns the last part written (None when nothing was
-        waiting). Rows stay in their segment until their part is on disk."""
+        waiting). Rows stay in their segment until their part is on disk. Process mode: this writer's rotated
+        segments are compacted here (a segment the compactor is on is waited for, then skipped as done)."""
         self._rotate()
+        if self.compaction == "process":
+            return self._flush_handed()
         last = None
         with self._compact_lock:
             while True:
@@ -584,6 +745,25 @@ class RequestLogger:
                 last = path or last
         return last
 
+    def _flush_handed(self) -> Path | None:
+        with self._lock:
+            handed = list(self._handed)
+        last = None
+        for seg, _ in handed:
+            try:
+                done = compact_segment(self.directory, seg, wait=True, counts=self._count)
+            except Exception:
+                self._count("compaction_errors")
+                raise
+            if done is not None:
+                self._count("compactions")
+                self._count("compacted_rows", done[1])
+            part = _part_path(self.directory, _stem(seg))
+            last = part if part.exists() else last
+        with self._lock:
+            self._handed = [(seg, rows) for seg, rows in self._handed if seg.exists()]
+        return last
+
     def _run(self) -> None:
         while not self._closed:
             self._wake.wait(self.flush_seconds)
@@ -591,7 +771,11 @@ class RequestLogger:
             if self._closed:
                 return
             try:
-                self.flush()
+                if self.compaction == "process":
+                    if self._rotate():
+                        self._wake_compactor()
+                else:
+                    self.flush()
             except Exception:  # noqa: BLE001 - a full disk must not kill serving; the rows stay in their segments
                 log.exception("request log: compaction into %s failed; the rows stay in %s", self.directory, self.segments)
             backlog = self.stats()["backlog_rows"]
@@ -612,8 +796,11 @@ class RequestLogger:
             self._wake.set()
             self._thread.join(timeout=30)
             atexit.unregister(self.close)
+        if self._rotate() and self._compactor is not None:
+            self._wake_compactor()
+        self._stop_compactor()
         try:
-            self.flush()
+            self.flush()  # what the compactor left (it died, or process mode was never started): compacted here
         except Exception:  # noqa: BLE001 - the rows stay in their segments; the next start recovers them
             log.exception("request log: final compaction into %s failed; the next start recovers %s", self.directory, self.segments)
         with self._lock:  # the segment of late requests (none normally) is compacted: nothing stays open
@@ -670,3 +857,24 @@ def read_request_log(directory: str | Path) -> pd.DataFrame:
     if table is None:
         return pd.DataFrame(columns=[*BASE_COLUMNS, "prediction"])
     return _to_pandas(table).sort_values("ts", kind="stable").reset_index(drop=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ctrflow.request_log compact DIR [--metrics]`: the compactor process of a writer (`run_compactor`,
+    woken through its standard input), started by `RequestLogger(compaction="process")`."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ctrflow.request_log", description=main.__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compact", help="compact a request-log folder's unheld segments until standard input ends")
+    c.add_argument("directory", type=Path)
+    c.add_argument("--metrics", action="store_true", help="count in Prometheus counters (a BentoML worker's /metrics)")
+    c.add_argument("--period", type=float, default=COMPACTOR_PERIOD_S, help="seconds between passes without a wake-up")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s compactor[%(process)d] %(message)s")
+    run_compactor(args.directory, sys.stdin.fileno(), period_s=args.period, metrics=args.metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -87,12 +87,13 @@ def service_env(
     threads: int | None = None,
     workers: int | None = None,
     item_cache_refresh_s: float | None = None,
+    request_log_compaction: str | None = None,
 ) -> dict[str, str]:
     """The environment the service reads its configuration from (see serving/service.py).
 
     A deployment without `model_tag` serves the registry's production model of `model_name`. `threads` (torch
-    threads per worker), `workers` (BentoML worker processes) and `item_cache_refresh_s`: params `serving.*`; None
-    takes the typed default.
+    threads per worker), `workers` (BentoML worker processes), `item_cache_refresh_s` and `request_log_compaction`:
+    params `serving.*`; None takes the typed default.
     """
     from ctrflow.config import ServingParams
 
@@ -100,6 +101,7 @@ def service_env(
     threads = defaults.threads if threads is None else int(threads)
     workers = defaults.workers if workers is None else int(workers)
     refresh = defaults.item_cache_refresh_s if item_cache_refresh_s is None else float(item_cache_refresh_s)
+    compaction = request_log_compaction or defaults.request_log_compaction
     env = dict(os.environ)
     env.pop("CTRFLOW_MODEL_TAG", None)
     tag = deployment.get("model_tag")
@@ -116,6 +118,7 @@ def service_env(
             "CTRFLOW_TORCH_THREADS": str(threads),
             "CTRFLOW_SERVING_WORKERS": str(workers),
             "CTRFLOW_ITEM_CACHE_REFRESH_S": str(refresh),
+            "CTRFLOW_REQUEST_LOG_COMPACTION": compaction,
             "BENTOML_DO_NOT_TRACK": "true",
             "FEAST_USAGE": "False",
         }
@@ -231,20 +234,22 @@ def start_server(
     workers: int | None = None,
     threads: int | None = None,
     item_cache_refresh_s: float | None = None,
+    request_log_compaction: str | None = None,
     log_path: str | Path | None = None,
     ready_timeout: float = 120.0,
     extra_env: dict[str, str] | None = None,
     service: str = SERVICE,
 ) -> RunningServer:
     """`bentoml serve` of `service` in a subprocess; returns once /readyz answers 200 (or raises with the server's
-    log). workers / threads / item_cache_refresh_s: as `service_env` (None: the typed defaults)."""
+    log). workers / threads / item_cache_refresh_s / request_log_compaction: as `service_env` (None: the typed
+    defaults)."""
     if not isinstance(deployment, dict):
         deployment = read_deployment(deployment)
     port = port or free_port()
     log_path = Path(log_path or Path(request_log).parent / "server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "bentoml", "serve", service, "--host", host, "--port", str(port), "--working-dir", str(REPO_ROOT)]
-    env = service_env(deployment, request_log, threads, workers, item_cache_refresh_s)
+    env = service_env(deployment, request_log, threads, workers, item_cache_refresh_s, request_log_compaction)
     env.update(extra_env or {})
     log_file = open(log_path, "w")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)

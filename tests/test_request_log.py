@@ -97,13 +97,14 @@ def test_a_record_torn_by_a_crash_and_a_dead_temp_file_are_cleaned_up(tmp_path):
         fh.write(seg.read_bytes()[:40])
     (tmp_path / f".part-{stem}.parquet.999.tmp").write_bytes(b"PAR1 half a file")
     (tmp_path / ".part-20200101T000000000000-1-deadbeef.parquet.tmp").write_bytes(b"old format temp file")
+    (tmp_path / SEGMENTS / ".seg-20200101T000000000000-1-deadbeef.arrows.opening").write_bytes(b"")  # died opening one
     assert read_request_log(tmp_path)["request_id"].tolist() == ["whole"] * 5  # the torn tail is never misread
     os.close(logger._fd)  # the worker dies: its lock goes with it
     logger._fd = None
     logger._closed = True
 
     assert recover_request_log(tmp_path) == 5
-    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / SEGMENTS).glob("seg-*"))
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / SEGMENTS).iterdir())
     assert read_request_log(tmp_path)["request_id"].tolist() == ["whole"] * 5
 
 
@@ -202,3 +203,111 @@ def test_a_requests_shared_values_are_written_once_and_read_back_on_every_row(tm
         assert read["item_id"].tolist() == [11, 12, 13, 14] and read["scenario"].tolist() == ["home"] * n
         assert all(list(h) == hist for h in read["hist"]) and read["latency_ms"].tolist() == [2.5] * n
         assert read["fallback_user"].tolist() == [False] * n and read["ts"].nunique() == 1
+
+
+# ---- compaction in a process of its own (compaction="process", what the service uses) ------------------------
+def _wait(condition, timeout: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _parquet_requests(directory) -> pd.Series:
+    parts = [p for p in directory.glob("part-*.parquet")]
+    return pd.concat([pd.read_parquet(p, columns=["request_id"])["request_id"] for p in parts]) if parts else pd.Series([], dtype=object)
+
+
+def test_a_compactor_process_compacts_rotated_segments_off_the_writers_process(tmp_path):
+    import psutil
+
+    logger = RequestLogger(tmp_path, column_types=TYPES, flush_rows=10, flush_seconds=0.05, compaction="process")
+    child = logger._compactor
+    assert child is not None and child.pid != os.getpid()
+    assert "compact" in psutil.Process(child.pid).cmdline()
+    for i in range(30):
+        _log(logger, f"r{i}")
+    # while the writer is open, its rotated segments reach Parquet through the other process, never through this one
+    _wait(lambda: _parquet_requests(tmp_path).nunique() >= 28, what="the compactor process")
+    assert logger.stats()["compactions"] == 0 and logger.stats()["compacted_rows"] == 0
+    logger.close()
+    assert child.returncode == 0  # its standard input ended: a last pass, then it exited
+    assert not list((tmp_path / SEGMENTS).iterdir())
+    written = _parquet_requests(tmp_path)
+    assert sorted(written.unique()) == sorted(f"r{i}" for i in range(30)) and len(written) == 150  # once each
+    assert logger.stats()["backlog_rows"] == 0
+
+
+def test_a_compactor_that_dies_is_replaced_and_close_compacts_what_it_left(tmp_path):
+    logger = RequestLogger(tmp_path, column_types=TYPES, flush_rows=5, flush_seconds=3600, compaction="process")
+    first = logger._compactor
+    first.kill()
+    first.wait(timeout=30)
+    for i in range(4):  # each request fills a segment: rotated, and a new compactor is started at the first
+        _log(logger, f"r{i}")
+    _wait(lambda: logger._compactor is not first and logger._compactor is not None, what="a new compactor")
+    second = logger._compactor
+    second.kill()  # this one dies too: the rows wait in their segments, and close() compacts them here
+    second.wait(timeout=30)
+    _log(logger, "last")
+    logger.close()
+    assert not list((tmp_path / SEGMENTS).glob("seg-*"))
+    assert sorted(_parquet_requests(tmp_path).unique()) == ["last", "r0", "r1", "r2", "r3"]
+    assert len(read_request_log(tmp_path)) == 25
+
+
+def test_the_compactor_outlives_a_kill_9_of_its_writer_and_compacts_everything_it_answered(tmp_path):
+    import psutil
+
+    log_dir = tmp_path / "log"
+    writer = WRITER.replace("flush_seconds=0.05)", "flush_seconds=0.05, compaction='process')").replace(
+        "for i in range(100000):", "print(logger._compactor.pid, flush=True)\nfor i in range(100000):"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", writer, str(log_dir), str(REPO_ROOT)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    compactor = psutil.Process(int(proc.stdout.readline()))
+    answered: list[str] = []
+    while len(answered) < 300:
+        line = proc.stdout.readline()
+        assert line, "the writer stopped"
+        answered.append(line.strip())
+    proc.send_signal(signal.SIGKILL)
+    answered += [line.strip() for line in proc.stdout.read().splitlines()]
+    proc.wait(timeout=30)
+    compactor.wait(timeout=60)  # end of file on its pipe: the last pass takes the dead writer's segment too
+    assert not list((log_dir / SEGMENTS).glob("seg-*"))
+    written = _parquet_requests(log_dir)
+    assert set(answered) <= set(written) and written.value_counts().eq(5).all()
+
+
+def test_a_segment_is_never_visible_before_its_writer_holds_it(tmp_path, monkeypatch):
+    """A compactor pass (another worker's, a starting worker's recovery) that lands between a segment's creation and
+    its writer's lock must not take it: it would compact the empty file, delete it, and the writer's rows would go
+    into a deleted file. Made deterministic: a full pass runs inside the writer's own lock call."""
+    from ctrflow import request_log
+    from ctrflow.request_log import compact_unheld
+
+    real = request_log.fcntl.flock
+    passes = []
+
+    def flock_after_a_pass(fd: int, op: int) -> None:
+        if op == request_log.fcntl.LOCK_EX and os.fstat(fd).st_size == 0:  # the writer's lock of a segment it just created
+            passes.append(compact_unheld(tmp_path))
+        real(fd, op)
+
+    monkeypatch.setattr(request_log.fcntl, "flock", flock_after_a_pass)
+    # process mode: rotated segments are compacted by path, by whoever takes them (the writer's fd is closed)
+    with RequestLogger(tmp_path, column_types=TYPES, flush_rows=1, flush_seconds=3600, recover=False, compaction="process") as logger:
+        for i in range(5):  # each request opens a new segment
+            _log(logger, f"r{i}", n=1)
+            logger.flush()
+    assert len(passes) == 5
+    assert sorted(read_request_log(tmp_path)["request_id"]) == [f"r{i}" for i in range(5)]
+    assert not list((tmp_path / SEGMENTS).iterdir())
+
+
+def test_an_unknown_compaction_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="compaction must be one of process, thread"):
+        RequestLogger(tmp_path, compaction="sidecar")

@@ -317,10 +317,23 @@ def test_request_log_holds_every_candidate(server, deployment):
     hist = rows["hist_item_ids"].iloc[0]
     assert hasattr(hist, "__len__")  # a Parquet list, not a string
 
+    # compacted into Parquet while serving, by each worker's compactor process (serving.request_log_compaction)
+    import psutil
+
+    compactors = [p for p in psutil.Process(server["proc"].pid).children(recursive=True) if "ctrflow.request_log" in p.cmdline()]
+    assert len(compactors) == 2  # one per worker
+    parts = lambda: [p for p in server["log_dir"].glob("part-*.parquet")]  # noqa: E731
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any((pd.read_parquet(p, columns=["request_id"])["request_id"] == request_id).any() for p in parts()):
+        time.sleep(0.3)
+    assert sum(int((pd.read_parquet(p, columns=["request_id"])["request_id"] == request_id).sum()) for p in parts()) == 7
+    assert _metric(httpx.get(server["url"] + "/metrics", timeout=10).text, "ctrflow_request_log_compacted_rows_total") >= 7
+
     # shutdown flushes too: a request answered just before SIGTERM is on disk once the server is gone
     last = _rank(server["url"], user_id=user, scenario=scenario, item_ids=items[:3]).json()["request_id"]
     server["proc"].terminate()
     server["proc"].wait(timeout=30)
+    assert not psutil.wait_procs(compactors, timeout=30)[1], "a compactor outlived its worker"
     log = read_request_log(server["log_dir"])
     assert (log["request_id"] == last).sum() == 3
     assert log["request_id"].nunique() >= 9  # 6 timed, 1 fallback, 2 here
