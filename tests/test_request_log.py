@@ -311,3 +311,18 @@ def test_a_segment_is_never_visible_before_its_writer_holds_it(tmp_path, monkeyp
 def test_an_unknown_compaction_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="compaction must be one of process, thread"):
         RequestLogger(tmp_path, compaction="sidecar")
+
+
+def test_a_part_dictionary_encodes_everything_but_float_vectors(tmp_path):
+    import pyarrow.parquet as pq
+
+    with RequestLogger(tmp_path, column_types=TYPES) as logger:
+        for i in range(3):
+            _log(logger, f"r{i}")
+    (part,) = tmp_path.glob("part-*.parquet")
+    meta = pq.ParquetFile(part).metadata.row_group(0)
+    encodings = {meta.column(k).path_in_schema.split(".")[0]: set(meta.column(k).encodings) for k in range(meta.num_columns)}
+    dictionary = {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
+    assert not encodings["vec"] & dictionary  # an embedding: values never repeat, a dictionary only costs time
+    assert encodings["request_id"] & dictionary and encodings["genre"] & dictionary
+    assert len(pd.read_parquet(part)) == 15
