@@ -5,7 +5,9 @@ Each speed-up swapped an implementation for a faster one of the same function:
 - `SelfAttention`: `F.scaled_dot_product_attention` instead of softmax(QK^T/sqrt(d)) V written out;
 - `TargetAttention` (softmax): empty rows multiplied by 0 instead of `nan_to_num` after a softmax over -inf;
 - DGenCTR: the unknown-id mask in one comparison, 1/tau applied to the queries before the cosine matmul;
-- the trainer gathers a batch with `index_select` instead of `v[idx]`.
+- the trainer gathers a batch with `index_select` instead of `v[idx]`;
+- DGenCTR's Transformer draws its dropout masks with `FastDropout` (numpy PCG64) instead of torch's `bernoulli_`: the
+  same operation with another random stream, so it is tested for its distribution, not against the old masks.
 
 The replaced implementations are kept below, verbatim, as the reference: every model is built twice from the same
 seed, once as it is and once with the references patched in, and the two must give the same losses, gradients
@@ -219,3 +221,49 @@ def test_gather_rows_equals_advanced_indexing(setup):
     got = gather_rows(tensors, idx)
     for k, v in tensors.items():
         assert torch.equal(got[k], v[idx]), k
+
+
+# ---- FastDropout: the same dropout as nn.Dropout, a faster random stream ---------------------------------------
+def test_fast_dropout_keeps_each_element_with_probability_1_minus_p_and_scales_like_nn_dropout():
+    from ctrflow.models.blocks.dropout import LEVELS, FastDropout
+
+    drop = FastDropout(0.1).train()
+    assert drop.threshold == 58982 and abs(drop.threshold / LEVELS - 0.9) < 2**-17
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    # 10^6 Bernoulli(0.9) draws: the kept share is within 5 standard deviations (5 * 0.0003) of 0.9
+    assert abs(kept.float().mean().item() - 0.9) < 5 * (0.9 * 0.1 / 1e6) ** 0.5
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))  # inverted dropout: E[y] = x
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the same mask times the same scale
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # torch's seed reproduces the mask
+    assert not torch.equal(drop(x), y)  # and the next call draws a new one
+    x2 = torch.randn(64, 8)
+    assert torch.equal(drop.eval()(x2), x2) and torch.equal(FastDropout(0.0).train()(x2), x2)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+        FastDropout(1.0)
+
+
+def test_fast_dropout_drops_rows_and_columns_independently():
+    """No structure in the mask: the kept share per row and per column of a 2000 x 2000 draw stays near 0.9, and
+    two halves of the stream are uncorrelated."""
+    from ctrflow.models.blocks.dropout import FastDropout
+
+    torch.manual_seed(1)
+    kept = FastDropout(0.1).train().keep_mask(torch.Size([2000, 2000])).float()
+    sd = (0.9 * 0.1 / 2000) ** 0.5
+    assert (kept.mean(dim=0) - 0.9).abs().max() < 6 * sd and (kept.mean(dim=1) - 0.9).abs().max() < 6 * sd
+    a, b = kept[:1000].flatten() - 0.9, kept[1000:].flatten() - 0.9
+    assert abs((a * b).mean().item()) / 0.09 < 0.01
+
+
+def test_dgenctr_draws_its_transformer_dropout_with_fast_dropout(setup):
+    from ctrflow.models.blocks.dropout import FastDropout
+
+    encoder, _ = setup
+    model = build_model("dgenctr", encoder, {"embedding_dim": 8, "layers": 2})
+    dropouts = [m for m in model.denoiser.modules() if isinstance(m, torch.nn.Dropout | FastDropout)]
+    assert len(dropouts) == 6 and all(type(m) is FastDropout and m.p == 0.1 for m in dropouts)  # 3 per layer
