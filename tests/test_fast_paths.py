@@ -266,4 +266,23 @@ def test_dgenctr_draws_its_transformer_dropout_with_fast_dropout(setup):
     encoder, _ = setup
     model = build_model("dgenctr", encoder, {"embedding_dim": 8, "layers": 2})
     dropouts = [m for m in model.denoiser.modules() if isinstance(m, torch.nn.Dropout | FastDropout)]
-    assert len(dropouts) == 6 and all(type(m) is FastDropout and m.p == 0.1 for m in dropouts)  # 3 per layer
+    assert len(dropouts) == 8 and all(type(m) is FastDropout and m.p == 0.1 for m in dropouts)  # 4 per layer
+
+
+def test_dgenctr_denoiser_layer_computes_torchs_encoder_layer():
+    """The written-out self-attention (training mode, so its attention dropout can be a FastDropout) gives torch's
+    layer's output and gradients with dropout off; in eval mode it is torch's code path itself (exactly equal)."""
+    from ctrflow.models.dgenctr import DenoiserLayer
+
+    torch.manual_seed(0)
+    ours = DenoiserLayer(32, 4, 128, 0.0, activation="gelu", batch_first=True, norm_first=True)
+    torchs = torch.nn.TransformerEncoderLayer(32, 4, 128, 0.0, activation="gelu", batch_first=True, norm_first=True)
+    torchs.load_state_dict(ours.state_dict())
+    x = torch.randn(16, 9, 32)
+    out, ref = ours.train()(x), torchs.train()(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, a), (_, b) in zip(ours.named_parameters(), torchs.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-4, msg=name)  # gradients of size 30-80
+    assert torch.equal(ours.eval()(x), torchs.eval()(x))

@@ -39,7 +39,7 @@ from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import FieldKind, FieldSpec
 from ctrflow.models import register_model
 from ctrflow.models.base import CTRModel
-from ctrflow.models.blocks.dropout import use_fast_dropout
+from ctrflow.models.blocks.dropout import FastDropout, use_fast_dropout
 from ctrflow.models.blocks.embedding import FieldEmbedding
 
 SCHEDULES = ("linear", "cosine")
@@ -95,6 +95,29 @@ def _first_index(inverse: torch.Tensor, n_unique: int) -> torch.Tensor:
     rows = torch.arange(len(inverse), device=inverse.device)
     out = torch.full((n_unique,), len(inverse), dtype=torch.long, device=inverse.device)
     return out.scatter_reduce(0, inverse, rows, reduce="amin")
+
+
+class DenoiserLayer(nn.TransformerEncoderLayer):
+    """`nn.TransformerEncoderLayer` (pre-norm, GELU, batch first) whose self-attention, in training and without masks,
+    is written out so its attention-weight dropout is a `FastDropout`: softmax(QK^T / sqrt(d_h)) V with the same
+    `self_attn` parameters (in_proj, out_proj) and dropout p. torch's own path drew that mask with `bernoulli_`, 13%
+    of a pre-training step after the other dropouts were moved (issue 12). In eval mode, or with a mask, it is
+    torch's layer unchanged, so scoring and serving compute exactly what they did."""
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        self.attention_dropout = FastDropout(self.self_attn.dropout)
+
+    def _sa_block(self, x: torch.Tensor, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, is_causal: bool = False) -> torch.Tensor:
+        if not self.training or attn_mask is not None or key_padding_mask is not None or is_causal:
+            return super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
+        attn = self.self_attn
+        b, n, d = x.shape
+        h = attn.num_heads
+        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax((q * (d // h) ** -0.5) @ k.transpose(-2, -1), dim=-1)  # [B, H, P, P]
+        out = (self.attention_dropout(weights) @ v).transpose(1, 2).reshape(b, n, d)
+        return self.dropout1(attn.out_proj(out))
 
 
 @register_model
@@ -181,7 +204,7 @@ class DGenCTR(CTRModel):
         # ---- scoring network: bidirectional Transformer + one output head per position ----------------
         self.time_embedding = nn.Embedding(self.steps + 1, d)
         nn.init.normal_(self.time_embedding.weight, std=init_std)
-        layer = nn.TransformerEncoderLayer(
+        layer = DenoiserLayer(
             d, int(heads), int(ffn_mult) * d, float(dropout), activation="gelu", batch_first=True, norm_first=True
         )
         self.denoiser = nn.TransformerEncoder(layer, int(layers), norm=nn.LayerNorm(d), enable_nested_tensor=False)
