@@ -59,6 +59,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +97,8 @@ OPENING_SUFFIX = ".opening"  # a segment being created: hidden (.seg-...) until 
 COMPACTION_MODES = ("process", "thread")
 COMPACTOR_NICE = 10  # the compactor process yields the CPU to serving; it catches up when requests leave room
 COMPACTOR_PERIOD_S = 5.0  # the compactor also looks for unheld segments this often without being woken
+STALE_OPENING_S = 60.0  # a segment still being opened after this long belongs to a writer that died doing it
+COMPACTOR_WAIT_S = 30.0  # close/flush wait this long for a segment another process is compacting, then leave it
 MAGIC = b"CFRL"
 HEADER = struct.Struct("<4sQI")  # magic, payload length, crc32 of the payload
 COUNTERS = (
@@ -313,7 +316,8 @@ def _write_part(directory: Path, stem: str, tables: list[pa.Table]) -> tuple[Pat
         groups = [_concat(g) for g in by_schema.values()]
     path = None
     rows = 0
-    for k, table in enumerate(groups):
+    # the extra parts first, part-<stem> last: once it exists, every part of the segment does (`complete_parts`)
+    for k, table in reversed(list(enumerate(groups))):
         path = _part_path(directory, stem if k == 0 else f"{stem}_{k}")
         tmp = directory / f".{path.name}.{os.getpid()}.tmp"
         pq.write_table(table, tmp, use_dictionary=_dictionary_columns(table.schema))
@@ -324,6 +328,20 @@ def _write_part(directory: Path, stem: str, tables: list[pa.Table]) -> tuple[Pat
     return path, rows
 
 
+def complete_parts(files: list[str] | list[Path]) -> list:
+    """`files` (Parquet part paths) without the extra parts (part-<stem>_<k>) of a segment whose part-<stem> is not
+    among them: a compaction that stopped between them; the segment is still on disk and is read instead."""
+    names = {Path(f).name for f in files}
+    out = []
+    for f in files:
+        stem = _stem(Path(f))
+        base, sep, k = stem.rpartition("_")
+        if sep and k.isdigit() and f"part-{base}.parquet" not in names:
+            continue
+        out.append(f)
+    return out
+
+
 def _try_lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -332,20 +350,22 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def compact_segment(directory: Path, seg: Path, *, wait: bool = False, counts: Callable[[str, int], None] | None = None) -> tuple[Path | None, int] | None:
+def compact_segment(directory: Path, seg: Path, *, wait_s: float = 0.0, counts: Callable[[str, int], None] | None = None) -> tuple[Path | None, int] | None:
     """Compact one segment that no writer holds into its part and delete it: (part path or None when it held no
-    whole record, rows). None when a writer holds it (or, `wait`=False, another compactor does right now) or it is
-    gone already. `wait`: block on a compactor's lock instead of skipping (a flush that must see its rows on disk).
-    `counts(name, n)` is told about torn_records."""
+    whole record, rows). None when it is held (by a writer, or by another compactor right now) or gone already.
+    `wait_s`: how long to wait for a held segment's lock first (a flush that wants its rows on disk; a segment held
+    longer, e.g. by a forked child that inherited it, is left for a later pass). `counts(name, n)` is told about
+    torn_records."""
     try:
         fd = os.open(seg, os.O_RDONLY)
     except FileNotFoundError:  # compacted by someone else meanwhile
         return None
     try:
-        if wait:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        elif not _try_lock(fd):
-            return None
+        deadline = time.monotonic() + wait_s
+        while not _try_lock(fd):
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.01)
         if os.fstat(fd).st_nlink == 0:  # compacted and deleted between our open and our lock
             return None
         stem = _stem(seg)
@@ -400,6 +420,8 @@ def recover_request_log(directory: str | Path) -> int:
             log.warning("request log: compacted %d rows that no writer held (a stopped worker's, or rotated)", recovered)
         for opening in seg_dir.glob(f".seg-*{OPENING_SUFFIX}"):  # a writer died between creating and renaming
             try:
+                if time.time() - opening.stat().st_mtime < STALE_OPENING_S:
+                    continue  # maybe a writer between its create and its lock right now
                 fd = os.open(opening, os.O_RDONLY)
             except FileNotFoundError:
                 continue
@@ -457,6 +479,17 @@ def run_compactor(directory: str | Path, wake: int, *, period_s: float = COMPACT
 
 # ---- the writer ------------------------------------------------------------------------------------------------
 _PROMETHEUS: dict[str, Any] = {}
+_LIVE: weakref.WeakSet[RequestLogger] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (multiprocessing's default start on Linux, a worker pool) must not keep its parent's segment
+    locks or the compactor's pipe open: the compactor would never see end of file, nor `close()` get the segment."""
+    for logger in list(_LIVE):
+        logger._forget_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _prometheus_counters() -> dict[str, Any]:
@@ -536,6 +569,25 @@ class RequestLogger:
         self._thread = threading.Thread(target=self._run, name="request-log-compactor", daemon=True)
         self._thread.start()
         atexit.register(self.close)
+        _LIVE.add(self)
+
+    def _forget_in_child(self) -> None:
+        """In a forked child: close the inherited segment descriptors and the compactor's pipe (no lock is taken: a
+        lock held by another thread at the fork stays held forever in the child); the child writes nothing here."""
+        fds = [self._fd, *(fd for _, fd, _ in self._closed_segments)]
+        self._fd, self._closed_segments, self._handed, self._closed = None, [], [], True
+        for fd in fds:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        child, self._compactor = self._compactor, None
+        if child is not None and child.stdin is not None:
+            try:
+                child.stdin.close()
+            except OSError:
+                pass
 
     # ---- counters --------------------------------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:
@@ -562,9 +614,13 @@ class RequestLogger:
         name = f"seg-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}{SEGMENT_SUFFIX}"
         opening = self.segments / f".{name}{OPENING_SUFFIX}"
         fd = os.open(opening, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)  # read back at compaction
-        fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we write: a compactor leaves a held segment alone
         path = self.segments / name
-        os.rename(opening, path)  # visible only once locked: a compactor never takes a segment being opened
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we write: a compactor leaves a held segment alone
+            os.rename(opening, path)  # visible only once locked: a compactor never takes a segment being opened
+        except OSError:
+            os.close(fd)
+            raise
         self._fd, self._seg, self._seg_rows, self._opened_at = fd, path, 0, time.monotonic()
 
     # ---- the compactor process (compaction="process") -----------------------------------------------------
@@ -711,7 +767,7 @@ class RequestLogger:
         """Close the current segment for writing; the next request opens another. Thread mode: it stays locked until
         compacted here; process mode: it is unlocked for the compactor. True when a segment was closed."""
         with self._lock:
-            if self._fd is None or not self._seg_rows:
+            if self._fd is None:  # open only once a record is written (an empty request's record too)
                 return False
             if self.compaction == "process":
                 os.close(self._fd)
@@ -758,7 +814,7 @@ class RequestLogger:
         last = None
         for seg, _ in handed:
             try:
-                done = compact_segment(self.directory, seg, wait=True, counts=self._count)
+                done = compact_segment(self.directory, seg, wait_s=COMPACTOR_WAIT_S, counts=self._count)
             except Exception:
                 self._count("compaction_errors")
                 raise
@@ -810,10 +866,11 @@ class RequestLogger:
             self.flush()  # what the compactor left (it died, or process mode was never started): compacted here
         except Exception:  # noqa: BLE001 - the rows stay in their segments; the next start recovers them
             log.exception("request log: final compaction into %s failed; the next start recovers %s", self.directory, self.segments)
-        with self._lock:  # the segment of late requests (none normally) is compacted: nothing stays open
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+        if self._rotate():  # a request logged while closing (none normally): its segment is compacted too
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - as above: recovered at the next start
+                log.exception("request log: compacting %s failed; the next start recovers it", self.segments)
 
     def __enter__(self) -> RequestLogger:
         return self
@@ -840,6 +897,7 @@ def read_request_log_table(directory: str | Path) -> pa.Table | None:
     if not directory.is_dir():
         raise FileNotFoundError(f"request log: {directory} is not a directory")
     parts = {p for p in directory.rglob("*.parquet") if not any(s.startswith((".", "_")) for s in p.relative_to(directory).parts)}
+    parts = set(complete_parts(sorted(parts)))
     tables: list[pa.Table] = [pq.read_table(p) for p in sorted(parts)]
     part_stems = {_stem(p) for p in parts}
     for seg in sorted((directory / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}")):

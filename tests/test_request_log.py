@@ -97,14 +97,18 @@ def test_a_record_torn_by_a_crash_and_a_dead_temp_file_are_cleaned_up(tmp_path):
         fh.write(seg.read_bytes()[:40])
     (tmp_path / f".part-{stem}.parquet.999.tmp").write_bytes(b"PAR1 half a file")
     (tmp_path / ".part-20200101T000000000000-1-deadbeef.parquet.tmp").write_bytes(b"old format temp file")
-    (tmp_path / SEGMENTS / ".seg-20200101T000000000000-1-deadbeef.arrows.opening").write_bytes(b"")  # died opening one
+    dead = tmp_path / SEGMENTS / ".seg-20200101T000000000000-1-deadbeef.arrows.opening"  # a writer died opening it
+    dead.write_bytes(b"")
+    os.utime(dead, (time.time() - 120, time.time() - 120))
+    fresh = tmp_path / SEGMENTS / ".seg-20200101T000000000001-2-deadbeef.arrows.opening"  # one being opened right now
+    fresh.write_bytes(b"")
     assert read_request_log(tmp_path)["request_id"].tolist() == ["whole"] * 5  # the torn tail is never misread
     os.close(logger._fd)  # the worker dies: its lock goes with it
     logger._fd = None
     logger._closed = True
 
     assert recover_request_log(tmp_path) == 5
-    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / SEGMENTS).iterdir())
+    assert not list(tmp_path.glob(".*.tmp")) and list((tmp_path / SEGMENTS).iterdir()) == [fresh]  # never one in use
     assert read_request_log(tmp_path)["request_id"].tolist() == ["whole"] * 5
 
 
@@ -326,3 +330,74 @@ def test_a_part_dictionary_encodes_everything_but_float_vectors(tmp_path):
     assert not encodings["vec"] & dictionary  # an embedding: values never repeat, a dictionary only costs time
     assert encodings["request_id"] & dictionary and encodings["genre"] & dictionary
     assert len(pd.read_parquet(part)) == 15
+
+
+def test_a_forked_child_does_not_keep_the_writers_segment_or_its_compactor_alive(tmp_path):
+    """A worker that forks (a multiprocessing pool) after logging: the child inherits the segment's lock and the
+    compactor's pipe unless they are closed in it; close() in the parent then waited for the compactor's 30 s
+    timeout and blocked on the segment's lock for as long as the child lived."""
+    logger = RequestLogger(tmp_path, column_types=TYPES, flush_seconds=3600, compaction="process")
+    _log(logger, "before-fork")
+    pid = os.fork()
+    if pid == 0:  # the child: lives on past the parent's close
+        time.sleep(60)
+        os._exit(0)
+    try:
+        started = time.monotonic()
+        logger.close()
+        took = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert took < 20, f"close() waited {took:.0f}s on a forked child"
+    assert _parquet_requests(tmp_path).tolist() == ["before-fork"] * 5 and not list((tmp_path / SEGMENTS).iterdir())
+
+
+def test_a_compaction_stopped_between_a_segments_parts_never_loses_or_doubles_a_row(tmp_path, monkeypatch):
+    """Records without one schema are written as several parts (part-X_1, then part-X last). A compactor killed
+    between them leaves part-X_1 and the segment: readers ignore the orphan part and read the segment, and the next
+    pass writes both parts; before, part-X was written first and a kill after it lost the rest of the segment."""
+    from ctrflow import request_log
+
+    logger = RequestLogger(tmp_path, column_types=TYPES, flush_seconds=3600, compaction="process")
+    for i, extra in enumerate((1, "one")):  # an undeclared extra column, int then string: two schemas
+        f = _features(5)
+        logger.log_request(request_id=f"r{i}", user_id=7, scenario="home", model="m:1", features=f,
+                           predictions=np.zeros(5), item_ids=f["item_id"].tolist(), extra={"note": extra})  # fmt: skip
+    logger._rotate()
+    (seg,) = (tmp_path / SEGMENTS).glob("seg-*")
+    real, calls = os.replace, []
+
+    def crash_at_the_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("killed")
+        real(src, dst)
+
+    monkeypatch.setattr(request_log.os, "replace", crash_at_the_second)
+    with pytest.raises(OSError, match="killed"):
+        request_log.compact_segment(tmp_path, seg)
+    monkeypatch.setattr(request_log.os, "replace", real)
+    (orphan,) = tmp_path.glob("part-*")
+    assert orphan.name.endswith("_1.parquet") and seg.exists()  # the segment is kept: nothing is lost
+    assert request_log.complete_parts([orphan]) == []  # readers skip the orphan and read the segment instead
+    logger.close()  # the next pass writes both parts
+    parts = sorted(tmp_path.glob("part-*"))
+    assert len(parts) == 2 and not list((tmp_path / SEGMENTS).iterdir())
+    assert request_log.complete_parts(parts) == parts
+    written = sorted(rid for p in parts for rid in pd.read_parquet(p)["request_id"])
+    assert written == ["r0"] * 5 + ["r1"] * 5
+
+
+def test_requests_logged_while_closing_and_an_empty_request_are_compacted_by_close(tmp_path):
+    for mode in ("process", "thread"):
+        directory = tmp_path / mode
+        logger = RequestLogger(directory, column_types=TYPES, flush_seconds=3600, compaction=mode)
+        _log(logger, "a")
+        logger.close()
+        _log(logger, "late")  # answered after close: written, and compacted by the next close
+        _log(logger, "empty", n=0)
+        logger.close()
+        assert logger.stats()["late_requests"] == 2 and logger.stats()["backlog_rows"] == 0
+        assert not list((directory / SEGMENTS).iterdir()), mode
+        assert sorted(_parquet_requests(directory).unique()) == ["a", "late"]

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from ctrflow.request_log import SEGMENT_SUFFIX, SEGMENTS, _concat, _read_segment, _stem, _to_pandas
+from ctrflow.request_log import SEGMENT_SUFFIX, SEGMENTS, _concat, _read_segment, _stem, _to_pandas, complete_parts
 
 
 class CurrentInputError(ValueError):
@@ -42,6 +42,9 @@ def read_current(
         raise CurrentInputError(f"request log: no *.parquet file under {path}")
     try:
         dataset = pads.dataset(str(path), format="parquet", partitioning="hive")  # skips _segments and .tmp files
+        complete = complete_parts(dataset.files)
+        if len(complete) != len(dataset.files):  # a compaction stopped between a segment's parts: its segment counts
+            dataset = pads.dataset(complete, format="parquet", partitioning="hive", partition_base_dir=str(path))
         segments = _segment_tables(path, dataset) if path.is_dir() else []
         n_parts = dataset.count_rows()
     except (OSError, pa.ArrowException) as exc:
