@@ -220,3 +220,18 @@ def test_fuxictr_preprocessing_stand_in_raises_when_used(monkeypatch) -> None:
     finally:
         sys.modules.pop("fuxictr.preprocess", None)
         sys.modules.pop("fuxictr.preprocess.tokenizer", None)
+
+
+def test_gsvr_suite_cuts_the_posterior_fields_to_the_datas_spec(caplog) -> None:
+    """ml-1m-swr's published fields have no behaviour sequence: GSVR's posterior (params: hist_item_ids) read a field
+    the spec lacks and the suite failed with a KeyError; it now reads the fields the spec has, and says so."""
+    from benchmarks.suites.gsvr import fit_to_spec
+
+    spec = SimpleNamespace(fields=[SimpleNamespace(name=n) for n in ("user_id", "item_id", "scenario", "age")])
+    params = {"user_posterior_fields": ["hist_item_ids", "age"], "prior": "global"}
+    with caplog.at_level("WARNING"):
+        fitted = fit_to_spec(params, spec)
+    assert fitted == {"user_posterior_fields": ["age"], "prior": "global"} and params["user_posterior_fields"] == ["hist_item_ids", "age"]
+    assert "hist_item_ids" in caplog.text
+    full = SimpleNamespace(fields=[*spec.fields, SimpleNamespace(name="hist_item_ids")])
+    assert fit_to_spec(params, full) is params

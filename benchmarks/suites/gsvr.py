@@ -38,6 +38,18 @@ def sparse_settings(dataset: str, params: dict[str, Any] | None = None) -> dict[
     return {"scenario": sp.by_dataset.get(dataset, sp.scenario), "keep": sp.keep, "seed": sp.seed}
 
 
+def fit_to_spec(mparams: dict[str, Any], spec: Any) -> dict[str, Any]:
+    """GSVR's params with `user_posterior_fields` cut to the fields `spec` has (ml-1m-swr's published fields have no
+    behaviour sequence, and params.yaml's posterior reads `hist_item_ids`); the cut is logged."""
+    fields = {f.name for f in spec.fields}
+    posterior = list(mparams.get("user_posterior_fields") or [])
+    kept = [f for f in posterior if f in fields]
+    if kept != posterior:
+        log.warning("gsvr: user_posterior_fields %s are not all in the data's spec: the posterior reads %s", posterior, kept)
+        return {**mparams, "user_posterior_fields": kept}
+    return mparams
+
+
 def _train_tensors(ctx: BenchContext, protocol: str, settings: dict[str, Any]) -> Any:
     if protocol == "standard":
         return None
@@ -61,7 +73,7 @@ def gsvr_experiment(
         if overrides is None:
             name, mparams = backbone, model_params(params, backbone)
         else:
-            name, mparams = "gsvr", model_params(params, "gsvr", backbone, **overrides)
+            name, mparams = "gsvr", fit_to_spec(model_params(params, "gsvr", backbone, **overrides), ctx.encoder.spec)
         train = _train_tensors(ctx, protocol, settings)
         return train_and_evaluate(ctx, lambda: build_model(name, ctx.encoder, mparams), seed, train=train)
 
