@@ -350,12 +350,35 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+def _compact_held(directory: Path, seg: Path, fd: int, counts: Callable[[str, int], None] | None = None) -> tuple[Path | None, int] | None:
+    """Compact a segment whose lock the caller holds on `fd` into its part and delete it: (part path or None when it
+    held no whole record, rows); None when it was deleted already (compacted by someone else before our lock).
+    `counts(name, n)` is told about torn_records, compactions and compacted_rows. The caller closes `fd` after."""
+    if os.fstat(fd).st_nlink == 0:  # compacted and deleted between our open and our lock
+        return None
+    stem = _stem(seg)
+    part = _part_path(directory, stem)
+    if part.exists():  # compacted before, deleting the segment did not happen: never write it twice
+        rows = pq.read_metadata(part).num_rows
+    else:
+        tables, torn = _read_segment(fd)
+        if torn:
+            log.warning("request log: %s ends with %d bytes of a record cut short by a crash; dropped", seg, torn)
+            if counts is not None:
+                counts("torn_records", 1)
+        part, rows = _write_part(directory, stem, tables)
+    seg.unlink(missing_ok=True)
+    if counts is not None:
+        counts("compactions", 1)
+        counts("compacted_rows", rows)
+    return part, rows
+
+
 def compact_segment(directory: Path, seg: Path, *, wait_s: float = 0.0, counts: Callable[[str, int], None] | None = None) -> tuple[Path | None, int] | None:
-    """Compact one segment that no writer holds into its part and delete it: (part path or None when it held no
-    whole record, rows). None when it is held (by a writer, or by another compactor right now) or gone already.
-    `wait_s`: how long to wait for a held segment's lock first (a flush that wants its rows on disk; a segment held
-    longer, e.g. by a forked child that inherited it, is left for a later pass). `counts(name, n)` is told about
-    torn_records."""
+    """Compact one segment that no writer holds into its part and delete it (`_compact_held`). None when it is held
+    (by a writer, or by another compactor right now) or gone already. `wait_s`: how long to wait for a held
+    segment's lock first (a flush that wants its rows on disk; a segment held longer, e.g. by a forked child that
+    inherited it, is left for a later pass)."""
     try:
         fd = os.open(seg, os.O_RDONLY)
     except FileNotFoundError:  # compacted by someone else meanwhile
@@ -366,21 +389,7 @@ def compact_segment(directory: Path, seg: Path, *, wait_s: float = 0.0, counts: 
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.01)
-        if os.fstat(fd).st_nlink == 0:  # compacted and deleted between our open and our lock
-            return None
-        stem = _stem(seg)
-        part, rows = _part_path(directory, stem), 0
-        if part.exists():  # compacted before, deleting the segment did not happen: never write it twice
-            rows = pq.read_metadata(part).num_rows
-        else:
-            tables, torn = _read_segment(fd)
-            if torn:
-                log.warning("request log: %s ends with %d bytes of a record cut short by a crash; dropped", seg, torn)
-                if counts is not None:
-                    counts("torn_records", 1)
-            part, rows = _write_part(directory, stem, tables)
-        seg.unlink(missing_ok=True)
-        return part, rows
+        return _compact_held(directory, seg, fd, counts)
     finally:
         os.close(fd)  # releases the lock only once the segment is gone
 
@@ -401,9 +410,6 @@ def compact_unheld(directory: str | Path, counts: Callable[[str, int], None] | N
             continue
         if done is not None:
             total += done[1]
-            if counts is not None:
-                counts("compactions", 1)
-                counts("compacted_rows", done[1])
     return total
 
 
@@ -792,20 +798,14 @@ class RequestLogger:
                         break
                     seg, fd, rows = self._closed_segments[0]
                 try:
-                    tables, torn = _read_segment(fd)
-                    if torn:
-                        self._count("torn_records")
-                    path, written = _write_part(self.directory, _stem(seg), tables)
+                    done = _compact_held(self.directory, seg, fd, self._count)
                 except Exception:
                     self._count("compaction_errors")
                     raise
-                seg.unlink(missing_ok=True)
                 os.close(fd)  # releases the lock only once the segment is gone
                 with self._lock:
                     self._closed_segments.pop(0)
-                    self._count("compactions")
-                    self._count("compacted_rows", written)
-                last = path or last
+                last = (done[0] if done else None) or last
         return last
 
     def _flush_handed(self) -> Path | None:
@@ -814,13 +814,10 @@ class RequestLogger:
         last = None
         for seg, _ in handed:
             try:
-                done = compact_segment(self.directory, seg, wait_s=COMPACTOR_WAIT_S, counts=self._count)
+                compact_segment(self.directory, seg, wait_s=COMPACTOR_WAIT_S, counts=self._count)
             except Exception:
                 self._count("compaction_errors")
                 raise
-            if done is not None:
-                self._count("compactions")
-                self._count("compacted_rows", done[1])
             part = _part_path(self.directory, _stem(seg))
             last = part if part.exists() else last
         with self._lock:
