@@ -10,14 +10,21 @@ page cache and reach the disk without the process (``fsync=True`` also survives 
 A record is one Arrow IPC stream (schema + one batch) framed as ``magic | length | crc32 | payload``, so a record cut
 short by a crash mid-write is detected and dropped, never misread. A value that is the same on every row of a request
 (its id, time, user, scenario, model, the user's features) is held once in the record, as a run-end encoded column of
-one run (~8 KB a record for 100 candidates instead of ~60 KB with the user's history repeated per row), and expanded
-to one value per row when a record is read back (`_read_segment`): what compaction and readers see is unchanged.
+one run (~8 KB a record for 100 candidates instead of ~60 KB with the user's history repeated per row).
 
 Compaction: the segment is rotated every ``flush_seconds`` or ``flush_rows`` rows and the closed one is compacted
 into a Parquet part ``part-<utc>-<pid>-<id>.parquet`` (written under a hidden temporary name, fsynced and renamed,
-then the segment is deleted), so the folder is an ordinary Parquet data set (``pd.read_parquet(dir)``, DuckDB and
-Spark skip ``_segments``); a part is named after its segment, so compacting one twice writes the same file, never
-duplicate rows. Who compacts (``compaction``):
+then the segment is deleted); a part is named after its segment, so compacting one twice writes the same file, never
+duplicate rows. A part holds **one row per request** (layout version 2, in the schema's ``ctrflow.request_log``
+metadata with its candidate columns and candidate-row count): the request's own values once (ids, time, scenario,
+model, the user's features) and each per-candidate value (item id and features, prediction, rank) as a list in
+candidate order. Repeating the user's history on each of 100 rows was half of a part's write time and, with the
+expansion, most of compaction's CPU; a compactor's CPU on the serving machine showed as a p99 tail (issue 10).
+`read_request_log`, `read_part` and monitoring's `read_current` give one row per candidate (`explode`), and read
+parts written before (a row per candidate, no metadata) as they are. Any other Parquet reader sees the folder as an
+ordinary data set of request rows (``pd.read_parquet(dir)``; DuckDB ``SELECT request_id, unnest(item_id), unnest(
+prediction) FROM 'dir/*.parquet'``; Spark ``arrays_zip`` + ``explode``); ``_segments`` is skipped by all of them.
+Who compacts (``compaction``):
 
 - ``"process"`` (what the service uses): a compactor process per writer (``python -m ctrflow.request_log compact``,
   ``run_compactor``), at a lower CPU priority, woken through a pipe at each rotation. A rotated segment is unlocked
@@ -49,6 +56,7 @@ from __future__ import annotations
 import atexit
 import datetime as dt
 import fcntl
+import json
 import logging
 import os
 import select
@@ -97,6 +105,8 @@ OPENING_SUFFIX = ".opening"  # a segment being created: hidden (.seg-...) until 
 COMPACTION_MODES = ("process", "thread")
 COMPACTOR_NICE = 10  # the compactor process yields the CPU to serving; it catches up when requests leave room
 COMPACTOR_PERIOD_S = 5.0  # the compactor also looks for unheld segments this often without being woken
+LAYOUT_KEY = b"ctrflow.request_log"  # a part's schema metadata: its layout (`_nest`)
+LAYOUT_VERSION = 2  # 1 (no metadata): a row per candidate; 2: a row per request, candidate columns as lists
 STALE_OPENING_S = 60.0  # a segment still being opened after this long belongs to a writer that died doing it
 COMPACTOR_WAIT_S = 30.0  # close/flush wait this long for a segment another process is compacting, then leave it
 MAGIC = b"CFRL"
@@ -249,31 +259,152 @@ def _frame(table: pa.Table) -> bytes:
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def _read_segment(path: Path | int) -> tuple[list[pa.Table], int]:
-    """The records of a segment (a path, or an open file descriptor read from its start) and the number of bytes
-    after the last whole record (a record torn by a crash, or one being appended right now)."""
+def _read_records(path: Path | int) -> tuple[list[pa.RecordBatch], int]:
+    """The records of a segment as written (one batch per request, its per-request values run-end encoded), from a
+    path or an open file descriptor read from its start, and the number of bytes after the last whole record (a
+    record torn by a crash, or one being appended right now)."""
     if isinstance(path, int):
         data = os.pread(path, os.fstat(path).st_size, 0)
     else:
         data = Path(path).read_bytes()
+    view = memoryview(data)  # slices without copies
     records, pos = [], 0
+    schema, schema_bytes = None, None
     while pos + HEADER.size <= len(data):
         magic, length, crc = HEADER.unpack_from(data, pos)
         start, end = pos + HEADER.size, pos + HEADER.size + length
-        if magic != MAGIC or end > len(data) or zlib.crc32(data[start:end]) != crc:
+        if magic != MAGIC or end > len(data) or zlib.crc32(view[start:end]) != crc:
             break
-        records.append(pa.ipc.open_stream(data[start:end]).read_all())
+        stream = pa.BufferReader(pa.py_buffer(view[start:end]))
+        message = pa.ipc.read_message(stream)  # the record's schema: parsed once while it repeats (2.4x faster)
+        if schema_bytes is None or not message.metadata.equals(schema_bytes):
+            schema, schema_bytes = pa.ipc.read_schema(message), message.metadata
+        try:
+            records.append(pa.ipc.read_record_batch(pa.ipc.read_message(stream), schema))
+        except EOFError:  # a request with no candidate: a schema and no batch, no row
+            pass
         pos = end
-    # consecutive records of one schema (the usual case) are expanded together: one decode per column, not per record
-    tables: list[pa.Table] = []
-    run: list[pa.Table] = []
-    for record in [*records, None]:
-        if run and (record is None or not record.schema.equals(run[0].schema)):
-            tables.append(dense(pa.concat_tables(run) if len(run) > 1 else run[0]))
-            run = []
-        if record is not None:
-            run.append(record)
-    return tables, len(data) - pos
+    return records, len(data) - pos
+
+
+def _runs(records: list[pa.RecordBatch]) -> list[list[pa.RecordBatch]]:
+    """Consecutive records of one schema (the usual case: a whole segment), so each run is converted at once."""
+    runs: list[list[pa.RecordBatch]] = []
+    for record in records:
+        if runs and record.schema.equals(runs[-1][0].schema):
+            runs[-1].append(record)
+        else:
+            runs.append([record])
+    return runs
+
+
+def _read_segment(path: Path | int) -> tuple[list[pa.Table], int]:
+    """The rows of a segment, one per candidate (`dense`: per-request values repeated), as a table per run of
+    records of one schema, and the torn byte count (`_read_records`)."""
+    records, torn = _read_records(path)
+    return [dense(pa.Table.from_batches(run)) for run in _runs(records)], torn
+
+
+# ---- parts: one row per request ----------------------------------------------------------------------------------
+def _nest(records: list[pa.RecordBatch]) -> list[tuple[pa.Table, list[str]]]:
+    """Records -> request rows: one row per request; a column whose value is the same for all of a request's
+    candidates in every record (a run-end encoded run, `constant`) stays a scalar, every other column becomes a
+    list of the request's per-candidate values (the part's metadata names them; `explode` undoes it). Records with no
+    candidate hold no row and are left out. Returns (table, candidate columns) per run of records of one schema."""
+    runs = _runs([r for r in records if r.num_rows])
+    per_candidate: set[str] = set()
+    prepared = []
+    for run in runs:
+        table = pa.Table.from_batches(run)
+        offsets = np.zeros(len(run) + 1, dtype=np.int32)
+        np.cumsum(np.fromiter((r.num_rows for r in run), dtype=np.int64, count=len(run)), out=offsets[1:])
+        scalars: dict[str, pa.Array] = {}
+        for name, col in zip(table.column_names, table.columns):
+            if not pa.types.is_run_end_encoded(col.type):
+                per_candidate.add(name)
+                continue
+            merged = pa.concat_arrays(col.chunks)  # one run per record when each held its request's value once
+            ends = merged.run_ends.to_numpy()
+            if merged.offset == 0 and len(ends) == len(run) and len(merged.values) == len(run) and np.array_equal(ends, offsets[1:]):
+                scalars[name] = merged.values
+            else:
+                per_candidate.add(name)
+        prepared.append((table, pa.array(offsets), scalars))
+    out = []
+    for table, offsets, scalars in prepared:
+        columns = []
+        for name, col in zip(table.column_names, table.columns):
+            if name in per_candidate:
+                flat = pc.run_end_decode(col) if pa.types.is_run_end_encoded(col.type) else col
+                columns.append(pa.ListArray.from_arrays(offsets, flat.combine_chunks()))
+            else:
+                columns.append(scalars[name])
+        out.append((pa.Table.from_arrays(columns, names=table.column_names), [n for n in table.column_names if n in per_candidate]))
+    return out
+
+
+def part_layout(schema: pa.Schema | None) -> dict | None:
+    """The request-row layout's metadata of a part's schema, None for a part of one row per candidate (written
+    before request rows, or any other Parquet)."""
+    raw = (schema.metadata or {}).get(LAYOUT_KEY) if schema is not None else None
+    return json.loads(raw) if raw else None
+
+
+def explode(table: pa.Table, layout: dict | None = None) -> pa.Table:
+    """A part's request rows (`_nest`) back to one row per candidate, in request order: scalars repeated over the
+    request's candidates, lists flattened; the metadata dropped. A table without the layout is returned as it is.
+    Raises ValueError when a request's lists disagree in length (a damaged part)."""
+    layout = layout if layout is not None else part_layout(table.schema)
+    if layout is None:
+        return table
+    per_candidate = set(layout["candidate_columns"]) & set(table.column_names)
+    length_col = next((c for c in ("item_id", *layout["candidate_columns"]) if c in per_candidate), None)
+    if length_col is None:
+        raise ValueError(f"request log: a request-row part needs one of its candidate columns to be read ({layout['candidate_columns']})")
+    first = table.column(length_col).combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(first), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    repeat = pa.array(np.repeat(np.arange(table.num_rows, dtype=np.int64), lengths))
+    columns = []
+    for name, col in zip(table.column_names, table.columns):
+        col = col.combine_chunks()
+        if name not in per_candidate:
+            columns.append(col.take(repeat))
+            continue
+        if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
+            raise ValueError(f"request log: candidate column '{name}' of a request-row part is {col.type}, not a list")
+        own = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        if (own[valid] != lengths[valid]).any():
+            bad = int((own[valid] != lengths[valid]).sum())
+            raise ValueError(f"request log: column '{name}' has a candidate count unlike '{length_col}' in {bad} request rows")
+        flat = col.flatten()  # the values of the valid lists, in order
+        if valid.all():
+            columns.append(flat)
+        else:  # a column absent from some requests' records: null on each of their candidates
+            row_valid = np.repeat(valid, lengths)
+            index = np.zeros(len(row_valid), dtype=np.int64)
+            index[row_valid] = np.arange(int(row_valid.sum()))
+            columns.append(flat.take(pa.array(index, mask=~row_valid)))
+    return pa.Table.from_arrays(columns, names=table.column_names)
+
+
+def part_rows(path: Path) -> int:
+    """Candidate rows in a part, from its footer alone."""
+    meta = pq.read_metadata(path)
+    layout = part_layout(meta.schema.to_arrow_schema())
+    return int(layout["rows"]) if layout is not None else meta.num_rows
+
+
+def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A part as one row per candidate, whichever its layout (`explode`)."""
+    pf = pq.ParquetFile(path)
+    layout = part_layout(pf.schema_arrow)
+    if columns is not None and layout is not None:
+        need = [c for c in columns if c in pf.schema_arrow.names]
+        extra = [c for c in ("item_id", *layout["candidate_columns"]) if c in pf.schema_arrow.names and c not in need][:1]
+        table = explode(pf.read(columns=need + extra), layout)
+        return table.select(need)
+    return explode(pf.read(columns=columns), layout)
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
@@ -295,36 +426,50 @@ def _part_path(directory: Path, stem: str) -> Path:
     return directory / f"part-{stem}.parquet"
 
 
+def _leaf(name: str, type_: pa.DataType) -> tuple[str, pa.DataType]:
+    """A column's Parquet leaf: its path (a list's values are `<name>.list.element`) and its values' type."""
+    while pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        name, type_ = f"{name}.list.element", type_.value_type
+    return name, type_
+
+
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The columns a part dictionary-encodes: all but vectors of floats (embeddings), whose values almost never repeat,
-    so a dictionary only costs time (-28% of a DMAE part's write time, the same size; measured in the closing note of
-    issue 10)."""
-    return [f.name for f in schema if not (pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type))]
+    """The Parquet leaves a part dictionary-encodes: all but lists of floats (embeddings, and a request's
+    per-candidate scores), whose values almost never repeat, so a dictionary only costs time (-28% of a DMAE part's
+    write time, the same size; measured in the closing note of issue 10)."""
+    leaves = [(f.type, *_leaf(f.name, f.type)) for f in schema]
+    return [path for type_, path, leaf in leaves if not (pa.types.is_list(type_) and pa.types.is_floating(leaf))]
 
 
-def _write_part(directory: Path, stem: str, tables: list[pa.Table]) -> tuple[Path | None, int]:
-    """Compact records into part-<stem>.parquet (hidden temporary file, fsync, rename); (path, rows)."""
-    if not tables:
+def _write_part(directory: Path, stem: str, records: list[pa.Table]) -> tuple[Path | None, int]:
+    """Compact a segment's records into part-<stem>.parquet, one row per request (`_nest`; hidden temporary file,
+    fsync, rename); (path, candidate rows)."""
+    nested = _nest(records)
+    if not nested:
         return None, 0
     try:
-        groups = [_concat(tables)]
+        per_candidate = sorted({c for _, cols in nested for c in cols})
+        groups = [(_concat([t for t, _ in nested]), per_candidate)]
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # a column changed type between requests: one part per schema
         log.warning("request log: records of %s do not share one schema (%s); written as several parts", stem, exc)
-        by_schema: dict[pa.Schema, list[pa.Table]] = {}
-        for t in tables:
-            by_schema.setdefault(t.schema, []).append(t)
-        groups = [_concat(g) for g in by_schema.values()]
+        by_schema: dict[pa.Schema, list[tuple[pa.Table, list[str]]]] = {}
+        for t, cols in nested:
+            by_schema.setdefault(t.schema, []).append((t, cols))
+        groups = [(_concat([t for t, _ in g]), g[0][1]) for g in by_schema.values()]
     path = None
     rows = 0
     # the extra parts first, part-<stem> last: once it exists, every part of the segment does (`complete_parts`)
-    for k, table in reversed(list(enumerate(groups))):
+    for k, (table, per_candidate) in reversed(list(enumerate(groups))):
+        n = int(pc.sum(pc.list_value_length(table.column("item_id"))).as_py() or 0) if "item_id" in per_candidate else table.num_rows
+        layout = {"layout": "request", "version": LAYOUT_VERSION, "candidate_columns": per_candidate, "rows": n}
+        table = table.combine_chunks().replace_schema_metadata({LAYOUT_KEY: json.dumps(layout)})
         path = _part_path(directory, stem if k == 0 else f"{stem}_{k}")
         tmp = directory / f".{path.name}.{os.getpid()}.tmp"
         pq.write_table(table, tmp, use_dictionary=_dictionary_columns(table.schema))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        rows += table.num_rows
+        rows += n
     return path, rows
 
 
@@ -359,9 +504,9 @@ def _compact_held(directory: Path, seg: Path, fd: int, counts: Callable[[str, in
     stem = _stem(seg)
     part = _part_path(directory, stem)
     if part.exists():  # compacted before, deleting the segment did not happen: never write it twice
-        rows = pq.read_metadata(part).num_rows
+        rows = part_rows(part)
     else:
-        tables, torn = _read_segment(fd)
+        tables, torn = _read_records(fd)
         if torn:
             log.warning("request log: %s ends with %d bytes of a record cut short by a crash; dropped", seg, torn)
             if counts is not None:
@@ -895,7 +1040,7 @@ def read_request_log_table(directory: str | Path) -> pa.Table | None:
         raise FileNotFoundError(f"request log: {directory} is not a directory")
     parts = {p for p in directory.rglob("*.parquet") if not any(s.startswith((".", "_")) for s in p.relative_to(directory).parts)}
     parts = set(complete_parts(sorted(parts)))
-    tables: list[pa.Table] = [pq.read_table(p) for p in sorted(parts)]
+    tables: list[pa.Table] = [read_part(p) for p in sorted(parts)]
     part_stems = {_stem(p) for p in parts}
     for seg in sorted((directory / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}")):
         stem = _stem(seg)
@@ -905,7 +1050,7 @@ def read_request_log_table(directory: str | Path) -> pa.Table | None:
             records, _ = _read_segment(seg)
         except FileNotFoundError:  # compacted between the listing and now: read its part instead
             part = _part_path(directory, stem)
-            records = [pq.read_table(part)] if part.exists() else []
+            records = [read_part(part)] if part.exists() else []
         tables.extend(records)
     if not tables:
         return None

@@ -243,6 +243,35 @@ def test_sampled_read_is_seeded_and_uniform(tmp_path):
     assert len(full) == 1000 and not info["sampled"]
 
 
+def test_a_log_of_request_row_parts_flat_parts_and_segments_reads_as_one_sampled_frame(tmp_path):
+    """An upgraded log holds parts of both layouts (a row per candidate, written before request rows; a row per
+    request) and segments not compacted yet: read_current counts candidate rows across all three, samples them as
+    one source, and reads a column selection without the item ids."""
+    frame = rows(300, 0).assign(row=np.arange(300).astype(float))
+    log_dir = tmp_path / "log"
+    (log_dir / "_segments").mkdir(parents=True)
+    frame.iloc[:100].to_parquet(log_dir / "part-0-old.parquet")  # the earlier layout: plain rows
+    logger = RequestLogger(log_dir, flush_seconds=3600, compaction="thread")
+    for start in range(100, 300, 50):
+        chunk = frame.iloc[start : start + 50]
+        logger.log_request(
+            request_id=f"r{start}", user_id=int(chunk["user_id"].iloc[0]), scenario="home", model="m",
+            features=chunk[["gender", "price", "row"]], item_ids=chunk["item_id"].tolist(), predictions=np.full(50, 0.1),
+        )  # fmt: skip
+        if start == 150:
+            logger.flush()  # r100 and r150 in a request-row part; r200 and r250 stay in the segment
+    full, info = read_current(log_dir)
+    assert info["rows_total"] == 300 and sorted(full["row"].tolist()) == list(range(300))
+    a, info = read_current(log_dir, max_rows=120, seed=4, columns=["row", "price"])
+    b, _ = read_current(log_dir, max_rows=120, seed=4, columns=["row", "price"])
+    assert list(a.columns) == ["row", "price"] and info["rows_total"] == 300 and len(a) == 120
+    assert a["row"].tolist() == b["row"].tolist() and a["row"].is_unique
+    assert (a["row"] < 100).any() and ((a["row"] >= 100) & (a["row"] < 200)).any() and (a["row"] >= 200).any()
+    by_row = frame.set_index("row")["price"]
+    assert np.allclose(a["price"].to_numpy(), by_row.loc[a["row"]].to_numpy())  # each value on its own row
+    logger.close()
+
+
 def test_unknown_users_in_the_request_log_are_not_a_missing_feature(reference, tmp_path):
     # the service flags rows of users it does not know (fallback_user): their user features are null by design
     cur = rows(400, 1).assign(fallback_user=False)

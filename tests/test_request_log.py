@@ -3,6 +3,7 @@ are recovered, ids stay int64, a compaction that falls behind is counted, and no
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 from ctrflow.config import REPO_ROOT
-from ctrflow.request_log import SEGMENTS, RequestLogger, read_request_log, recover_request_log
+from ctrflow.request_log import SEGMENTS, RequestLogger, read_part, read_request_log, recover_request_log
 
 BIG = 2**63 - 1  # the largest int64 id: float64 cannot hold it
 TYPES = {"genre": pa.int64(), "price": pa.float64(), "vec": pa.list_(pa.float32())}
@@ -84,7 +85,7 @@ def test_kill_9_of_a_writer_loses_no_request_it_returned_from(tmp_path):
     assert not list((log_dir / SEGMENTS).glob("seg-*"))
     after = read_request_log(log_dir)
     assert set(answered) <= set(after["request_id"]) and len(after) == len(before)
-    assert len(pd.read_parquet(log_dir)) == len(after)  # every row is in the Parquet parts now
+    assert len(_parts_frame(log_dir)) == len(after)  # every row is in the Parquet parts now
 
 
 def test_a_record_torn_by_a_crash_and_a_dead_temp_file_are_cleaned_up(tmp_path):
@@ -165,7 +166,7 @@ def test_a_compaction_that_falls_behind_is_counted_and_loses_nothing(tmp_path, m
     monkeypatch.setattr(request_log, "_write_part", real)  # the disk has room again
     logger.close()
     assert logger.stats()["backlog_rows"] == 0
-    assert pd.read_parquet(tmp_path)["request_id"].nunique() == 4
+    assert _parts_frame(tmp_path)["request_id"].nunique() == 4
 
 
 def test_bad_arguments_are_refused_with_the_reason(tmp_path):
@@ -218,8 +219,14 @@ def _wait(condition, timeout: float = 60.0, what: str = "") -> None:
 
 
 def _parquet_requests(directory) -> pd.Series:
+    """request_id of every candidate row in the compacted parts (not the segments)."""
     parts = [p for p in directory.glob("part-*.parquet")]
-    return pd.concat([pd.read_parquet(p, columns=["request_id"])["request_id"] for p in parts]) if parts else pd.Series([], dtype=object)
+    return pd.concat([read_part(p, columns=["request_id"]).to_pandas()["request_id"] for p in parts]) if parts else pd.Series([], dtype=object)
+
+
+def _parts_frame(directory) -> pd.DataFrame:
+    """The compacted parts alone (not the segments), one row per candidate."""
+    return pd.concat([read_part(p).to_pandas() for p in sorted(directory.glob("part-*.parquet"))], ignore_index=True)
 
 
 def test_a_compactor_process_compacts_rotated_segments_off_the_writers_process(tmp_path):
@@ -329,7 +336,7 @@ def test_a_part_dictionary_encodes_everything_but_float_vectors(tmp_path):
     dictionary = {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
     assert not encodings["vec"] & dictionary  # an embedding: values never repeat, a dictionary only costs time
     assert encodings["request_id"] & dictionary and encodings["genre"] & dictionary
-    assert len(pd.read_parquet(part)) == 15
+    assert len(read_part(part)) == 15
 
 
 def test_a_forked_child_does_not_keep_the_writers_segment_or_its_compactor_alive(tmp_path):
@@ -385,7 +392,7 @@ def test_a_compaction_stopped_between_a_segments_parts_never_loses_or_doubles_a_
     parts = sorted(tmp_path.glob("part-*"))
     assert len(parts) == 2 and not list((tmp_path / SEGMENTS).iterdir())
     assert request_log.complete_parts(parts) == parts
-    written = sorted(rid for p in parts for rid in pd.read_parquet(p)["request_id"])
+    written = sorted(rid for p in parts for rid in read_part(p).column("request_id").to_pylist())
     assert written == ["r0"] * 5 + ["r1"] * 5
 
 
@@ -401,3 +408,88 @@ def test_requests_logged_while_closing_and_an_empty_request_are_compacted_by_clo
         assert logger.stats()["late_requests"] == 2 and logger.stats()["backlog_rows"] == 0
         assert not list((directory / SEGMENTS).iterdir()), mode
         assert sorted(_parquet_requests(directory).unique()) == ["a", "late"]
+
+
+def _fast_record(logger: RequestLogger, rid: str, n: int, hist: list[int], age: float, shadow: bool = False) -> None:
+    """A request logged as the service does (`OnlineScorer.log_features`): the user's values once (`constant`)."""
+    features = _features(n, seed=len(rid))
+    columns = {
+        "hist": logger.constant("hist", hist, n),
+        "age": logger.constant("age", age, n),
+        "genre": logger.column("genre", features["genre"]),
+        "vec": logger.column("vec", features["vec"]),
+    }
+    if shadow:  # a challenger attached for this request only
+        columns["shadow_score"] = pa.array(np.linspace(0.2, 0.4, n), pa.float32())
+    logger.log_request(
+        request_id=rid, user_id=7, scenario="home", model="m:1", features=pa.table(columns),
+        predictions=np.linspace(0, 1, n), item_ids=features["item_id"].tolist(), extra={"rank": list(range(1, n + 1))},
+    )  # fmt: skip
+
+
+def test_a_part_holds_one_row_per_request_and_reads_back_as_the_rows_logged(tmp_path):
+    """Parts store a request's own values once (the user's history was ~half a part's write time, repeated per
+    candidate) and its candidates' values as lists; every reader gets the rows as logged, one per candidate."""
+    import pyarrow.parquet as pq
+
+    from ctrflow.request_log import LAYOUT_KEY, part_rows
+
+    types = {**TYPES, "hist": pa.list_(pa.int64()), "age": pa.float64()}
+    logger = RequestLogger(tmp_path, column_types=types, flush_seconds=3600, compaction="thread")
+    _fast_record(logger, "r0", 4, [1, 2, 3], 31.0)
+    _fast_record(logger, "r1", 3, [], float("nan"), shadow=True)  # an empty history, a missing age, a shadow score
+    _fast_record(logger, "r2", 0, [9], 40.0)  # no candidate: no row
+    _fast_record(logger, "r3", 5, [4], 22.0)
+    logged = read_request_log(tmp_path)  # from the segment, before compaction
+    assert list(logged["request_id"]) == ["r0"] * 4 + ["r1"] * 3 + ["r3"] * 5
+    assert logger.flush() is not None
+    (part,) = tmp_path.glob("part-*.parquet")
+    plain = pq.read_table(part)
+    assert plain.column("request_id").to_pylist() == ["r0", "r1", "r3"]  # one row per request
+    assert plain.schema.field("hist").type == pa.list_(pa.int64())  # once per request, not a list per candidate
+    assert plain.column("hist").to_pylist() == [[1, 2, 3], [], [4]] and plain.column("age").to_pylist() == [31.0, None, 22.0]
+    assert [len(v) for v in plain.column("item_id").to_pylist()] == [4, 3, 5]
+    assert plain.column("shadow_score").to_pylist()[0] is None  # absent from r0's record: null on its candidates
+    layout = json.loads(plain.schema.metadata[LAYOUT_KEY])
+    assert layout["version"] == 2 and layout["rows"] == 12 and part_rows(part) == 12
+    assert set(layout["candidate_columns"]) == {"item_id", "genre", "vec", "prediction", "rank", "shadow_score"}
+    back = read_request_log(tmp_path)
+    pd.testing.assert_frame_equal(back, logged)
+    assert back["item_id"].dtype == np.int64 and back["item_id"].max() == BIG
+    import duckdb  # any SQL engine unnests the lists (the module docstring's query)
+
+    sql = f"SELECT request_id, unnest(item_id) AS item_id, unnest(prediction) AS p FROM read_parquet('{tmp_path}/*.parquet')"
+    pd.testing.assert_frame_equal(duckdb.sql(sql).df(), logged[["request_id", "item_id", "prediction"]].rename(columns={"prediction": "p"}))
+    assert back["shadow_score"].isna().tolist() == [True] * 4 + [False] * 3 + [True] * 5
+    logger.close()
+
+
+def test_a_value_shared_in_some_records_and_per_candidate_in_others_becomes_per_candidate(tmp_path):
+    """A column is held once per request only where every record held it once; a record that gave it per candidate
+    (a writer's pandas path) makes it a list per candidate for the whole part: never a value lost or guessed."""
+    import pyarrow.parquet as pq
+
+    types = {**TYPES, "hist": pa.list_(pa.int64()), "age": pa.float64()}
+    logger = RequestLogger(tmp_path, column_types=types, flush_seconds=3600, compaction="thread")
+    _fast_record(logger, "r0", 2, [1, 2], 30.0)
+    features = _features(3).assign(hist=[[5], [5, 6], []], age=[20.0, 21.0, None])  # differs per candidate
+    logger.log_request(request_id="r1", user_id=7, scenario="home", model="m:1", features=features, predictions=np.zeros(3))
+    logged = read_request_log(tmp_path)
+    logger.flush()
+    (part,) = tmp_path.glob("part-*.parquet")
+    assert pq.read_schema(part).field("hist").type == pa.list_(pa.list_(pa.int64()))
+    back = read_request_log(tmp_path)
+    pd.testing.assert_frame_equal(back, logged)
+    assert back["hist"].map(list).tolist() == [[1, 2], [1, 2], [5], [5, 6], []] and back["age"].tolist()[2:4] == [20.0, 21.0]
+    logger.close()
+
+
+def test_a_damaged_request_row_part_is_an_error_not_misaligned_rows():
+    from ctrflow.request_log import explode
+
+    layout = {"layout": "request", "version": 2, "candidate_columns": ["item_id", "prediction"], "rows": 3}
+    table = pa.table({"request_id": ["a", "b"], "item_id": [[1, 2], [3]], "prediction": [[0.1, 0.2], [0.3, 0.4]]})
+    with pytest.raises(ValueError, match="'prediction' has a candidate count unlike 'item_id' in 1 request rows"):
+        explode(table, layout)
+    good = explode(table.set_column(2, "prediction", pa.array([[0.1, 0.2], [0.3]])), layout)
+    assert good.column("request_id").to_pylist() == ["a", "a", "b"] and good.column("prediction").to_pylist() == [0.1, 0.2, 0.3]

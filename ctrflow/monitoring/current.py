@@ -2,22 +2,39 @@
 down to a bounded number of rows so memory stays bounded however large the log grows.
 
 Sampling rule: when the source holds N > `max_rows` rows, `max_rows` row positions are drawn uniformly without
-replacement with `numpy.random.default_rng(seed)` over the rows in source order (Parquet parts in name order, then
-the segments not compacted yet), and only those rows are kept while the source is read batch by batch (peak memory:
+replacement with `numpy.random.default_rng(seed)` over the rows in source order (Parquet files of a row per candidate in
+name order, then a request log's request-row parts in name order, one row per candidate once exploded, then the
+segments not compacted yet), and only those rows are kept while the source is read batch by batch (peak memory:
 the sample plus one record batch). The same log and seed give the same sample. Ids stay int64 (nullable Int64
 where values are missing), never float64.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
-from ctrflow.request_log import SEGMENT_SUFFIX, SEGMENTS, _concat, _read_segment, _stem, _to_pandas, complete_parts
+from ctrflow.request_log import (
+    SEGMENT_SUFFIX,
+    SEGMENTS,
+    _concat,
+    _read_segment,
+    _stem,
+    _to_pandas,
+    complete_parts,
+    explode,
+    part_layout,
+    part_rows,
+    read_part,
+)
+
+REQUESTS_PER_BATCH = 256  # a request-row part is read this many requests (~25,600 rows at 100 candidates) at a time
 
 
 class CurrentInputError(ValueError):
@@ -42,16 +59,26 @@ def read_current(
         raise CurrentInputError(f"request log: no *.parquet file under {path}")
     try:
         dataset = pads.dataset(str(path), format="parquet", partitioning="hive")  # skips _segments and .tmp files
-        complete = complete_parts(dataset.files)
-        if len(complete) != len(dataset.files):  # a compaction stopped between a segment's parts: its segment counts
-            dataset = pads.dataset(complete, format="parquet", partitioning="hive", partition_base_dir=str(path))
-        segments = _segment_tables(path, dataset) if path.is_dir() else []
-        n_parts = dataset.count_rows()
-    except (OSError, pa.ArrowException) as exc:
+        files = complete_parts(dataset.files)  # a compaction stopped between a segment's parts: its segment counts
+        # a request log's parts hold a row per request (request_log.explode); other Parquet, a row per candidate
+        nested = {f: part_layout(pq.read_schema(f)) for f in files}
+        nested = {f: layout for f, layout in nested.items() if layout is not None}
+        flat = [f for f in files if f not in nested]
+        if len(flat) != len(dataset.files):
+            dataset = pads.dataset(flat, format="parquet", partitioning="hive", partition_base_dir=str(path)) if flat else None
+        segments = _segment_tables(path, files) if path.is_dir() else []
+        n_parts = (dataset.count_rows() if dataset is not None else 0) + sum(part_rows(Path(f)) for f in nested)
+    except (OSError, ValueError, pa.ArrowException) as exc:
         raise CurrentInputError(f"request log: cannot read Parquet at {path}: {exc}") from exc
     total = n_parts + sum(t.num_rows for t in segments)
     if total == 0:  # a log with no request yet (a quiet hour): not enough data to test, never a usage error
-        empty = _to_pandas(dataset.schema.empty_table() if dataset.files or not segments else segments[0].slice(0, 0))
+        if dataset is not None and (dataset.files or not segments):
+            empty_table = dataset.schema.empty_table()
+        elif segments:
+            empty_table = segments[0].slice(0, 0)
+        else:
+            empty_table = read_part(Path(next(iter(nested)))).slice(0, 0)
+        empty = _to_pandas(empty_table)
         if columns is not None:
             empty = empty[[c for c in columns if c in empty.columns]]
         return empty, {"rows_total": 0, "rows_read": 0, "sampled": False, "seed": seed, "rule": "all rows"}
@@ -60,13 +87,18 @@ def read_current(
         keep = np.sort(np.random.default_rng(seed).choice(total, size=max_rows, replace=False))
     tables: list[pa.Table] = []
     offset = 0
-    cols = None if columns is None else [c for c in columns if c in dataset.schema.names]
     try:
-        # little read-ahead: the point of sampling is bounded memory, not scan speed
-        for batch in dataset.to_batches(columns=cols, batch_readahead=1, fragment_readahead=1):
-            tables.append(_take(pa.Table.from_batches([batch]), keep, offset))
-            offset += batch.num_rows
-    except (OSError, pa.ArrowException) as exc:
+        if dataset is not None:
+            cols = None if columns is None else [c for c in columns if c in dataset.schema.names]
+            # little read-ahead: the point of sampling is bounded memory, not scan speed
+            for batch in dataset.to_batches(columns=cols, batch_readahead=1, fragment_readahead=1):
+                tables.append(_take(pa.Table.from_batches([batch]), keep, offset))
+                offset += batch.num_rows
+        for f, layout in nested.items():
+            for t in _request_rows(Path(f), layout, columns):
+                tables.append(_take(t, keep, offset))
+                offset += t.num_rows
+    except (OSError, ValueError, pa.ArrowException) as exc:
         raise CurrentInputError(f"request log: cannot read Parquet at {path}: {exc}") from exc
     for t in segments:
         t = t.select([c for c in t.column_names if columns is None or c in columns])
@@ -93,9 +125,19 @@ def _take(table: pa.Table, keep: np.ndarray | None, offset: int) -> pa.Table:
     return table.take(pa.array(keep[lo:hi] - offset))
 
 
-def _segment_tables(directory: Path, dataset: pads.Dataset) -> list[pa.Table]:
+def _request_rows(path: Path, layout: dict, columns: list[str] | None) -> Iterator[pa.Table]:
+    """A request-row part (request_log.explode) a few requests at a time, as rows per candidate."""
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    need = names if columns is None else [c for c in columns if c in names]
+    length = [c for c in ("item_id", *layout["candidate_columns"]) if c in names and c not in need][:1]
+    for batch in pf.iter_batches(batch_size=REQUESTS_PER_BATCH, columns=need + length):
+        yield explode(pa.Table.from_batches([batch]), layout).select(need)
+
+
+def _segment_tables(directory: Path, files: list[str]) -> list[pa.Table]:
     """The rows of segments not compacted yet (a segment whose part exists is skipped: never a row twice)."""
-    part_stems = {_stem(Path(f)) for f in dataset.files}
+    part_stems = {_stem(Path(f)) for f in files}
     tables: list[pa.Table] = []
     for seg in sorted((directory / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}")):
         if _stem(seg) in part_stems:
@@ -104,6 +146,6 @@ def _segment_tables(directory: Path, dataset: pads.Dataset) -> list[pa.Table]:
             records, _ = _read_segment(seg)
         except FileNotFoundError:  # compacted since the listing: its part was not in the dataset; read it now
             part = directory / f"part-{_stem(seg)}.parquet"
-            records = [pads.dataset(str(part)).to_table()] if part.exists() else []
+            records = [read_part(part)] if part.exists() else []
         tables.extend(records)
     return tables
