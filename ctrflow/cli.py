@@ -445,7 +445,10 @@ def serve(ctx: click.Context, deployment_file: str, port: int | None, request_lo
         raise click.ClickException(f"cannot serve on {host}:{port}: {why} (another server? choose --port or serving.port)")
     log_dir = request_log or str(Path(deployment_file).parent / "request_log")
     s = params["serving"]
-    env = service_env(deployment, log_dir, s["threads"], s["workers"], s["item_cache_refresh_s"], s["request_log_compaction"])
+    env = service_env(
+        deployment, log_dir, s["threads"], s["workers"], s["item_cache_refresh_s"], s["request_log_compaction"],
+        request_log_flush_rows=s["request_log_flush_rows"], request_log_flush_seconds=s["request_log_flush_seconds"],
+    )  # fmt: skip
     os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
     from ctrflow.guard import guard_env, token_from_env
 

@@ -79,7 +79,8 @@ def run_everything(params: dict[str, Any], workdir: Path, n_requests: int = 200)
     with start_server(
         deployment, request_log, host=s["host"], port=s["port"], workers=s["workers"], threads=s["threads"],
         item_cache_refresh_s=s["item_cache_refresh_s"],
-        request_log_compaction=s["request_log_compaction"], extra_env=guard_env(s),
+        request_log_compaction=s["request_log_compaction"], request_log_flush_rows=s["request_log_flush_rows"],
+        request_log_flush_seconds=s["request_log_flush_seconds"], extra_env=guard_env(s),
     ) as server:
         latencies = []
         first = None

@@ -613,6 +613,9 @@ def run_compactor(directory: str | Path, wake: int, *, period_s: float = COMPACT
             os.nice(nice)
         except OSError:
             pass
+    # one Arrow thread: a background job must not fan out over the cores that serve requests
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
     prometheus = _prometheus_counters() if metrics else None
 
     def counts(name: str, n: int) -> None:

@@ -88,12 +88,15 @@ def service_env(
     workers: int | None = None,
     item_cache_refresh_s: float | None = None,
     request_log_compaction: str | None = None,
+    *,
+    request_log_flush_rows: int | None = None,
+    request_log_flush_seconds: float | None = None,
 ) -> dict[str, str]:
     """The environment the service reads its configuration from (see serving/service.py).
 
     A deployment without `model_tag` serves the registry's production model of `model_name`. `threads` (torch
-    threads per worker), `workers` (BentoML worker processes), `item_cache_refresh_s` and `request_log_compaction`:
-    params `serving.*`; None takes the typed default.
+    threads per worker), `workers` (BentoML worker processes), `item_cache_refresh_s`, `request_log_compaction` and
+    `request_log_flush_rows` / `_seconds`: params `serving.*`; None takes the typed default.
     """
     from ctrflow.config import ServingParams
 
@@ -102,6 +105,8 @@ def service_env(
     workers = defaults.workers if workers is None else int(workers)
     refresh = defaults.item_cache_refresh_s if item_cache_refresh_s is None else float(item_cache_refresh_s)
     compaction = request_log_compaction or defaults.request_log_compaction
+    flush_rows = defaults.request_log_flush_rows if request_log_flush_rows is None else int(request_log_flush_rows)
+    flush_seconds = defaults.request_log_flush_seconds if request_log_flush_seconds is None else float(request_log_flush_seconds)
     env = dict(os.environ)
     env.pop("CTRFLOW_MODEL_TAG", None)
     tag = deployment.get("model_tag")
@@ -119,6 +124,8 @@ def service_env(
             "CTRFLOW_SERVING_WORKERS": str(workers),
             "CTRFLOW_ITEM_CACHE_REFRESH_S": str(refresh),
             "CTRFLOW_REQUEST_LOG_COMPACTION": compaction,
+            "CTRFLOW_REQUEST_LOG_FLUSH_ROWS": str(flush_rows),
+            "CTRFLOW_REQUEST_LOG_FLUSH_SECONDS": str(flush_seconds),
             "BENTOML_DO_NOT_TRACK": "true",
             "FEAST_USAGE": "False",
         }
@@ -235,21 +242,26 @@ def start_server(
     threads: int | None = None,
     item_cache_refresh_s: float | None = None,
     request_log_compaction: str | None = None,
+    request_log_flush_rows: int | None = None,
+    request_log_flush_seconds: float | None = None,
     log_path: str | Path | None = None,
     ready_timeout: float = 120.0,
     extra_env: dict[str, str] | None = None,
     service: str = SERVICE,
 ) -> RunningServer:
     """`bentoml serve` of `service` in a subprocess; returns once /readyz answers 200 (or raises with the server's
-    log). workers / threads / item_cache_refresh_s / request_log_compaction: as `service_env` (None: the typed
-    defaults)."""
+    log). workers / threads / item_cache_refresh_s / request_log_compaction / request_log_flush_*: as `service_env`
+    (None: the typed defaults)."""
     if not isinstance(deployment, dict):
         deployment = read_deployment(deployment)
     port = port or free_port()
     log_path = Path(log_path or Path(request_log).parent / "server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "bentoml", "serve", service, "--host", host, "--port", str(port), "--working-dir", str(REPO_ROOT)]
-    env = service_env(deployment, request_log, threads, workers, item_cache_refresh_s, request_log_compaction)
+    env = service_env(
+        deployment, request_log, threads, workers, item_cache_refresh_s, request_log_compaction,
+        request_log_flush_rows=request_log_flush_rows, request_log_flush_seconds=request_log_flush_seconds,
+    )  # fmt: skip
     env.update(extra_env or {})
     log_file = open(log_path, "w")  # noqa: SIM115 - handed to the child process
     proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)

@@ -22,7 +22,7 @@ Environment (read when a worker constructs the service, never at import: `bentom
     CTRFLOW_MODEL_TAG            a model tag to serve; default: the name's production model in the registry
     CTRFLOW_FEATURE_SERVICE      the Feast feature service (default ctr_ranking)
     CTRFLOW_REQUEST_LOG          directory of the request log (unset: no request log, with a warning)
-    CTRFLOW_REQUEST_LOG_FLUSH_ROWS / _FLUSH_SECONDS   flush thresholds (default 2000 rows / 5 s)
+    CTRFLOW_REQUEST_LOG_FLUSH_ROWS / _FLUSH_SECONDS   flush thresholds (params serving.request_log_flush_rows / _seconds)
     CTRFLOW_REQUEST_LOG_COMPACTION  process (a compactor process per worker) or thread (params serving.request_log_compaction)
     CTRFLOW_TORCH_THREADS        torch intra-op threads per worker (params serving.threads; 1: more gave p99 spikes)
     CTRFLOW_SERVING_WORKERS      worker processes (params serving.workers); BENTOML_HOME: the model store
@@ -163,8 +163,8 @@ class RankingService:
             self.request_log = RequestLogger(
                 log_dir,
                 column_types=schema_for_spec(spec, loaded.encoder.vocabs),
-                flush_rows=_env_int("CTRFLOW_REQUEST_LOG_FLUSH_ROWS", 2000),
-                flush_seconds=float(os.environ.get("CTRFLOW_REQUEST_LOG_FLUSH_SECONDS") or 5.0),
+                flush_rows=_env_int("CTRFLOW_REQUEST_LOG_FLUSH_ROWS", SERVING_DEFAULTS.request_log_flush_rows),
+                flush_seconds=_env_float("CTRFLOW_REQUEST_LOG_FLUSH_SECONDS", SERVING_DEFAULTS.request_log_flush_seconds),
                 metrics=True,  # ctrflow_request_log_*_total on /metrics
                 # off this worker's GIL by default: compaction in a thread showed as a p99 tail (ctrflow.request_log)
                 compaction=os.environ.get("CTRFLOW_REQUEST_LOG_COMPACTION") or SERVING_DEFAULTS.request_log_compaction,

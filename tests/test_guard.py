@@ -237,3 +237,20 @@ def test_auth_token_env_must_be_a_variable_name():
         load_params(None, parse_overrides(["serving.auth_token_env=not a name"]))
     with pytest.raises(ConfigError, match="max_request_bytes"):
         load_params(None, parse_overrides(["serving.max_request_bytes=10"]))
+
+
+def test_the_request_log_flush_thresholds_come_from_params(tmp_path):
+    """serving.request_log_flush_rows / _seconds reach the worker's environment; params.yaml and the typed default
+    agree (one place for the default), and a bad value is refused naming the key."""
+    from ctrflow.config import ConfigError, ServingParams, load_params, parse_overrides
+    from ctrflow.server import service_env
+
+    deployment = {"bentoml_home": tmp_path, "feature_repo": tmp_path, "model_tag": "m:1"}
+    env = service_env(deployment, tmp_path / "log")
+    assert (env["CTRFLOW_REQUEST_LOG_FLUSH_ROWS"], env["CTRFLOW_REQUEST_LOG_FLUSH_SECONDS"]) == ("20000", "5.0")
+    s = load_params(None, parse_overrides(["serving.request_log_flush_rows=500", "serving.request_log_flush_seconds=0.25"]))["serving"]
+    env = service_env(deployment, tmp_path / "log", request_log_flush_rows=s["request_log_flush_rows"], request_log_flush_seconds=s["request_log_flush_seconds"])
+    assert (env["CTRFLOW_REQUEST_LOG_FLUSH_ROWS"], env["CTRFLOW_REQUEST_LOG_FLUSH_SECONDS"]) == ("500", "0.25")
+    assert load_params(None)["serving"]["request_log_flush_rows"] == ServingParams().request_log_flush_rows
+    with pytest.raises(ConfigError, match="request_log_flush_rows"):
+        load_params(None, parse_overrides(["serving.request_log_flush_rows=0"]))
