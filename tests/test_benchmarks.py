@@ -235,3 +235,18 @@ def test_gsvr_suite_cuts_the_posterior_fields_to_the_datas_spec(caplog) -> None:
     assert "hist_item_ids" in caplog.text
     full = SimpleNamespace(fields=[*spec.fields, SimpleNamespace(name="hist_item_ids")])
     assert fit_to_spec(params, full) is params
+
+
+def test_every_gsvr_suite_variant_is_a_valid_params_override() -> None:
+    """Each variant the suite runs is a named option of params.yaml's models.gsvr (a typo would train the default)."""
+    from benchmarks.suites.gsvr import BACKBONES, VARIANTS
+    from ctrflow.config import load_params
+    from ctrflow.training.recipe import model_params
+
+    params = load_params()
+    variants = {variant: overrides for _, variant, overrides in VARIANTS if overrides is not None}
+    assert {"std-normal-prior", "full", "beta-0.1", "moment-kl"} <= set(variants)
+    for overrides in variants.values():
+        for backbone in BACKBONES:
+            mparams = model_params(params, "gsvr", backbone, **overrides)
+            assert all(mparams[k] == v for k, v in overrides.items()) and set(overrides) <= set(params["models"]["gsvr"])
