@@ -441,7 +441,7 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
     return [path for type_, path, leaf in leaves if not (pa.types.is_list(type_) and pa.types.is_floating(leaf))]
 
 
-def _write_part(directory: Path, stem: str, records: list[pa.Table]) -> tuple[Path | None, int]:
+def _write_part(directory: Path, stem: str, records: list[pa.RecordBatch]) -> tuple[Path | None, int]:
     """Compact a segment's records into part-<stem>.parquet, one row per request (`_nest`; hidden temporary file,
     fsync, rename); (path, candidate rows)."""
     nested = _nest(records)
