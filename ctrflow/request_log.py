@@ -21,9 +21,14 @@ model, the user's features) and each per-candidate value (item id and features, 
 candidate order. Repeating the user's history on each of 100 rows was half of a part's write time and, with the
 expansion, most of compaction's CPU; a compactor's CPU on the serving machine showed as a p99 tail (issue 10).
 `read_request_log`, `read_part` and monitoring's `read_current` give one row per candidate (`explode`), and read
-parts written before (a row per candidate, no metadata) as they are. Any other Parquet reader sees the folder as an
-ordinary data set of request rows (``pd.read_parquet(dir)``; DuckDB ``SELECT request_id, unnest(item_id), unnest(
-prediction) FROM 'dir/*.parquet'``; Spark ``arrays_zip`` + ``explode``); ``_segments`` is skipped by all of them.
+parts written before (a row per candidate, no metadata) as they are. Any other Parquet reader sees the service's
+log as an ordinary data set of request rows (``pd.read_parquet(dir)``; DuckDB ``SELECT request_id, unnest(item_id),
+unnest(prediction) FROM 'dir/*.parquet'``; Spark ``arrays_zip`` + ``explode``); ``_segments`` is skipped by all of
+them. Which columns are lists is declared by the writer, not guessed from values: a column logged once per request
+(`constant`, as the service logs the user's features) is a scalar, any other a list, so the service's parts share one
+schema. A folder that also holds parts of the earlier layout, or of a writer that logged a user's value per
+candidate, has parts of two schemas: `read_request_log` and `read_current` read them as one table, other readers
+per file.
 Who compacts (``compaction``):
 
 - ``"process"`` (what the service uses): a compactor process per writer (``python -m ctrflow.request_log compact``,
@@ -47,7 +52,7 @@ counted (``backlog_full``) and warned about: the rows are safe in their segments
 ``read_request_log`` reads the compacted parts and the segments not compacted yet, with ids kept int64 (an int
 column with missing values becomes pandas' nullable Int64, never float64: an id of 2^63-1 survives).
 
-Column types come from the model's feature spec (``schema_for_spec``), so every part file has the same schema even
+Column types come from the model's feature spec (``schema_for_spec``), so the service's parts share one schema even
 when a part only holds unknown users (all-null user features) and a directory reads back as one table.
 """
 
@@ -275,14 +280,25 @@ def _read_records(path: Path | int) -> tuple[list[pa.RecordBatch], int]:
         start, end = pos + HEADER.size, pos + HEADER.size + length
         if magic != MAGIC or end > len(data) or zlib.crc32(view[start:end]) != crc:
             break
-        stream = pa.BufferReader(pa.py_buffer(view[start:end]))
+        payload = pa.py_buffer(view[start:end])
+        stream = pa.BufferReader(payload)
         message = pa.ipc.read_message(stream)  # the record's schema: parsed once while it repeats (2.4x faster)
         if schema_bytes is None or not message.metadata.equals(schema_bytes):
             schema, schema_bytes = pa.ipc.read_schema(message), message.metadata
+        batches = []
         try:
-            records.append(pa.ipc.read_record_batch(pa.ipc.read_message(stream), schema))
-        except EOFError:  # a request with no candidate: a schema and no batch, no row
+            while True:  # until the end-of-stream marker (EOFError); usually exactly one record batch
+                message = pa.ipc.read_message(stream)
+                if message.type != "record batch":  # a dictionary batch (a categorical column): the full reader
+                    batches = pa.ipc.open_stream(payload).read_all().to_batches()
+                    break
+                batches.append(pa.ipc.read_record_batch(message, schema))
+        except EOFError:
             pass
+        if len(batches) != 1:  # a request written as several batches (chunked columns), or none (no candidate)
+            table = pa.Table.from_batches(batches, schema=schema).combine_chunks()
+            batches = table.to_batches() or [pa.RecordBatch.from_arrays([pa.nulls(0, f.type) for f in schema], schema=schema)]
+        records.append(batches[0])  # one batch per request: _nest counts a request per record
         pos = end
     return records, len(data) - pos
 

@@ -272,6 +272,37 @@ def test_a_log_of_request_row_parts_flat_parts_and_segments_reads_as_one_sampled
     logger.close()
 
 
+def test_request_row_parts_in_hive_folders_keep_their_partition_column_and_an_empty_request_its_columns(tmp_path):
+    """read_current reads a folder with partitioning="hive": request-row parts moved under date=.../ keep their
+    `date` on every candidate row, as one-row-per-candidate files do; a log holding only a request with no candidate
+    (not compacted yet) still reports its columns. Both found by a break-it review."""
+    import shutil
+
+    log_dir = tmp_path / "log"
+    logger = RequestLogger(log_dir, flush_seconds=3600, compaction="thread")
+    for i in range(2):
+        logger.log_request(request_id=f"r{i}", user_id=7, scenario="home", model="m", features=pd.DataFrame({"x": [1.0, 2.0]}),
+                           predictions=np.zeros(2), item_ids=[1, 2])  # fmt: skip
+    part = logger.flush()
+    (log_dir / "date=2024-01-01").mkdir()
+    shutil.move(part, log_dir / "date=2024-01-01" / part.name)
+    flat = read_request_log(log_dir)
+    (log_dir / "date=2024-01-02").mkdir()
+    flat.to_parquet(log_dir / "date=2024-01-02" / "part-old.parquet")  # the earlier layout, another day
+    frame, info = read_current(log_dir, columns=["request_id", "date"])
+    assert list(frame.columns) == ["request_id", "date"] and info["rows_total"] == 8
+    assert sorted(frame["date"].astype(str)) == ["2024-01-01"] * 4 + ["2024-01-02"] * 4
+    logger.close()
+
+    empty_dir = tmp_path / "empty"
+    logger = RequestLogger(empty_dir, flush_seconds=3600, compaction="thread")
+    logger.log_request(request_id="z", user_id=1, scenario="s", model="m", features=pd.DataFrame({"x": pd.Series([], dtype="float64")}),
+                       predictions=np.zeros(0), item_ids=[])  # fmt: skip
+    frame, info = read_current(empty_dir)
+    assert len(frame) == 0 and info["rows_total"] == 0 and {"request_id", "item_id", "x", "prediction"} <= set(frame.columns)
+    logger.close()
+
+
 def test_unknown_users_in_the_request_log_are_not_a_missing_feature(reference, tmp_path):
     # the service flags rows of users it does not know (fallback_user): their user features are null by design
     cur = rows(400, 1).assign(fallback_user=False)

@@ -493,3 +493,26 @@ def test_a_damaged_request_row_part_is_an_error_not_misaligned_rows():
         explode(table, layout)
     good = explode(table.set_column(2, "prediction", pa.array([[0.1, 0.2], [0.3]])), layout)
     assert good.column("request_id").to_pylist() == ["a", "a", "b"] and good.column("prediction").to_pylist() == [0.1, 0.2, 0.3]
+
+
+def test_a_categorical_column_and_a_request_of_several_batches_are_read_and_compacted_whole(tmp_path):
+    """Found by a break-it review of the request-row parts: a record is not always "schema + one batch". A categorical
+    column adds a dictionary batch (the whole segment became unreadable and uncompactable, forever), and a table of
+    chunked columns writes several batches (all but the first were dropped: candidates lost)."""
+    logger = RequestLogger(tmp_path, flush_seconds=3600, compaction="thread")
+    common = {"user_id": 1, "scenario": "s", "model": "m"}
+    logger.log_request(request_id="plain", features=pd.DataFrame({"x": [1, 2]}), predictions=np.zeros(2), item_ids=[1, 2], **common)
+    cat = pd.DataFrame({"x": [3, 4], "genre": pd.Categorical(["a", "b"])})
+    logger.log_request(request_id="cat", features=cat, predictions=np.zeros(2), item_ids=[3, 4], **common)
+    chunked = pa.concat_tables([pa.table({"x": [10]}), pa.table({"x": [20, 30]})])  # 3 candidates in 2 chunks
+    logger.log_request(request_id="chunked", features=chunked, predictions=np.array([0.1, 0.2, 0.3]), item_ids=[5, 6, 7], **common)
+    before = read_request_log(tmp_path)
+    assert before["request_id"].tolist() == ["plain"] * 2 + ["cat"] * 2 + ["chunked"] * 3
+    assert before["x"].tolist() == [1, 2, 3, 4, 10, 20, 30] and before["genre"].astype(object).tolist()[2:4] == ["a", "b"]
+    logger.flush()
+    assert not list((tmp_path / SEGMENTS).iterdir()) and logger.stats()["compacted_rows"] == 7
+    after = read_request_log(tmp_path)
+    assert after["x"].tolist() == before["x"].tolist() and after["item_id"].tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert after["genre"].astype(object).tolist()[2:4] == ["a", "b"]
+    np.testing.assert_allclose(after["prediction"].to_numpy()[4:], [0.1, 0.2, 0.3], rtol=1e-6)
+    logger.close()

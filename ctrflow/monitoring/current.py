@@ -95,7 +95,7 @@ def read_current(
                 tables.append(_take(pa.Table.from_batches([batch]), keep, offset))
                 offset += batch.num_rows
         for f, layout in nested.items():
-            for t in _request_rows(Path(f), layout, columns):
+            for t in _request_rows(Path(f), layout, columns, path if path.is_dir() else None):
                 tables.append(_take(t, keep, offset))
                 offset += t.num_rows
     except (OSError, ValueError, pa.ArrowException) as exc:
@@ -125,13 +125,14 @@ def _take(table: pa.Table, keep: np.ndarray | None, offset: int) -> pa.Table:
     return table.take(pa.array(keep[lo:hi] - offset))
 
 
-def _request_rows(path: Path, layout: dict, columns: list[str] | None) -> Iterator[pa.Table]:
-    """A request-row part (request_log.explode) a few requests at a time, as rows per candidate."""
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
+def _request_rows(path: Path, layout: dict, columns: list[str] | None, base_dir: Path | None) -> Iterator[pa.Table]:
+    """A request-row part (request_log.explode) a few requests at a time, as rows per candidate; under `base_dir`
+    with its hive partition columns (``date=.../``), as the dataset gives the other Parquet files."""
+    source = pads.dataset(str(path), format="parquet", partitioning="hive", partition_base_dir=str(base_dir)) if base_dir else pads.dataset(str(path), format="parquet")
+    names = source.schema.names
     need = names if columns is None else [c for c in columns if c in names]
     length = [c for c in ("item_id", *layout["candidate_columns"]) if c in names and c not in need][:1]
-    for batch in pf.iter_batches(batch_size=REQUESTS_PER_BATCH, columns=need + length):
+    for batch in source.to_batches(columns=need + length, batch_size=REQUESTS_PER_BATCH, batch_readahead=1):
         yield explode(pa.Table.from_batches([batch]), layout).select(need)
 
 
