@@ -6,8 +6,10 @@ Local and cluster runs execute the same compiled components; what changes is con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +58,12 @@ def run_training_local(params: dict[str, Any], workdir: str | Path, model_name: 
     workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    try:
+    with private_tmpdir():
         family = family or section(params, "pipeline").family
         arguments = {"params": pipeline_params(params), "feature_repo": str(workdir / "feature_repo")}
         if model_name:
             arguments["model_name"] = model_name
         task = pipeline_func("training", family, params)(**arguments)
-    finally:
-        _cleanup_ephemeral_dirs()
     outputs = task.outputs
     run = {
         "family": family,
@@ -113,22 +113,36 @@ def run_monitoring_local(
     """The monitoring pipeline with the KFP local SubprocessRunner (drift, quality when `labels` is given, decision)."""
     workdir = Path(workdir).resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"), raise_on_error=True)
-    try:
+    with private_tmpdir():
         return pipeline_func("monitoring")(
             params=pipeline_params(params), training_set_uri=training_set, model_uri=model_dir, current=current, labels=labels,
             fail_on_breach=fail_on_breach,
         )  # fmt: skip
-    finally:
-        _cleanup_ephemeral_dirs()
 
 
-def _cleanup_ephemeral_dirs() -> None:
-    """The local runner leaves a temp dir with ephemeral_component.py per task (PITFALLS)."""
+@contextlib.contextmanager
+def private_tmpdir() -> Iterator[Path]:
+    """A TMPDIR of this run's own for the local runner's task subprocesses, removed afterwards with what they left.
+
+    The local runner writes each task's ephemeral_component.py under ``mktemp -d`` and never removes it (PITFALLS).
+    Removing every ``$TMPDIR/tmp*/ephemeral_component.py`` after a run, as before, deleted the components of
+    pipelines running beside it (two test workers: a train-model task failed with FileNotFoundError on its own
+    component file). Task subprocesses inherit the variable; this process's own temporary directory is unchanged
+    (read before the switch, so tempfile's cached value stays the system one)."""
+    import os
     import tempfile
 
-    for d in Path(tempfile.gettempdir()).glob("tmp*"):
-        if d.is_dir() and (d / "ephemeral_component.py").exists():
-            shutil.rmtree(d, ignore_errors=True)
+    private = Path(tempfile.mkdtemp(prefix="ctrflow-kfp-"))
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(private)
+    try:
+        yield private
+    finally:
+        if saved is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def submit(

@@ -6,6 +6,7 @@ Real Great Expectations, Feast, torch and BentoML store in every task; the Bento
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -168,3 +169,28 @@ def test_dgenctr_pretrain_finetune_pipeline_registers_a_servable_model(tmp_path,
     online = online_frame(FeatureStore(repo_path=run["feature_repo"]), user, frame["item_id"].unique()[:20].tolist(), scenario)
     scores = Scorer(loaded.model, loaded.encoder).score(online)
     assert scores.shape == (20,) and ((scores > 0) & (scores < 1)).all()
+
+
+def test_a_local_run_removes_only_its_own_task_components(tmp_path):
+    """The local runner leaves `mktemp -d`/ephemeral_component.py per task. Cleaning every such folder after a run
+    deleted the components of a pipeline running beside it (make test's two workers: train-model failed with
+    FileNotFoundError). A run's tasks now get a TMPDIR of their own, removed afterwards; others' folders stay."""
+    import os
+    import subprocess
+    import tempfile
+
+    from pipelines.runner import private_tmpdir
+
+    neighbour = Path(tempfile.mkdtemp())  # another pipeline's task folder, in flight
+    (neighbour / "ephemeral_component.py").write_text("# a task of another run\n")
+    before = os.environ.get("TMPDIR")
+    try:
+        with private_tmpdir() as private:
+            # what the runner's task command does: mktemp -d in the inherited TMPDIR
+            task_dir = Path(subprocess.run(["mktemp", "-d"], capture_output=True, text=True, check=True).stdout.strip())
+            (task_dir / "ephemeral_component.py").write_text("# this run's task\n")
+            assert task_dir.parent == private and tempfile.gettempdir() != str(private)
+        assert not private.exists() and not task_dir.exists()
+        assert (neighbour / "ephemeral_component.py").exists() and os.environ.get("TMPDIR") == before
+    finally:
+        shutil.rmtree(neighbour, ignore_errors=True)
