@@ -10,6 +10,7 @@ key) and re-renders quality.md as mean ± std over seeds.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from ctrflow.data.tables import Dataset
 from ctrflow.models.base import CTRModel
 from ctrflow.training.recipe import SplitData, train_evaluate_save
 from ctrflow.training.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEY = ("model", "variant", "dataset", "protocol", "split", "seed")
@@ -55,6 +58,9 @@ class Experiment:
     run: Callable[[BenchContext, int], dict[str, Any]]
     protocol: str = "standard"
     extra: dict[str, Any] = field(default_factory=dict)  # fixed record fields, e.g. {"sparse_scenario": "<25"}
+    # why the experiment cannot run on a dataset (e.g. DIN on a spec without a behaviour sequence), None when it can:
+    # such an experiment is skipped with a warning and no record, instead of failing the rest of the suite
+    not_applicable: Callable[[BenchContext], str | None] | None = None
 
 
 @dataclass
@@ -225,6 +231,13 @@ def run_experiments(
             if (r["dataset"], r["split"]) == (ctx.dataset.name, ctx.split)
         }
         todo = [(e, s) for e, s in todo if (e.model, e.variant, e.protocol, s) not in done]
+    skipped = {}
+    for e, _ in todo:
+        reason = e.not_applicable(ctx) if e.not_applicable is not None else None
+        if reason and (e.model, e.variant) not in skipped:
+            skipped[(e.model, e.variant)] = reason
+            log.warning("%s/%s on %s: not run: %s", e.model, e.variant, ctx.dataset.name, reason)
+    todo = [(e, s) for e, s in todo if (e.model, e.variant) not in skipped]
     bar = tqdm(todo, disable=not progress, desc=f"{ctx.dataset.name}/{ctx.split}")
     for exp, seed in bar:
         bar.set_postfix_str(f"{exp.model}/{exp.variant} seed {seed}")

@@ -250,3 +250,28 @@ def test_every_gsvr_suite_variant_is_a_valid_params_override() -> None:
         for backbone in BACKBONES:
             mparams = model_params(params, "gsvr", backbone, **overrides)
             assert all(mparams[k] == v for k, v in overrides.items()) and set(overrides) <= set(params["models"]["gsvr"])
+
+
+def test_an_experiment_that_does_not_apply_to_the_data_is_skipped_not_fatal(tmp_path, caplog) -> None:
+    """The baselines suite on ml-1m-swr (fields without a behaviour sequence) ran LR, DeepFM and DCNv2, then died on
+    DIN with a ValueError. DIN now says why it cannot run there; the harness skips it and runs the rest."""
+    from benchmarks.suites.baselines import model_experiment
+    from ctrflow.data.spec import Entity, FeatureSpec, FieldKind, FieldSpec
+
+    fields = [FieldSpec("user_id", FieldKind.CATEGORICAL, Entity.USER), FieldSpec("item_id", FieldKind.CATEGORICAL, Entity.ITEM)]
+    no_sequence = FeatureSpec(fields=fields, scenarios=["a"])
+    ctx = SimpleNamespace(dataset=SimpleNamespace(name="ml-1m-swr"), split="random", encoder=SimpleNamespace(spec=no_sequence))
+    din = model_experiment("din")
+    assert "behaviour sequence 'hist_item_ids'" in din.not_applicable(ctx)
+    assert model_experiment("deepfm").not_applicable(ctx) is None
+    calls = []
+
+    def run(ctx, seed: int) -> dict:
+        calls.append(seed)
+        return {"auc": 0.7, "gauc": 0.7, "logloss": 0.6, "scenario_auc": {}, "cold_item_auc": 0.7, "epochs": 1, "train_seconds": 1.0}
+
+    runnable = Experiment(model="deepfm", variant="full", run=run)
+    with caplog.at_level("WARNING"):
+        records = run_experiments([runnable, din], ctx, [0, 1], tmp_path, progress=False)
+    assert calls == [0, 1] and [r["model"] for r in records] == ["deepfm", "deepfm"]
+    assert "din/full on ml-1m-swr: not run" in caplog.text
