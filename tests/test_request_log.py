@@ -235,7 +235,8 @@ def test_a_compactor_process_compacts_rotated_segments_off_the_writers_process(t
     logger = RequestLogger(tmp_path, column_types=TYPES, flush_rows=10, flush_seconds=0.05, compaction="process")
     child = logger._compactor
     assert child is not None and child.pid != os.getpid()
-    assert "compact" in psutil.Process(child.pid).cmdline()
+    # right after the fork its command line is the parent's, or empty during exec: wait for the compactor's own
+    _wait(lambda: "compact" in psutil.Process(child.pid).cmdline(), what="the compactor's exec")
     for i in range(30):
         _log(logger, f"r{i}")
     # while the writer is open, its rotated segments reach Parquet through the other process, never through this one
