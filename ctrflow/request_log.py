@@ -366,6 +366,20 @@ def part_layout(schema: pa.Schema | None) -> dict | None:
     return json.loads(raw) if raw else None
 
 
+def _length_column(layout: dict, names: list[str]) -> str | None:
+    """The candidate column (among `names`) that gives each request's candidate count: the item id where read."""
+    candidates = layout["candidate_columns"]
+    return next((c for c in ("item_id", *candidates) if c in candidates and c in names), None)
+
+
+def read_columns(layout: dict | None, names: list[str], columns: list[str] | None) -> tuple[list[str], list[str]]:
+    """For a part with schema `names`: (the requested columns it has, the columns to read for them): a request-row
+    part also needs one candidate column to know how many rows each request explodes into."""
+    need = list(names) if columns is None else [c for c in columns if c in names]
+    length = _length_column(layout, names) if layout is not None else None
+    return need, need + ([length] if length is not None and length not in need else [])
+
+
 def explode(table: pa.Table, layout: dict | None = None) -> pa.Table:
     """A part's request rows (`_nest`) back to one row per candidate, in request order: scalars repeated over the
     request's candidates, lists flattened; the metadata dropped. A table without the layout is returned as it is.
@@ -374,7 +388,7 @@ def explode(table: pa.Table, layout: dict | None = None) -> pa.Table:
     if layout is None:
         return table
     per_candidate = set(layout["candidate_columns"]) & set(table.column_names)
-    length_col = next((c for c in ("item_id", *layout["candidate_columns"]) if c in per_candidate), None)
+    length_col = _length_column(layout, table.column_names)
     if length_col is None:
         raise ValueError(f"request log: a request-row part needs one of its candidate columns to be read ({layout['candidate_columns']})")
     first = table.column(length_col).combine_chunks()
@@ -415,12 +429,10 @@ def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
     """A part as one row per candidate, whichever its layout (`explode`)."""
     pf = pq.ParquetFile(path)
     layout = part_layout(pf.schema_arrow)
-    if columns is not None and layout is not None:
-        need = [c for c in columns if c in pf.schema_arrow.names]
-        extra = [c for c in ("item_id", *layout["candidate_columns"]) if c in pf.schema_arrow.names and c not in need][:1]
-        table = explode(pf.read(columns=need + extra), layout)
-        return table.select(need)
-    return explode(pf.read(columns=columns), layout)
+    if layout is None:
+        return pf.read(columns=columns)
+    need, read = read_columns(layout, pf.schema_arrow.names, columns)
+    return explode(pf.read(columns=read), layout).select(need)
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:

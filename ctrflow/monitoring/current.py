@@ -30,7 +30,7 @@ from ctrflow.request_log import (
     complete_parts,
     explode,
     part_layout,
-    part_rows,
+    read_columns,
     read_part,
 )
 
@@ -67,7 +67,8 @@ def read_current(
         if len(flat) != len(dataset.files):
             dataset = pads.dataset(flat, format="parquet", partitioning="hive", partition_base_dir=str(path)) if flat else None
         segments = _segment_tables(path, files) if path.is_dir() else []
-        n_parts = (dataset.count_rows() if dataset is not None else 0) + sum(part_rows(Path(f)) for f in nested)
+        # a request-row part's candidate rows are in the layout just read from its footer
+        n_parts = (dataset.count_rows() if dataset is not None else 0) + sum(int(layout["rows"]) for layout in nested.values())
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise CurrentInputError(f"request log: cannot read Parquet at {path}: {exc}") from exc
     total = n_parts + sum(t.num_rows for t in segments)
@@ -129,10 +130,8 @@ def _request_rows(path: Path, layout: dict, columns: list[str] | None, base_dir:
     """A request-row part (request_log.explode) a few requests at a time, as rows per candidate; under `base_dir`
     with its hive partition columns (``date=.../``), as the dataset gives the other Parquet files."""
     source = pads.dataset(str(path), format="parquet", partitioning="hive", partition_base_dir=str(base_dir)) if base_dir else pads.dataset(str(path), format="parquet")
-    names = source.schema.names
-    need = names if columns is None else [c for c in columns if c in names]
-    length = [c for c in ("item_id", *layout["candidate_columns"]) if c in names and c not in need][:1]
-    for batch in source.to_batches(columns=need + length, batch_size=REQUESTS_PER_BATCH, batch_readahead=1):
+    need, read = read_columns(layout, source.schema.names, columns)
+    for batch in source.to_batches(columns=read, batch_size=REQUESTS_PER_BATCH, batch_readahead=1):
         yield explode(pa.Table.from_batches([batch]), layout).select(need)
 
 
