@@ -9,12 +9,11 @@ Used only by `benchmarks/serving.py`; never deployed.
 """
 
 import os
-import time
-from typing import Any
 
 import bentoml
+import numpy as np
 
-from serving.service import SERVING_DEFAULTS, Int64, ItemIds, _env_int
+from serving.service import SERVING_DEFAULTS, Int64, ItemIds, RankResponse, _env_int
 
 
 @bentoml.service(name="ctrflow-bare", workers=_env_int("CTRFLOW_SERVING_WORKERS", SERVING_DEFAULTS.workers), threads=1, traffic={"timeout": 30})
@@ -47,24 +46,25 @@ class BareService:
         self.rows = len(frame)
 
     @bentoml.api
-    def rank(self, user_id: Int64, scenario: str, item_ids: ItemIds) -> dict[str, Any]:
-        """The pre-built batch's first len(item_ids) rows scored; answered in the ranking service's shape."""
+    async def rank(self, user_id: Int64, scenario: str, item_ids: ItemIds) -> RankResponse:
+        """The pre-built batch's first len(item_ids) rows scored; answered in the ranking service's shape, and run
+        as it is (async, on the event loop) so that the two differ only by features, encoding and the log."""
         import torch
 
-        started = time.perf_counter()
         n = min(len(item_ids), self.rows)
         with torch.inference_mode():
             scores = torch.sigmoid(self.model({k: v[:n] for k, v in self.batch.items()})).numpy()
-        order = sorted(range(n), key=lambda k: -float(scores[k]))
-        return {
-            "request_id": "",
-            "model": self.tag,
-            "user_id": user_id,
-            "scenario": scenario,
-            "items": [{"item_id": item_ids[k], "score": float(scores[k])} for k in order],
-            "fallback": {"user": False, "items": []},
-            "latency_ms": (time.perf_counter() - started) * 1000,
-        }
+        order = np.argsort(-scores, kind="stable")  # as the ranking service sorts, and the same answer type
+        return RankResponse.model_validate(
+            {
+                "request_id": "",
+                "model": self.tag,
+                "user_id": user_id,
+                "scenario": scenario,
+                "items": [{"item_id": item_ids[k], "score": v} for k, v in zip(order.tolist(), scores[order].tolist())],
+                "fallback": {"user": False, "items": []},
+            }
+        )
 
     @bentoml.api(batchable=True, max_batch_size=32, max_latency_ms=10)
     def rank_batched(self, item_counts: list[int]) -> list[list[float]]:
