@@ -4,7 +4,8 @@
     python -m benchmarks.quality --suite scenario_wise_rec --dataset ml-1m-swr --splits random --epochs 30 --threads 2
     python -m benchmarks.quality --suite sparse_scenarios --dataset ml-cross --splits random --seeds 0 --epochs 30
 
-Datasets: ml-100k, ml-1m-swr (ML-1M with the Scenario-Wise Rec fields), ml-cross (ML-1M and ML-100K users as two
+Datasets: ml-100k, ml-1m (ML-1M with our full spec: behaviour sequence, genres, release year; DIN, DMAE and GSVR's user
+posterior need it), ml-1m-swr (ML-1M with the Scenario-Wise Rec fields), ml-cross (ML-1M and ML-100K users as two
 scenarios over one title vocabulary, the same fields; ctrflow.data.movielens_cross), synthetic.
 
 Writes benchmarks/results/quality.json (one record per model, variant, dataset, protocol, split, seed; see
@@ -23,7 +24,7 @@ from benchmarks.harness import RESULTS, BenchContext, run_experiments
 from benchmarks.suites import SUITES
 
 PROTOCOLS = ("standard", "label-scarce", "sparse-scenario", "published", "two-platform")
-DATASETS = ("ml-100k", "ml-1m-swr", "ml-cross", "synthetic")
+DATASETS = ("ml-100k", "ml-1m", "ml-1m-swr", "ml-cross", "synthetic")
 
 
 def load_dataset(name: str):
@@ -31,6 +32,8 @@ def load_dataset(name: str):
 
     if name == "ml-100k":
         return load_source("movielens")
+    if name == "ml-1m":  # our full spec (ctrflow.data.movielens_1m.movielens_1m_spec)
+        return load_source("movielens-1m")
     if name == "ml-1m-swr":  # the Scenario-Wise Rec fields (suite scenario_wise_rec)
         from ctrflow.data.movielens_1m import load_movielens_1m_swr
 
