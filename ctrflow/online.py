@@ -25,6 +25,7 @@ service (the fit check at start names it first).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -146,6 +147,11 @@ class ItemSnapshot:
     marker: str | None
     built_at: float
     key_codes: dict[str, np.ndarray]  # the item key's fields: code of each snapshot id ([N + 1], row N: 0)
+
+    @functools.cached_property
+    def log_batch(self) -> pa.RecordBatch:
+        """`log_table` as one record batch: a request's take gives plain arrays, no chunked ones to combine."""
+        return self.log_table.combine_chunks().to_batches()[0] if self.log_table.num_columns else pa.record_batch({})
 
     def rows(self, item_ids: list[int]) -> np.ndarray:
         """Row index per candidate (N for an item the snapshot does not hold)."""
@@ -393,26 +399,32 @@ class OnlineScorer:
         timings = {"feature_read": t1 - t0, "encode": t2 - t1, "model": t3 - t2}
         return Ranked(scores, timings, user, rows, snapshot)
 
-    def log_features(self, ranked: Ranked, user_id: int, item_ids: list[int], scenario: str) -> pa.Table:
+    def log_features(
+        self, ranked: Ranked, user_id: int, item_ids: list[int], scenario: str, *, keys: bool = True
+    ) -> pa.Table:
         """The request's features as served, one row per candidate, in `online_frame`'s column order (for the
         request log; needs `to_arrow`). A value shared by every candidate (the user's features, user_id, scenario,
         event_timestamp) is a run-end encoded column of one run (`request_log.constant`): converted and written
-        once, expanded when the log is read back (`request_log.dense` gives the plain table)."""
+        once, expanded when the log is read back (`request_log.dense` gives the plain table). `keys`: include the
+        user_id, item_id and scenario columns, which the log takes from its own arguments and only a challenger
+        reads (False: left out, as the service does without one)."""
         assert self.to_arrow is not None, "OnlineScorer: log_features needs to_arrow"
         n = len(item_ids)
         now = pa.array([time.time_ns() // 1000], pa.timestamp("us", tz="UTC"))  # UTC microseconds, no cast per request
-        # user_id, item_id and scenario are the log's own columns (it skips them here); a challenger scores them
-        names = ["user_id", "item_id", "scenario", "event_timestamp"]
-        arrays = [
-            constant(int(user_id), pa.int64(), n),
-            pa.array(np.asarray(item_ids, dtype=np.int64)),
-            constant(scenario, pa.string(), n),
-            constant(now, None, n),
-        ]
-        items = ranked.snapshot.log_table.take(pa.array(ranked.rows))
+        names = ["event_timestamp"]
+        arrays = [constant(now, None, n)]
+        if keys:
+            names = ["user_id", "item_id", "scenario", *names]
+            arrays = [
+                constant(int(user_id), pa.int64(), n),
+                pa.array(np.asarray(item_ids, dtype=np.int64)),
+                constant(scenario, pa.string(), n),
+                *arrays,
+            ]
+        items = ranked.snapshot.log_batch.take(pa.array(ranked.rows))
         for view, name, _ in self._log_columns:
             if view == ITEM_VIEW:
-                arrays.append(items.column(name).combine_chunks())
+                arrays.append(items.column(name))
             elif self.to_constant is not None:  # the user's value once
                 arrays.append(self.to_constant(name, ranked.user_values.get(name), n))
             else:  # the user's value once, converted as a column: the dtype online_frame's column would have

@@ -213,14 +213,30 @@ def _to_arrow(name: str, col: pd.Series | np.ndarray | list, type_: pa.DataType 
 
 
 _RUN_ENDS: dict[int, pa.Array] = {}  # [n] as int32, per request size n (a few distinct sizes)
+# one-row arrays of repeated scalars (the model tag, scenarios, a user's gender or age...): Arrow arrays are immutable,
+# so one can back every request's column; cleared when full, which bounds it whatever the values
+_SCALARS: dict[tuple[type, Any, pa.DataType | None], pa.Array] = {}
+_SCALARS_MAX = 4096
 
 
-def constant(value: Any, type_: pa.DataType | None, n: int) -> pa.Array:
+def constant(value: Any, type_: pa.DataType | None, n: int, *, cache: bool = True) -> pa.Array:
     """`value` on each of n rows as a run-end encoded array of one run (the value is held once, whatever n); its
-    values' type `type_` (inferred when None; numpy and NaN cells as `_to_arrow` converts them). `dense` expands it."""
+    values' type `type_` (inferred when None; numpy and NaN cells as `_to_arrow` converts them). `dense` expands it.
+    `cache`: keep the one-row array of a str / int / bool value for the next request (False for values that never
+    repeat, such as request ids)."""
     if isinstance(value, pa.ChunkedArray):  # pa.array of a float NaN as string, e.g., gives one
         value = value.combine_chunks()
-    one = value if isinstance(value, pa.Array) else _scalar_array(value, type_)
+    if isinstance(value, pa.Array):
+        one = value
+    elif cache and type(value) in (str, int, bool):  # exact types: True and 1 are equal keys but other arrays
+        key = (type(value), value, type_)
+        one = _SCALARS.get(key)
+        if one is None:
+            if len(_SCALARS) >= _SCALARS_MAX:
+                _SCALARS.clear()
+            one = _SCALARS[key] = _scalar_array(value, type_)
+    else:
+        one = _scalar_array(value, type_)
     if n == 0:
         return one.slice(0, 0)
     ends = _RUN_ENDS.get(n)
@@ -905,7 +921,7 @@ class RequestLogger:
         ids = np.asarray(item_ids if item_ids is not None else features["item_id"], dtype=np.int64)
         # a request's own values once (run-end encoded, expanded when read back); per-candidate values as arrays
         columns: dict[str, Any] = {
-            "request_id": constant(request_id, pa.string(), n),
+            "request_id": constant(request_id, pa.string(), n, cache=False),
             "ts": constant(stamp, BASE_TYPES["ts"], n),
             "user_id": constant(int(user_id), pa.int64(), n),
             "item_id": pa.array(ids, pa.int64()),

@@ -255,10 +255,13 @@ class RankingService:
         request_id = uuid.uuid4().hex
         latency_ms = (time.perf_counter() - started) * 1000
         t_log = time.perf_counter()
-        served = self.online.log_features(ranked, user_id, item_ids, scenario) if self.request_log is not None else None
+        challenger = self.shadow.shadow  # one read: a swap by the slot's watcher never splits a request
+        served = None
+        if self.request_log is not None:
+            served = self.online.log_features(ranked, user_id, item_ids, scenario, keys=challenger is not None)
         log_s = time.perf_counter() - t_log
         # the challenger scores the features as served (never raises; logged only, so only when there is a log)
-        shadow = self.shadow.columns(served) if served is not None else {}
+        shadow = challenger.columns(served) if served is not None and challenger is not None else {}
         t_log = time.perf_counter()
         if self.request_log is not None:
             rank_of = np.empty(len(item_ids), dtype=np.int32)

@@ -517,3 +517,22 @@ def test_a_categorical_column_and_a_request_of_several_batches_are_read_and_comp
     assert after["genre"].astype(object).tolist()[2:4] == ["a", "b"]
     np.testing.assert_allclose(after["prediction"].to_numpy()[4:], [0.1, 0.2, 0.3], rtol=1e-6)
     logger.close()
+
+
+def test_constant_reuses_one_row_arrays_of_repeated_scalars_keyed_by_exact_type_and_bounded(monkeypatch) -> None:
+    """A request's repeated values (model tag, scenario, a user's gender) are converted once and reused; True and 1
+    are equal dict keys but must stay a bool and an int64; a request id is never kept; a full cache is cleared."""
+    from ctrflow import request_log as rl
+
+    monkeypatch.setattr(rl, "_SCALARS", {})
+    a, b = rl.constant("m:1", pa.string(), 5), rl.constant("m:1", pa.string(), 7)
+    assert a.values.buffers()[-1].address == b.values.buffers()[-1].address and len(a) == 5 and len(b) == 7
+    assert rl.dense(pa.table({"x": b})).column("x").to_pylist() == ["m:1"] * 7
+    assert rl.constant(True, None, 2).values.type == pa.bool_() and rl.constant(1, None, 2).values.type == pa.int64()
+    assert rl.constant(1.5, None, 2).values.to_pylist() == [1.5]  # floats are converted, not kept
+    rl.constant("r" * 32, pa.string(), 3, cache=False)
+    assert ("r" * 32) not in {k[1] for k in rl._SCALARS} and 1.5 not in {k[1] for k in rl._SCALARS}
+    monkeypatch.setattr(rl, "_SCALARS_MAX", 3)
+    for v in range(10):
+        rl.constant(v, pa.int64(), 1)
+    assert len(rl._SCALARS) <= 3
