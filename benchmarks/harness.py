@@ -166,7 +166,7 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
             if "sparse_keep" in block and block["sparse_keep"].notna().any():
                 keep, seed = block["sparse_keep"].dropna().iloc[0], block["sparse_seed"].dropna().iloc[0]
                 extra += f" ({keep:.0%} of its training rows kept, sample seed {int(seed)})"
-        if "label_fraction" in block and block["label_fraction"].notna().any() and protocol == "label-scarce":
+        if "label_fraction" in block and block["label_fraction"].notna().any() and protocol.startswith("label-scarce"):
             extra += f", label fraction {block['label_fraction'].dropna().iloc[0]}"
         lines += [f"## {dataset}, {split} split, {protocol} protocol{extra}", ""]
         reference = REFERENCES.get((dataset, protocol))

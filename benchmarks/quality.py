@@ -23,7 +23,7 @@ import torch
 from benchmarks.harness import RESULTS, BenchContext, run_experiments
 from benchmarks.suites import SUITES
 
-PROTOCOLS = ("standard", "label-scarce", "sparse-scenario", "published", "two-platform")
+PROTOCOLS = ("standard", "label-scarce", "label-scarce-1pct", "sparse-scenario", "published", "two-platform")
 DATASETS = ("ml-100k", "ml-1m", "ml-1m-swr", "ml-cross", "synthetic")
 
 

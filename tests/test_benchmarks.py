@@ -275,3 +275,29 @@ def test_an_experiment_that_does_not_apply_to_the_data_is_skipped_not_fatal(tmp_
         records = run_experiments([runnable, din], ctx, [0, 1], tmp_path, progress=False)
     assert calls == [0, 1] and [r["model"] for r in records] == ["deepfm", "deepfm"]
     assert "din/full on ml-1m-swr: not run" in caplog.text
+
+
+def test_label_scarce_protocols_keep_10_and_1_percent_of_the_labels_seeded() -> None:
+    """Issue 12: DGenCTR is fine-tuned (and the baselines trained) on 10% and on 1% of the training labels. Each
+    protocol names its fraction in its records; the subsets are seeded (same seed, same rows; another seed, other
+    rows) and hold round(n x fraction) distinct rows."""
+    import torch
+
+    from benchmarks.suites import dgenctr
+
+    exps = dgenctr.experiments(SimpleNamespace())
+    by_protocol: dict[str, set[str]] = {}
+    for e in exps:
+        by_protocol.setdefault(e.protocol, set()).add(f"{e.model}/{e.variant}")
+        if e.protocol.startswith("label-scarce"):
+            assert e.extra["label_fraction"] == dgenctr.SCARCE_FRACTIONS[e.protocol]
+    assert {"dgenctr/full", "dgenctr/no-pretrain", "deepfm/full"} <= by_protocol["label-scarce-1pct"]
+    assert {"dgenctr/full", "dgenctr/no-pretrain", "deepfm/full"} <= by_protocol["label-scarce"]
+
+    n = 12_345
+    ctx = SimpleNamespace(dataset=SimpleNamespace(name="t"), split="random", split_seed=0, tensors={"train": {"label": torch.zeros(n)}})
+    one = dgenctr.label_subset(ctx, 0, 0.01)
+    assert len(one) == 123 and len(set(one.tolist())) == 123 and one.tolist() == sorted(one.tolist())
+    assert torch.equal(one, dgenctr.label_subset(ctx, 0, 0.01)) and not torch.equal(one, dgenctr.label_subset(ctx, 1, 0.01))
+    assert len(dgenctr.label_subset(ctx, 0, 0.1)) == 1234
+    assert len(dgenctr.scarce_train(ctx, 0, 0.01)["label"]) == 123

@@ -13,8 +13,9 @@ Variants (model `dgenctr`):
 - `finetune-lr-3e-4`     `full` fine-tuned with lr 3e-4 instead of 1e-3 (label-scarce protocol only);
 - `aux-denoise-0.5`      `full` with the denoising loss kept during fine-tuning at weight 0.5, a regulariser for
                          few labels (label-scarce protocol only).
-Label-scarce protocol (`label_fraction` 0.1): fine-tuning, and the baselines, see 10% of the training labels
-(a seeded random subset per seed); pre-training sees the features of every training row but only those labels.
+Label-scarce protocols, `label-scarce` (`label_fraction` 0.1) and `label-scarce-1pct` (0.01): fine-tuning, and the
+baselines, see 10% (1%) of the training labels (a seeded random subset per seed); pre-training sees the features of
+every training row but only those labels. The transfer/label ablations run under the 10% protocol only.
 Validation (early stopping) and test are the same full splits under both protocols.
 
 Pre-training is done once per (dataset, split, seed, pre-training kind) and reused by every fine-tuning variant;
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 LABEL_FRACTION = 0.1
 SCARCE = "label-scarce"
+# protocol -> share of the training labels kept (fine-tuning and the baselines; pre-training sees every row's features)
+SCARCE_FRACTIONS = {SCARCE: LABEL_FRACTION, "label-scarce-1pct": 0.01}
 BASELINES = ("lr", "deepfm", "dcnv2", "din")
 GENERATION_ROWS = 5000
 GENERATION_STEPS = 50
@@ -70,8 +73,8 @@ def label_subset(ctx: BenchContext, seed: int, fraction: float = LABEL_FRACTION)
     return _SUBSETS[key]
 
 
-def scarce_train(ctx: BenchContext, seed: int) -> dict[str, torch.Tensor]:
-    idx = label_subset(ctx, seed)
+def scarce_train(ctx: BenchContext, seed: int, fraction: float = LABEL_FRACTION) -> dict[str, torch.Tensor]:
+    idx = label_subset(ctx, seed, fraction)
     return {k: v[idx] for k, v in ctx.tensors["train"].items()}
 
 
@@ -80,13 +83,18 @@ def long_pretrain_epochs() -> int:
 
 
 def pretrained(
-    ctx: BenchContext, seed: int, kind: str, out: Path = RESULTS, epochs: int | None = None
+    ctx: BenchContext,
+    seed: int,
+    kind: str,
+    out: Path = RESULTS,
+    epochs: int | None = None,
+    fraction: float = LABEL_FRACTION,
 ) -> dict[str, Any]:
     """The pre-trained checkpoint for (ctx, seed, kind, epochs), made on first use: kind = standard | scarce |
-    no-label; epochs None = params.yaml's."""
+    no-label; epochs None = params.yaml's; fraction: the labels a `scarce` pre-training sees (label_subset)."""
     from ctrflow.training.pretrain import generation_report, load_pretrained_for_finetune, pretrain
 
-    key = (ctx.dataset.name, ctx.split, ctx.split_seed, seed, kind, epochs)
+    key = (ctx.dataset.name, ctx.split, ctx.split_seed, seed, kind, epochs, fraction if kind == "scarce" else None)
     if key in _PRETRAINED:
         return _PRETRAINED[key]
     overrides: dict[str, Any] = {"pretrain.seed": seed, "pretrain.threads": ctx.threads}
@@ -98,7 +106,7 @@ def pretrained(
     train = dict(ctx.tensors["train"])
     if kind == "scarce":
         known = torch.zeros(len(train["label"]), dtype=torch.bool)
-        known[label_subset(ctx, seed)] = True
+        known[label_subset(ctx, seed, fraction)] = True
         train["label_known"] = known
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dgenctr-pretrain-") as tmp:
@@ -129,14 +137,16 @@ def dgenctr_experiment(
     fine-tuning's models.dgenctr settings (dotted keys), never architecture keys (the checkpoint is shared)."""
     from ctrflow.training.pretrain import load_pretrained_for_finetune
 
+    fraction = SCARCE_FRACTIONS.get(protocol)  # None: every label (standard)
+
     def run(ctx: BenchContext, seed: int) -> dict[str, Any]:
         section = dgenctr_section(overrides)
-        ckpt = pretrained(ctx, seed, kind, out, pretrain_epochs) if transfer is not None else None
+        ckpt = pretrained(ctx, seed, kind, out, pretrain_epochs, fraction or LABEL_FRACTION) if transfer is not None else None
         if transfer is None:
             build = lambda: build_model("dgenctr", ctx.encoder, section)  # noqa: E731
         else:
             build = lambda: load_pretrained_for_finetune(ctx.encoder, section, ckpt, transfer)  # noqa: E731
-        train = scarce_train(ctx, seed) if protocol == SCARCE else None
+        train = scarce_train(ctx, seed, fraction) if fraction else None
         lr = (section.get("finetune") or {}).get("lr")
         record = train_and_evaluate(ctx, build, seed, train=train, **({"lr": float(lr)} if lr else {}))
         if ckpt is not None:
@@ -146,22 +156,24 @@ def dgenctr_experiment(
             zero_shot = ckpt["history"][ckpt["best_epoch"] - 1].get("valid_zero_shot_auc")
             if zero_shot is not None:  # the pre-trained label head alone, before fine-tuning
                 record["pretrain_valid_zero_shot_auc"] = zero_shot
-        if protocol == SCARCE:
-            record["label_fraction"] = LABEL_FRACTION
+        if fraction:
+            record["label_fraction"] = fraction
         return record
 
-    extra = {"label_fraction": LABEL_FRACTION} if protocol == SCARCE else {}
+    extra = {"label_fraction": fraction} if fraction else {}
     return Experiment(model="dgenctr", variant=variant, run=run, protocol=protocol, extra=extra)
 
 
-def scarce_baseline(name: str) -> Experiment:
+def scarce_baseline(name: str, protocol: str = SCARCE) -> Experiment:
+    fraction = SCARCE_FRACTIONS[protocol]
+
     def run(ctx: BenchContext, seed: int) -> dict[str, Any]:
         params = model_params(load_params(), name)
         return train_and_evaluate(
-            ctx, lambda: build_model(name, ctx.encoder, params), seed, train=scarce_train(ctx, seed)
+            ctx, lambda: build_model(name, ctx.encoder, params), seed, train=scarce_train(ctx, seed, fraction)
         )
 
-    return Experiment(model=name, variant="full", run=run, protocol=SCARCE, extra={"label_fraction": LABEL_FRACTION})
+    return Experiment(model=name, variant="full", run=run, protocol=protocol, extra={"label_fraction": fraction})
 
 
 def experiments(args: Namespace) -> list[Experiment]:
@@ -184,11 +196,12 @@ def experiments(args: Namespace) -> list[Experiment]:
             dgenctr_experiment("no-label-diffusion", "all", "no-label", out=out),
             dgenctr_experiment("long-pretrain", "all", "standard", out=out, pretrain_epochs=long_pretrain_epochs()),
         ]
-    exps += [scarce_baseline(name) for name in BASELINES if name in available]
-    exps += [
-        dgenctr_experiment("full", "all", "scarce", protocol=SCARCE, out=out),
-        dgenctr_experiment("no-pretrain", None, None, protocol=SCARCE, out=out),
-    ]
+    for protocol in SCARCE_FRACTIONS:
+        exps += [scarce_baseline(name, protocol) for name in BASELINES if name in available]
+        exps += [
+            dgenctr_experiment("full", "all", "scarce", protocol=protocol, out=out),
+            dgenctr_experiment("no-pretrain", None, None, protocol=protocol, out=out),
+        ]
     if SCARCE in ablate:
         exps += [
             dgenctr_experiment("emb-only-transfer", "embeddings", "scarce", protocol=SCARCE, out=out),
