@@ -416,7 +416,7 @@ class OnlineScorer:
         if keys:
             names = ["user_id", "item_id", "scenario", *names]
             arrays = [
-                constant(int(user_id), pa.int64(), n),
+                constant(int(user_id), pa.int64(), n, cache=False),
                 pa.array(np.asarray(item_ids, dtype=np.int64)),
                 constant(scenario, pa.string(), n),
                 *arrays,

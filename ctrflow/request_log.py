@@ -214,26 +214,28 @@ def _to_arrow(name: str, col: pd.Series | np.ndarray | list, type_: pa.DataType 
 
 _RUN_ENDS: dict[int, pa.Array] = {}  # [n] as int32, per request size n (a few distinct sizes)
 # one-row arrays of repeated scalars (the model tag, scenarios, a user's gender or age...): Arrow arrays are immutable,
-# so one can back every request's column; cleared when full, which bounds it whatever the values
+# so one can back every request's column. Bounded in entries (the oldest goes first, one at a time: clearing all at
+# once cost ~1 ms on the request that did it) and in size (strings up to _SCALAR_MAX_CHARS)
 _SCALARS: dict[tuple[type, Any, pa.DataType | None], pa.Array] = {}
 _SCALARS_MAX = 4096
+_SCALAR_MAX_CHARS = 256
 
 
 def constant(value: Any, type_: pa.DataType | None, n: int, *, cache: bool = True) -> pa.Array:
     """`value` on each of n rows as a run-end encoded array of one run (the value is held once, whatever n); its
     values' type `type_` (inferred when None; numpy and NaN cells as `_to_arrow` converts them). `dense` expands it.
-    `cache`: keep the one-row array of a str / int / bool value for the next request (False for values that never
-    repeat, such as request ids)."""
+    `cache`: keep the one-row array of a str (up to 256 characters) / int / bool value for the next request (False
+    for values that rarely repeat, such as request and user ids)."""
     if isinstance(value, pa.ChunkedArray):  # pa.array of a float NaN as string, e.g., gives one
         value = value.combine_chunks()
     if isinstance(value, pa.Array):
         one = value
-    elif cache and type(value) in (str, int, bool):  # exact types: True and 1 are equal keys but other arrays
-        key = (type(value), value, type_)
+    elif cache and type(value) in (str, int, bool) and not (type(value) is str and len(value) > _SCALAR_MAX_CHARS):
+        key = (type(value), value, type_)  # exact types: True and 1 are equal keys but other arrays
         one = _SCALARS.get(key)
         if one is None:
-            if len(_SCALARS) >= _SCALARS_MAX:
-                _SCALARS.clear()
+            while len(_SCALARS) >= max(_SCALARS_MAX, 1):
+                _SCALARS.pop(next(iter(_SCALARS)))  # the oldest entry (dicts keep insertion order)
             one = _SCALARS[key] = _scalar_array(value, type_)
     else:
         one = _scalar_array(value, type_)
@@ -923,7 +925,7 @@ class RequestLogger:
         columns: dict[str, Any] = {
             "request_id": constant(request_id, pa.string(), n, cache=False),
             "ts": constant(stamp, BASE_TYPES["ts"], n),
-            "user_id": constant(int(user_id), pa.int64(), n),
+            "user_id": constant(int(user_id), pa.int64(), n, cache=False),
             "item_id": pa.array(ids, pa.int64()),
             "scenario": constant(scenario, pa.string(), n),
             "model": constant(model, pa.string(), n),

@@ -136,7 +136,7 @@ class ShadowSlot:
 
     A challenger is scored only while the served model is its name's production model (a service pinned to an older
     tag scores none, with one warning). Loading happens in a background thread with its own feature store (the
-    request thread keeps the old challenger, or none, until the new one is ready); a challenger that cannot be loaded
+    requests keep the old challenger, or none, until the new one is ready); a challenger that cannot be loaded
     (does not fit the feature repository, files missing) is logged and counted (`ctrflow_shadow_failures_total
     {stage="load"}`) and the service goes on without one. `refresh_s=0`: read once, at construction.
     """

@@ -32,8 +32,10 @@ Execution: `rank` is an `async def` although its work is CPU-bound and blocking.
 time either way (threads=1, torch single-threaded; scale with workers), and running it on the worker's event loop
 saves the hand-off to a worker thread and back, two GIL hand-offs per request: measured on dcnv2 with 100
 candidates at c=1, p50 -1.3 ms, p99 -2.7 ms and 1 ms less CPU per request (A/B alternated twice, issue 10). The cost:
-while a request is scored, that worker does not read the next request, /readyz or /metrics (a few ms; DMAE ~15 ms),
-and BentoML's traffic timeout cannot interrupt a request already being scored.
+while a request is scored, that worker answers nothing else, /livez, /readyz and /metrics included. That is a few ms
+of CPU (DMAE ~15 ms) plus the user's online read: with a remote online store (Redis) a slow read stalls the worker's
+probes as long, so give liveness probes a timeout and failure threshold above the store client's own timeout. BentoML's
+traffic timeout cannot interrupt a request already being scored.
 
 Scoring path (`ctrflow.online.OnlineScorer`): every item's features are read from the online store once per worker
 and held encoded; each request reads only the user's features (one online read). A new materialisation of the store
@@ -69,7 +71,10 @@ ItemIds = Annotated[
 
 class RankedItem(BaseModel):
     item_id: int = Field(description="a candidate's item id, as requested")
-    score: float = Field(description="predicted click probability, in [0, 1]")
+    score: float | None = Field(
+        description="predicted click probability, in [0, 1]; null when the model gave a non-finite score (a diverged "
+        "model; such candidates come last, in request order)"
+    )
 
 
 class Fallback(BaseModel):

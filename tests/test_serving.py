@@ -157,6 +157,8 @@ def test_the_answer_is_typed_in_the_openapi_schema_and_matches_it(server, deploy
     schemas = spec["components"]["schemas"]
     answer = next(v for k, v in schemas.items() if k.startswith("RankResponse"))
     assert set(answer["properties"]) == {"request_id", "model", "user_id", "scenario", "items", "fallback"}
+    score = schemas["RankedItem"]["properties"]["score"]  # a diverged model's NaN is answered as null: the schema says so
+    assert {"type": "null"} in score["anyOf"] and {"type": "number"} in score["anyOf"]
     user, scenario, items = _known(deployment)
     r = _rank(server["url"], user_id=user, scenario=scenario, item_ids=items[:3])
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
