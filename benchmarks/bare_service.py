@@ -55,16 +55,7 @@ class BareService:
         with torch.inference_mode():
             scores = torch.sigmoid(self.model({k: v[:n] for k, v in self.batch.items()})).numpy()
         order = np.argsort(-scores, kind="stable")  # as the ranking service sorts, and the same answer type
-        return RankResponse.model_validate(
-            {
-                "request_id": "",
-                "model": self.tag,
-                "user_id": user_id,
-                "scenario": scenario,
-                "items": [{"item_id": item_ids[k], "score": v} for k, v in zip(order.tolist(), scores[order].tolist())],
-                "fallback": {"user": False, "items": []},
-            }
-        )
+        return RankResponse.ordered("", self.tag, user_id, scenario, item_ids, scores, order)
 
     @bentoml.api(batchable=True, max_batch_size=32, max_latency_ms=10)
     def rank_batched(self, item_counts: list[int]) -> list[list[float]]:

@@ -94,6 +94,23 @@ class RankResponse(BaseModel):
     items: list[RankedItem] = Field(description="the candidates, highest score first (ties keep request order)")
     fallback: Fallback
 
+    @classmethod
+    def ordered(
+        cls, request_id: str, model: str, user_id: int, scenario: str, item_ids: list[int], scores: np.ndarray,
+        order: np.ndarray, fallback_user: bool = False, fallback_items: list[int] | None = None,
+    ) -> "RankResponse":  # fmt: skip
+        """The answer for `item_ids` with their `scores` ([n], request order), listed in `order` (indices, [n])."""
+        return cls.model_validate(
+            {
+                "request_id": request_id,
+                "model": model,
+                "user_id": user_id,
+                "scenario": scenario,
+                "items": [{"item_id": item_ids[k], "score": v} for k, v in zip(order.tolist(), scores[order].tolist())],
+                "fallback": {"user": fallback_user, "items": fallback_items or []},
+            }
+        )
+
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
@@ -300,15 +317,8 @@ class RankingService:
         if unknown_items:
             m["fallbacks"].labels(scenario, "item").inc(len(unknown_items))
         self._cache_age(ranked.snapshot)
-        return RankResponse.model_validate(
-            {
-                "request_id": request_id,
-                "model": self.tag,
-                "user_id": user_id,
-                "scenario": scenario,
-                "items": [{"item_id": item_ids[k], "score": v} for k, v in zip(order.tolist(), scores[order].tolist())],
-                "fallback": {"user": unknown_user, "items": unknown_items},
-            }
+        return RankResponse.ordered(
+            request_id, self.tag, user_id, scenario, item_ids, scores, order, unknown_user, unknown_items
         )
 
     @bentoml.on_shutdown
