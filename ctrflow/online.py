@@ -43,7 +43,7 @@ from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import FieldKind, FieldSpec
 from ctrflow.data.tables import BEHAVIOUR_COUNT_FIELDS, HIST_FIELD
 from ctrflow.features import materialization_marker
-from ctrflow.request_log import constant
+from ctrflow.request_log import ItemRows, constant
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,9 @@ class OnlineScorer:
                     f"(item view columns {sorted(item_columns)}, user view columns {sorted(user_columns)})"
                 )
         self._log_columns = columns  # the request log's feature columns, in online_frame's order
+        self.log_order = ("event_timestamp", *(name for _, name, _ in columns))  # log_ranked's `columns`
+        self._user_log_names = tuple(name for view, name, _ in columns if view != ITEM_VIEW)
+        self._item_log_names = [name for view, name, _ in columns if view == ITEM_VIEW]
         self._views = self._direct_views()
         self._provider = self.store._get_provider() if self._views is not None else None
         self.snapshot = build_snapshot(store, service, encoder, self.item_fields, to_arrow, self.key_fields)
@@ -398,6 +401,23 @@ class OnlineScorer:
         t3 = time.perf_counter()
         timings = {"feature_read": t1 - t0, "encode": t2 - t1, "model": t3 - t2}
         return Ranked(scores, timings, user, rows, snapshot)
+
+    def log_values(self, ranked: Ranked, ts_us: int) -> dict[str, Any]:
+        """The request's own feature values as served, for `RequestLogger.log_ranked` (`features`): the event time
+        (`ts_us`, microseconds since the epoch) and the user's features, in `log_order`."""
+        values: dict[str, Any] = {"event_timestamp": np.datetime64(ts_us, "us")}
+        user = ranked.user_values
+        for name in self._user_log_names:
+            values[name] = user.get(name)
+        return values
+
+    def log_items(self, ranked: Ranked) -> ItemRows:
+        """The candidates' item features as served, by reference (`RequestLogger.log_ranked`'s `items`): their rows
+        of the snapshot's log batch (row N: an item the store does not hold, all missing)."""
+        batch = ranked.snapshot.log_batch
+        if batch.num_columns != len(self._item_log_names):  # the snapshot holds other columns too: the logged ones
+            batch = batch.select(self._item_log_names)
+        return ItemRows(batch, ranked.rows)
 
     def log_features(
         self, ranked: Ranked, user_id: int, item_ids: list[int], scenario: str, *, keys: bool = True

@@ -12,6 +12,16 @@ short by a crash mid-write is detected and dropped, never misread. A value that 
 (its id, time, user, scenario, model, the user's features) is held once in the record, as a run-end encoded column of
 one run (~8 KB a record for 100 candidates instead of ~60 KB with the user's history repeated per row).
 
+The serving worker writes a cheaper record (`log_ranked`, issue 10): the request's own values as one JSON array
+(orjson) and its per-candidate values as raw arrays (item ids, predictions, ranks, flags), with the candidates' item
+features *by reference*: a row index into the worker's item snapshot. The rows a record names are written into the
+same segment before it (an item frame: Arrow IPC, each row once per segment; a table no larger than a segment's rows
+whole, once), and the columns' names and types once per segment (a layout frame: an Arrow schema). A segment is
+thus read alone, and a record is on disk only after everything it names (same write, in order). It costs ~30 us a
+request in-process instead of ~230 us for `log_request`'s Arrow table (100 candidates), and compaction decodes a
+segment's records a column at a time. Once compacted (or read back) its rows equal `log_request`'s for the same
+request (tests/test_request_log_ranked.py).
+
 Compaction: the segment is rotated every ``flush_seconds`` or ``flush_rows`` rows and the closed one is compacted
 into a Parquet part ``part-<utc>-<pid>-<id>.parquet`` (written under a hidden temporary name, fsynced and renamed,
 then the segment is deleted); a part is named after its segment, so compacting one twice writes the same file, never
@@ -74,11 +84,13 @@ import time
 import uuid
 import weakref
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -114,8 +126,15 @@ LAYOUT_KEY = b"ctrflow.request_log"  # a part's schema metadata: its layout (`_n
 LAYOUT_VERSION = 2  # 1 (no metadata): a row per candidate; 2: a row per request, candidate columns as lists
 STALE_OPENING_S = 60.0  # a segment still being opened after this long belongs to a writer that died doing it
 COMPACTOR_WAIT_S = 30.0  # close/flush wait this long for a segment another process is compacting, then leave it
-MAGIC = b"CFRL"
+MAGIC = b"CFRL"  # a record: one request as an Arrow IPC stream (`log_request`)
+FAST_MAGIC = b"CFRF"  # a record: one request's values, JSON and raw arrays (`log_ranked`)
+LAYOUT_MAGIC = b"CFRS"  # the columns and types of `log_ranked` records (an Arrow schema), once per segment
+ITEMS_MAGIC = b"CFRI"  # item rows that `log_ranked` records name (Arrow IPC), each once per segment
 HEADER = struct.Struct("<4sQI")  # magic, payload length, crc32 of the payload
+JSON_LENGTH = struct.Struct("<I")
+FAST_KEY = b"ctrflow.fast"  # a layout frame's schema metadata: which columns are per request, per candidate, items
+ITEMS_KEY = b"ctrflow.items"  # an item frame's schema metadata: the generation (the item table) its rows belong to
+ITEM_ROW = "__row"  # an item frame's row index into its item table
 COUNTERS = (
     "requests", "rows", "write_errors", "late_requests", "compactions", "compacted_rows", "compaction_errors",
     "backlog_full", "recovered_segments", "recovered_rows", "torn_records",
@@ -282,23 +301,67 @@ def _frame(table: pa.Table) -> bytes:
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def _read_records(path: Path | int) -> tuple[list[pa.RecordBatch], int]:
-    """The records of a segment as written (one batch per request, its per-request values run-end encoded), from a
-    path or an open file descriptor read from its start, and the number of bytes after the last whole record (a
-    record torn by a crash, or one being appended right now)."""
+@dataclass(frozen=True)
+class _Nested:
+    """`log_ranked` records of one layout, already as request rows (`_nest`'s output): one row per request with at
+    least one candidate; `candidate_columns` are lists in candidate order."""
+
+    table: pa.Table
+    candidate_columns: list[str]
+
+
+def _read_records(path: Path | int) -> tuple[list[pa.RecordBatch | _Nested], int]:
+    """The records of a segment as written, from a path or an open file descriptor read from its start, and the
+    number of bytes after the last whole frame (a record torn by a crash, or one being appended right now).
+
+    A `log_request` record is one batch per request (its per-request values run-end encoded); consecutive
+    `log_ranked` records of one layout are decoded together into one `_Nested` (`_decode_fast`), with the layout and
+    item frames that precede them in the segment."""
     if isinstance(path, int):
         data = os.pread(path, os.fstat(path).st_size, 0)
     else:
         data = Path(path).read_bytes()
     view = memoryview(data)  # slices without copies
-    records, pos = [], 0
+    records: list[pa.RecordBatch | _Nested] = []
+    pos = 0
     schema, schema_bytes = None, None
+    layouts: dict[int, pa.Schema] = {}
+    items: dict[int, list[pa.RecordBatch]] = {}
+    fast: list[tuple[int, int, list, memoryview]] = []  # a run of log_ranked records of one layout
+
+    def end_run() -> None:
+        if fast:
+            nested = _decode_fast(layouts[fast[0][0]], fast, items)
+            if nested is not None:
+                records.append(nested)
+            fast.clear()
+
     while pos + HEADER.size <= len(data):
         magic, length, crc = HEADER.unpack_from(data, pos)
         start, end = pos + HEADER.size, pos + HEADER.size + length
-        if magic != MAGIC or end > len(data) or zlib.crc32(view[start:end]) != crc:
+        if magic not in (MAGIC, FAST_MAGIC, LAYOUT_MAGIC, ITEMS_MAGIC) or end > len(data) or zlib.crc32(view[start:end]) != crc:
             break
+        pos = end
+        if magic == FAST_MAGIC:
+            (size,) = JSON_LENGTH.unpack_from(data, start)
+            sid, gen, n, values = orjson.loads(view[start + JSON_LENGTH.size : start + JSON_LENGTH.size + size])
+            if fast and fast[0][0] != sid:
+                end_run()
+            if sid not in layouts:
+                raise ValueError(f"request log: a record names layout {sid}, which its segment does not hold")
+            fast.append((sid, gen, n, values, view[start + JSON_LENGTH.size + size : end]))
+            continue
         payload = pa.py_buffer(view[start:end])
+        if magic == LAYOUT_MAGIC:
+            layout = pa.ipc.read_schema(payload)
+            layouts[json.loads(layout.metadata[FAST_KEY])["sid"]] = layout
+            continue
+        if magic == ITEMS_MAGIC:
+            batch = pa.ipc.open_stream(payload).read_all().combine_chunks().to_batches()
+            if batch:
+                items.setdefault(int(batch[0].schema.metadata[ITEMS_KEY]), []).append(batch[0])
+            continue
+        end_run()
         stream = pa.BufferReader(payload)
         message = pa.ipc.read_message(stream)  # the record's schema: parsed once while it repeats (2.4x faster)
         if schema_bytes is None or not message.metadata.equals(schema_bytes):
@@ -317,15 +380,86 @@ def _read_records(path: Path | int) -> tuple[list[pa.RecordBatch], int]:
             table = pa.Table.from_batches(batches, schema=schema).combine_chunks()
             batches = table.to_batches() or [pa.RecordBatch.from_arrays([pa.nulls(0, f.type) for f in schema], schema=schema)]
         records.append(batches[0])  # one batch per request: _nest counts a request per record
-        pos = end
+    end_run()
     return records, len(data) - pos
 
 
-def _runs(records: list[pa.RecordBatch]) -> list[list[pa.RecordBatch]]:
-    """Consecutive records of one schema (the usual case: a whole segment), so each run is converted at once."""
-    runs: list[list[pa.RecordBatch]] = []
+def _fast_scalars(name: str, values: list, type_: pa.DataType) -> pa.Array:
+    """One per-request column of `log_ranked` records, as `constant` converts each value (declared type when it
+    fits; NaN and None missing; timestamps as microseconds since the epoch, UTC)."""
+    if pa.types.is_timestamp(type_):
+        return pa.array(values, pa.int64()).cast(type_)
+    if pa.types.is_floating(type_) and any(type(v) is str for v in values):  # +-Infinity (JSON has none)
+        values = [float(v) if type(v) is str else v for v in values]
+    cells = np.empty(len(values), dtype=object)
+    for k, v in enumerate(values):  # element-wise: a list value must stay one cell
+        cells[k] = v
+    return _to_arrow(name, cells, None if pa.types.is_null(type_) else type_)
+
+
+def _decode_fast(layout: pa.Schema, run: list[tuple[int, int, int, list, memoryview]], items: dict[int, list[pa.RecordBatch]]) -> _Nested | None:
+    """`log_ranked` records of one layout -> request rows, a column at a time for the whole run: the per-request
+    values as one array each, the per-candidate arrays concatenated into lists, the item columns taken from the item
+    frames by row. None when no record has a candidate. Raises ValueError when a record names an item row that no
+    frame before it holds (a damaged segment)."""
+    meta = json.loads(layout.metadata[FAST_KEY])
+    run = [r for r in run if r[2]]
+    if not run:
+        return None
+    counts = np.fromiter((r[2] for r in run), dtype=np.int64, count=len(run))
+    offsets = np.zeros(len(run) + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    offsets_array = pa.array(offsets)
+    columns: dict[str, pa.Array] = {}
+    for k, name in enumerate(meta["request"]):
+        columns[name] = _fast_scalars(name, [r[3][k] for r in run], layout.field(name).type)
+    arrays = [(name, np.dtype(layout.field(name).type.to_pandas_dtype())) for name in meta["candidate"]]
+    if meta["items"]:
+        arrays.append((ITEM_ROW, np.dtype(np.int32)))
+    parts: dict[str, list[np.ndarray]] = {name: [] for name, _ in arrays}
+    for _, _, n, _, buf in run:
+        at = 0
+        for name, dtype in arrays:
+            parts[name].append(np.frombuffer(buf, dtype=dtype, count=n, offset=at))
+            at += n * dtype.itemsize
+    for name, _ in arrays[: len(meta["candidate"])]:
+        flat = pa.array(np.concatenate(parts[name]), type=layout.field(name).type, from_pandas=True)  # NaN: missing
+        columns[name] = pa.ListArray.from_arrays(offsets_array, flat)
+    if meta["items"]:
+        rows = parts[ITEM_ROW]
+        index = np.empty(int(offsets[-1]), dtype=np.int64)
+        frames, base = [], 0
+        for gen in sorted({r[1] for r in run}):
+            held = items.get(gen, [])
+            where = np.full(max((int(pc.max(b.column(ITEM_ROW)).as_py()) for b in held), default=-1) + 1, -1, dtype=np.int64)
+            for b in held:
+                where[b.column(ITEM_ROW).to_numpy()] = base + np.arange(b.num_rows)
+                base += b.num_rows
+            frames += held
+            for k, r in enumerate(run):
+                if r[1] != gen:
+                    continue
+                got = where[rows[k]] if rows[k].size == 0 or int(rows[k].max()) < len(where) else np.full(rows[k].size, -1)
+                if (got < 0).any():
+                    raise ValueError(f"request log: a record names item rows of generation {gen} that no item frame holds")
+                index[offsets[k] : offsets[k + 1]] = got
+        table = pa.Table.from_batches(frames).combine_chunks()
+        take = pa.array(index)
+        for name in meta["items"]:
+            columns[name] = pa.ListArray.from_arrays(offsets_array, table.column(name).take(take).combine_chunks())
+    order = layout.names
+    per_candidate = set(meta["candidate"]) | set(meta["items"])
+    return _Nested(pa.Table.from_arrays([columns[c] for c in order], names=order), [c for c in order if c in per_candidate])
+
+
+def _runs(records: list[pa.RecordBatch | _Nested]) -> list[list[pa.RecordBatch] | _Nested]:
+    """Consecutive records of one schema (the usual case: a whole segment), so each run is converted at once; a
+    `_Nested` (decoded already) is a run of its own."""
+    runs: list[list[pa.RecordBatch] | _Nested] = []
     for record in records:
-        if runs and record.schema.equals(runs[-1][0].schema):
+        if isinstance(record, _Nested):
+            runs.append(record)
+        elif runs and isinstance(runs[-1], list) and record.schema.equals(runs[-1][0].schema):
             runs[-1].append(record)
         else:
             runs.append([record])
@@ -336,19 +470,27 @@ def _read_segment(path: Path | int) -> tuple[list[pa.Table], int]:
     """The rows of a segment, one per candidate (`dense`: per-request values repeated), as a table per run of
     records of one schema, and the torn byte count (`_read_records`)."""
     records, torn = _read_records(path)
-    return [dense(pa.Table.from_batches(run)) for run in _runs(records)], torn
+    tables = [
+        explode(run.table, {"candidate_columns": run.candidate_columns}) if isinstance(run, _Nested) else dense(pa.Table.from_batches(run))
+        for run in _runs(records)
+    ]
+    return tables, torn
 
 
 # ---- parts: one row per request ----------------------------------------------------------------------------------
-def _nest(records: list[pa.RecordBatch]) -> list[tuple[pa.Table, list[str]]]:
+def _nest(records: list[pa.RecordBatch | _Nested]) -> list[tuple[pa.Table, list[str]]]:
     """Records -> request rows: one row per request; a column whose value is the same for all of a request's
     candidates in every record (a run-end encoded run, `constant`) stays a scalar, every other column becomes a
     list of the request's per-candidate values (the part's metadata names them; `explode` undoes it). Records with no
     candidate hold no row and are left out. Returns (table, candidate columns) per run of records of one schema."""
-    runs = _runs([r for r in records if r.num_rows])
+    runs = _runs([r for r in records if isinstance(r, _Nested) or r.num_rows])
     per_candidate: set[str] = set()
-    prepared = []
+    prepared: list[Any] = []
     for run in runs:
+        if isinstance(run, _Nested):  # log_ranked records: request rows already
+            per_candidate.update(run.candidate_columns)
+            prepared.append(run)
+            continue
         table = pa.Table.from_batches(run)
         offsets = np.zeros(len(run) + 1, dtype=np.int32)
         np.cumsum(np.fromiter((r.num_rows for r in run), dtype=np.int64, count=len(run)), out=offsets[1:])
@@ -365,7 +507,11 @@ def _nest(records: list[pa.RecordBatch]) -> list[tuple[pa.Table, list[str]]]:
                 per_candidate.add(name)
         prepared.append((table, pa.array(offsets), scalars))
     out = []
-    for table, offsets, scalars in prepared:
+    for item in prepared:
+        if isinstance(item, _Nested):
+            out.append((item.table, [n for n in item.table.column_names if n in per_candidate]))
+            continue
+        table, offsets, scalars = item
         columns = []
         for name, col in zip(table.column_names, table.columns):
             if name in per_candidate:
@@ -705,6 +851,46 @@ def _prometheus_counters() -> dict[str, Any]:
     return _PROMETHEUS
 
 
+@dataclass(frozen=True)
+class ItemRows:
+    """The candidates' item features by reference, for `RequestLogger.log_ranked`: candidate k's values are row
+    `rows[k]` of `table` (e.g. a serving worker's item snapshot, one row per item). The rows a request names are
+    written into the segment once, the first time one of its records names them; the table's identity tells one
+    snapshot from the next (a new table object: its rows are written again)."""
+
+    table: pa.RecordBatch
+    rows: np.ndarray  # [n] int, candidate order
+
+
+@dataclass(frozen=True)
+class _FastLayout:
+    """The columns of one shape of `log_ranked` record: per-request names (in the record's value order), per-candidate
+    arrays (name, numpy dtype), item columns, and the layout frame that declares them (written once per segment)."""
+
+    sid: int
+    request: tuple[str, ...]
+    arrays: tuple[tuple[str, np.dtype], ...]
+    items: tuple[str, ...]
+    frame: bytes
+
+
+def _is_timestamp(value: Any) -> bool:
+    return isinstance(value, dt.datetime | np.datetime64)
+
+
+def _epoch_us(value: Any) -> int | None:
+    """A datetime (naive: UTC) or numpy datetime64 as microseconds since the epoch."""
+    if isinstance(value, np.datetime64):
+        return None if np.isnat(value) else int(value.astype("datetime64[us]").astype(np.int64))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return (value - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
 class RequestLogger:
     """Durable, thread-safe request log writer (one per worker process): see the module docstring.
 
@@ -760,6 +946,12 @@ class RequestLogger:
         self._closed_segments: list[tuple[Path, int, int]] = []  # thread: rotated, still locked: (path, fd, rows)
         self._handed: list[tuple[Path, int]] = []  # process: rotated and unlocked, for the compactor: (path, rows)
         self._compactor: subprocess.Popen | None = None
+        # log_ranked: record layouts, and what the current segment holds already (layout frames, item rows)
+        self._layouts: dict[tuple, _FastLayout] = {}
+        self._seg_layouts: set[int] = set()
+        self._items_table: pa.RecordBatch | None = None
+        self._items_gen = 0
+        self._items_seen: np.ndarray | None = None  # per row of _items_table: written into the current segment
         self._wake = threading.Event()
         self._closed = False
         if recover:
@@ -822,6 +1014,9 @@ class RequestLogger:
             os.close(fd)
             raise
         self._fd, self._seg, self._seg_rows, self._opened_at = fd, path, 0, time.monotonic()
+        self._seg_layouts = set()  # a segment is read alone: it holds its own layout and item frames
+        if self._items_seen is not None:
+            self._items_seen[:] = False
 
     # ---- the compactor process (compaction="process") -----------------------------------------------------
     def _start_compactor(self) -> None:
@@ -886,25 +1081,182 @@ class RequestLogger:
         table = self._table_of(request_id, ts, user_id, item_ids, scenario, model, features, predictions, extra or {})
         record = _frame(table)
         with self._lock:
-            try:
-                if self._fd is None:
-                    self._open_segment()
-                view = memoryview(record)
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
-                if self.fsync:
-                    os.fsync(self._fd)
-            except OSError as exc:
-                self._count("write_errors")
-                raise RequestLogError(f"request log {self.directory}: request {request_id} not written: {exc}") from exc
-            self._seg_rows += n
-            self._count("requests")
-            self._count("rows", n)
-            if self._closed:
-                self._count("late_requests")
-            due = self._seg_rows >= self.flush_rows
-        if due and not self._closed:
+            if self._fd is None:
+                self._open_segment_or_fail(request_id)
+            self._append(record, n, request_id)
+
+    def log_ranked(
+        self,
+        *,
+        request_id: str,
+        user_id: int,
+        scenario: str,
+        model: str,
+        item_ids: Sequence[int] | np.ndarray,
+        predictions: np.ndarray,
+        features: Mapping[str, Any],
+        items: ItemRows | None = None,
+        columns: Sequence[str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        ts_us: int | None = None,
+    ) -> None:
+        """`log_request` for a serving worker's request, ~5x cheaper: the same rows once compacted (and read back),
+        written as the request's values (JSON) and raw arrays instead of an Arrow table per request, with the item
+        features by reference (`ItemRows`: the rows written once per segment, not once per request).
+
+        `features`: the request's own feature values, one per column (the user's features, an event timestamp as a
+        datetime / numpy datetime64); `items`: the candidates' item features; `columns`: the order of the feature
+        columns (`features` then the item columns when None); `extra`: scalars, or per-candidate 1-D numeric arrays
+        or lists of numbers and None (rank, fallback flags, a challenger's scores); `ts_us`: the request's time,
+        microseconds since the epoch (now when None). Column types as `log_request` gives them: declared ones
+        (`column_types`), else the first value's. NaN and None are missing, as in `log_request`; an infinite value
+        inside a list feature is logged as missing (JSON has no infinity), a top-level one as itself.
+
+        Raises ValueError for mismatched lengths or an extra that is neither, RequestLogError when the write fails."""
+        n = len(item_ids)
+        if len(predictions) != n:
+            raise ValueError(f"request log: {n} candidates but {len(predictions)} predictions")
+        if items is not None and len(items.rows) != n:
+            raise ValueError(f"request log: {n} candidates but {len(items.rows)} item rows")
+        extra = extra or {}
+        scalars, arrays = [], []
+        for key, value in extra.items():
+            if isinstance(value, str) or np.isscalar(value) or value is None:
+                scalars.append(key)
+            elif len(value) != n:
+                raise ValueError(f"request log: extra column '{key}' has {len(value)} values for {n} candidates")
+            else:
+                arrays.append(key)
+        shape = (
+            tuple(features), tuple(scalars), tuple((k, getattr(extra[k], "dtype", None)) for k in arrays),
+            None if items is None else items.table.schema, None if columns is None else tuple(columns),
+        )  # fmt: skip
+        layout = self._layouts.get(shape)
+        if layout is None:
+            layout = self._fast_layout(shape, features, items, columns, extra, scalars, arrays)
+        values: list[Any] = [request_id, time.time_ns() // 1000 if ts_us is None else int(ts_us), int(user_id), scenario, model]
+        for value in (*features.values(), *(extra[k] for k in scalars)):
+            if isinstance(value, float | np.floating) and value in (np.inf, -np.inf):
+                value = "Infinity" if value > 0 else "-Infinity"  # JSON has no infinity; read back as floats
+            elif _is_timestamp(value):
+                value = _epoch_us(value)
+            values.append(value)
+        buffers = [np.asarray(item_ids, dtype=np.int64), np.asarray(predictions, dtype=np.float32)]
+        for (key, dtype), _ in zip(layout.arrays[2:], arrays):
+            buffers.append(np.asarray(extra[key], dtype=dtype))
+        with self._lock:
+            if self._fd is None:
+                self._open_segment_or_fail(request_id)
+            chunks = []
+            if layout.sid not in self._seg_layouts:
+                chunks.append(layout.frame)
+            gen = None
+            if items is not None:
+                gen, frame, rows = self._item_rows(items)
+                if frame is not None:
+                    chunks.append(frame)
+                buffers.append(rows)
+            record = orjson.dumps([layout.sid, gen, n, values], option=orjson.OPT_SERIALIZE_NUMPY)
+            payload = b"".join([JSON_LENGTH.pack(len(record)), record, *(b.data for b in buffers)])
+            chunks.append(HEADER.pack(FAST_MAGIC, len(payload), zlib.crc32(payload)) + payload)
+            self._append(b"".join(chunks), n, request_id)
+            self._seg_layouts.add(layout.sid)
+
+    def _fast_layout(
+        self, shape: tuple, features: Mapping[str, Any], items: ItemRows | None, columns: Sequence[str] | None,
+        extra: Mapping[str, Any], scalars: list[str], arrays: list[str],
+    ) -> _FastLayout:  # fmt: skip
+        """A new `log_ranked` record shape: its columns' types (declared, else the first value's) and layout frame."""
+        item_names = tuple(items.table.schema.names) if items is not None else ()
+        feature_order = list(columns) if columns is not None else [*features, *item_names]
+        if sorted(feature_order) != sorted([*features, *item_names]):
+            raise ValueError(f"request log: columns {feature_order} are not the features {list(features)} and item columns {list(item_names)}")
+        names = ["request_id", "ts", "user_id", "item_id", "scenario", "model", *feature_order, "prediction", *extra]
+        if len(set(names)) != len(names):
+            raise ValueError(f"request log: a column is named twice among {names}")
+        types: dict[str, pa.DataType] = {name: BASE_TYPES[name] for name in ("request_id", "ts", "user_id", "item_id", "scenario", "model", "prediction")}
+        for key in [*features, *scalars]:
+            value = features[key] if key in features else extra[key]
+            declared = self.types.get(key)
+            if declared is not None:
+                types[key] = declared
+            elif _is_timestamp(value):
+                types[key] = _TIMESTAMP
+            else:
+                types[key] = pa.null() if value is None else _scalar_array(value, None).type
+        dtypes = [("item_id", np.dtype(np.int64)), ("prediction", np.dtype(np.float32))]
+        for key in arrays:
+            declared = self.types.get(key)
+            if declared is None or not (pa.types.is_integer(declared) or pa.types.is_floating(declared) or pa.types.is_boolean(declared)):
+                given = np.asarray(extra[key])
+                declared = pa.from_numpy_dtype(given.dtype if given.dtype.kind in "biuf" else np.dtype(np.float64))
+            types[key] = declared
+            dtypes.append((key, np.dtype(declared.to_pandas_dtype())))
+        for key in item_names:
+            types[key] = items.table.schema.field(key).type
+        sid = len(self._layouts)
+        meta = {"sid": sid, "request": ["request_id", "ts", "user_id", "scenario", "model", *features, *scalars],
+                "candidate": [k for k, _ in dtypes], "items": list(item_names)}  # fmt: skip
+        schema = pa.schema([pa.field(name, types[name]) for name in names], metadata={FAST_KEY: json.dumps(meta)})
+        payload = schema.serialize().to_pybytes()
+        layout = _FastLayout(sid, tuple(meta["request"]), tuple(dtypes), item_names, HEADER.pack(LAYOUT_MAGIC, len(payload), zlib.crc32(payload)) + payload)
+        self._layouts[shape] = layout
+        return layout
+
+    def _item_rows(self, items: ItemRows) -> tuple[int, bytes | None, np.ndarray]:
+        """(generation, an item frame of the rows this segment does not hold yet or None, the rows as int32); under
+        the segment lock."""
+        if items.table is not self._items_table:  # another snapshot: its rows are written anew
+            self._items_table, self._items_gen = items.table, self._items_gen + 1
+            self._items_seen = np.zeros(items.table.num_rows, dtype=bool)
+        rows = np.asarray(items.rows, dtype=np.int32)
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= items.table.num_rows):
+            raise ValueError(f"request log: item rows outside the item table's {items.table.num_rows} rows")
+        seen = self._items_seen
+        if items.table.num_rows <= self.flush_rows:  # a small table: all of it, once per segment (one frame in all)
+            new = np.arange(items.table.num_rows, dtype=np.int32) if seen.size and not seen[0] else rows[:0]
+        else:  # the rows this segment does not hold yet
+            new = rows[~seen[rows]]
+        frame = None
+        if new.size:
+            new = np.unique(new)
+            batch = items.table.take(pa.array(new)) if len(new) < items.table.num_rows else items.table
+            batch = batch.append_column(ITEM_ROW, pa.array(new)).replace_schema_metadata({ITEMS_KEY: str(self._items_gen)})
+            payload = pa.BufferOutputStream()
+            with pa.ipc.new_stream(payload, batch.schema) as writer:
+                writer.write_batch(batch)
+            body = payload.getvalue().to_pybytes()
+            frame = HEADER.pack(ITEMS_MAGIC, len(body), zlib.crc32(body)) + body
+            seen[new] = True  # a failed write closes the segment, and a new segment starts with none seen
+        return self._items_gen, frame, rows
+
+    def _open_segment_or_fail(self, request_id: str) -> None:
+        try:
+            self._open_segment()
+        except OSError as exc:
+            self._count("write_errors")
+            raise RequestLogError(f"request log {self.directory}: request {request_id} not written: {exc}") from exc
+
+    def _append(self, data: bytes, n: int, request_id: str) -> None:
+        """Write one request's bytes to the open segment (the lock held); a failed write closes the segment, so
+        the torn bytes end it and the next request starts a new one."""
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            self._count("write_errors")
+            self._rotate_locked()
+            raise RequestLogError(f"request log {self.directory}: request {request_id} not written: {exc}") from exc
+        self._seg_rows += n
+        self._count("requests")
+        self._count("rows", n)
+        if self._closed:
+            self._count("late_requests")
+        if self._seg_rows >= self.flush_rows and not self._closed:
             self._wake.set()
 
     def _table_of(
@@ -967,15 +1319,18 @@ class RequestLogger:
         """Close the current segment for writing; the next request opens another. Thread mode: it stays locked until
         compacted here; process mode: it is unlocked for the compactor. True when a segment was closed."""
         with self._lock:
-            if self._fd is None:  # open only once a record is written (an empty request's record too)
-                return False
-            if self.compaction == "process":
-                os.close(self._fd)
-                self._handed.append((self._seg, self._seg_rows))
-            else:
-                self._closed_segments.append((self._seg, self._fd, self._seg_rows))
-            self._fd, self._seg, self._seg_rows = None, None, 0
-            return True
+            return self._rotate_locked()
+
+    def _rotate_locked(self) -> bool:
+        if self._fd is None:  # open only once a record is written (an empty request's record too)
+            return False
+        if self.compaction == "process":
+            os.close(self._fd)
+            self._handed.append((self._seg, self._seg_rows))
+        else:
+            self._closed_segments.append((self._seg, self._fd, self._seg_rows))
+        self._fd, self._seg, self._seg_rows = None, None, 0
+        return True
 
     def flush(self) -> Path | None:
         """Compact what was written so far into Parquet now; returns the last part written (None when nothing was
@@ -1087,11 +1442,14 @@ def read_request_log_table(directory: str | Path) -> pa.Table | None:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"request log: {directory} is not a directory")
+    # segments listed before parts: one compacted in between is then found as its part (listed the other way
+    # round, its part would be missed and its segment gone)
+    segments = sorted((directory / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}"))
     parts = {p for p in directory.rglob("*.parquet") if not any(s.startswith((".", "_")) for s in p.relative_to(directory).parts)}
     parts = set(complete_parts(sorted(parts)))
     tables: list[pa.Table] = [read_part(p) for p in sorted(parts)]
     part_stems = {_stem(p) for p in parts}
-    for seg in sorted((directory / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}")):
+    for seg in segments:
         stem = _stem(seg)
         if stem in part_stems:
             continue

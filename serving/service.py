@@ -278,25 +278,26 @@ class RankingService:
         latency_ms = (time.perf_counter() - started) * 1000
         t_log = time.perf_counter()
         challenger = self.shadow.shadow  # one read: a swap by the slot's watcher never splits a request
-        served = None
         if self.request_log is not None:
-            served = self.online.log_features(ranked, user_id, item_ids, scenario, keys=challenger is not None)
-        log_s = time.perf_counter() - t_log
-        # the challenger scores the features as served (never raises; logged only, so only when there is a log)
-        shadow = challenger.columns(served) if served is not None and challenger is not None else {}
-        t_log = time.perf_counter()
-        if self.request_log is not None:
+            # the challenger scores the features as served (never raises; logged only, so only when there is a log)
+            shadow = {}
+            if challenger is not None:
+                served = self.online.log_features(ranked, user_id, item_ids, scenario)
+                shadow = challenger.columns(served)
             rank_of = np.empty(len(item_ids), dtype=np.int32)
             rank_of[order] = np.arange(1, len(item_ids) + 1, dtype=np.int32)
             unknown = set(unknown_items)
-            self.request_log.log_request(
+            ts_us = time.time_ns() // 1000
+            self.request_log.log_ranked(
                 request_id=request_id,
                 user_id=user_id,
                 scenario=scenario,
                 model=self.tag,
-                features=served,
-                predictions=scores,
                 item_ids=item_ids,
+                predictions=scores,
+                features=self.online.log_values(ranked, ts_us),
+                items=self.online.log_items(ranked),
+                columns=self.online.log_order,
                 extra={
                     "rank": rank_of,
                     "fallback_user": unknown_user,
@@ -306,11 +307,12 @@ class RankingService:
                     "latency_ms": latency_ms,
                     **shadow,
                 },
+                ts_us=ts_us,
             )
         m = self.metrics
         for stage, seconds in ranked.timings.items():
             self._stage[stage].observe(seconds)
-        self._stage["log"].observe(log_s + time.perf_counter() - t_log)
+        self._stage["log"].observe(time.perf_counter() - t_log)
         self._requests[scenario].inc()
         if unknown_user:
             m["fallbacks"].labels(scenario, "user").inc()

@@ -277,7 +277,7 @@ def test_an_experiment_that_does_not_apply_to_the_data_is_skipped_not_fatal(tmp_
     assert "din/full on ml-1m-swr: not run" in caplog.text
 
 
-def test_label_scarce_protocols_keep_10_and_1_percent_of_the_labels_seeded() -> None:
+def test_label_scarce_protocols_keep_10_and_1_percent_of_the_labels_seeded(monkeypatch) -> None:
     """Issue 12: DGenCTR is fine-tuned (and the baselines trained) on 10% and on 1% of the training labels. Each
     protocol names its fraction in its records; the subsets are seeded (same seed, same rows; another seed, other
     rows) and hold round(n x fraction) distinct rows."""
@@ -293,6 +293,12 @@ def test_label_scarce_protocols_keep_10_and_1_percent_of_the_labels_seeded() -> 
             assert e.extra["label_fraction"] == dgenctr.SCARCE_FRACTIONS[e.protocol]
     assert {"dgenctr/full", "dgenctr/no-pretrain", "deepfm/full"} <= by_protocol["label-scarce-1pct"]
     assert {"dgenctr/full", "dgenctr/no-pretrain", "deepfm/full"} <= by_protocol["label-scarce"]
+
+    # $DGENCTR_ABLATION_PROTOCOLS set but empty: no ablation at all (it was refused as an unknown protocol '')
+    monkeypatch.setenv("DGENCTR_ABLATION_PROTOCOLS", "")
+    plain = {(e.protocol, f"{e.model}/{e.variant}") for e in dgenctr.experiments(SimpleNamespace())}
+    assert not {v for _, v in plain} & {"dgenctr/emb-only-transfer", "dgenctr/long-pretrain", "dgenctr/finetune-lr-3e-4"}
+    assert ("label-scarce-1pct", "dgenctr/full") in plain and ("standard", "dgenctr/full") in plain
 
     n = 12_345
     ctx = SimpleNamespace(dataset=SimpleNamespace(name="t"), split="random", split_seed=0, tensors={"train": {"label": torch.zeros(n)}})

@@ -178,10 +178,10 @@ def scarce_baseline(name: str, protocol: str = SCARCE) -> Experiment:
 
 def experiments(args: Namespace) -> list[Experiment]:
     """Every variant under both protocols. $DGENCTR_ABLATION_PROTOCOLS (comma-separated: standard, label-scarce;
-    default both) limits the transfer/label ablations to some protocols, to bound the wall time."""
+    default both; empty: none) limits the transfer/label ablations to some protocols, to bound the wall time."""
     out = Path(getattr(args, "out", RESULTS))
     available = set(known_models())
-    ablate = {p.strip() for p in os.environ.get("DGENCTR_ABLATION_PROTOCOLS", f"standard,{SCARCE}").split(",")}
+    ablate = {p.strip() for p in os.environ.get("DGENCTR_ABLATION_PROTOCOLS", f"standard,{SCARCE}").split(",") if p.strip()}
     unknown = ablate - {"standard", SCARCE}
     if unknown:
         raise ValueError(f"DGENCTR_ABLATION_PROTOCOLS: unknown protocols {sorted(unknown)} (standard, {SCARCE})")

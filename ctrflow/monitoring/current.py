@@ -58,6 +58,8 @@ def read_current(
             return pd.DataFrame(), {"rows_total": 0, "rows_read": 0, "sampled": False, "seed": seed, "rule": "all rows"}
         raise CurrentInputError(f"request log: no *.parquet file under {path}")
     try:
+        # segments listed before the parts: one compacted in between is then read as its part, never missed
+        listed = sorted((path / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}")) if path.is_dir() else []
         dataset = pads.dataset(str(path), format="parquet", partitioning="hive")  # skips _segments and .tmp files
         files = complete_parts(dataset.files)  # a compaction stopped between a segment's parts: its segment counts
         # a request log's parts hold a row per request (request_log.explode); other Parquet, a row per candidate
@@ -66,7 +68,7 @@ def read_current(
         flat = [f for f in files if f not in nested]
         if len(flat) != len(dataset.files):
             dataset = pads.dataset(flat, format="parquet", partitioning="hive", partition_base_dir=str(path)) if flat else None
-        segments = _segment_tables(path, files) if path.is_dir() else []
+        segments = _segment_tables(path, files, listed) if path.is_dir() else []
         # a request-row part's candidate rows are in the layout just read from its footer
         n_parts = (dataset.count_rows() if dataset is not None else 0) + sum(int(layout["rows"]) for layout in nested.values())
     except (OSError, ValueError, pa.ArrowException) as exc:
@@ -135,11 +137,12 @@ def _request_rows(path: Path, layout: dict, columns: list[str] | None, base_dir:
         yield explode(pa.Table.from_batches([batch]), layout).select(need)
 
 
-def _segment_tables(directory: Path, files: list[str]) -> list[pa.Table]:
-    """The rows of segments not compacted yet (a segment whose part exists is skipped: never a row twice)."""
+def _segment_tables(directory: Path, files: list[str], segments: list[Path]) -> list[pa.Table]:
+    """The rows of `segments` (listed before the parts `files`) not compacted yet (a segment whose part is among
+    `files` is skipped: never a row twice; one compacted since the listing is read from its part)."""
     part_stems = {_stem(Path(f)) for f in files}
     tables: list[pa.Table] = []
-    for seg in sorted((directory / SEGMENTS).glob(f"seg-*{SEGMENT_SUFFIX}")):
+    for seg in segments:
         if _stem(seg) in part_stems:
             continue
         try:
