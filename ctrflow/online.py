@@ -25,6 +25,7 @@ service (the fit check at start names it first).
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import math
@@ -48,6 +49,7 @@ from ctrflow.request_log import ItemRows, constant
 log = logging.getLogger(__name__)
 
 ITEM_VIEW = "item_profile"
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 USER_VIEWS = ("user_behaviour", "user_profile")
 ITEM_CHUNK = 5000  # entities per online read while building a snapshot
 
@@ -405,7 +407,7 @@ class OnlineScorer:
     def log_values(self, ranked: Ranked, ts_us: int) -> dict[str, Any]:
         """The request's own feature values as served, for `RequestLogger.log_ranked` (`features`): the event time
         (`ts_us`, microseconds since the epoch) and the user's features, in `log_order`."""
-        values: dict[str, Any] = {"event_timestamp": np.datetime64(ts_us, "us")}
+        values: dict[str, Any] = {"event_timestamp": _EPOCH + dt.timedelta(microseconds=ts_us)}  # aware: UTC
         user = ranked.user_values
         for name in self._user_log_names:
             values[name] = user.get(name)

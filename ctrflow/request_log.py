@@ -15,7 +15,7 @@ one run (~8 KB a record for 100 candidates instead of ~60 KB with the user's his
 The serving worker writes a cheaper record (`log_ranked`, issue 10): the request's own values as one JSON array
 (orjson) and its per-candidate values as raw arrays (item ids, predictions, ranks, flags), with the candidates' item
 features *by reference*: a row index into the worker's item snapshot. The rows a record names are written into the
-same segment before it (an item frame: Arrow IPC, each row once per segment; a table no larger than a segment's rows
+same segment before it (an item frame: Arrow IPC, each row once per segment; a table of up to 256 KB
 whole, once), and the columns' names and types once per segment (a layout frame: an Arrow schema). A segment is
 thus read alone, and a record is on disk only after everything it names (same write, in order). It costs ~30 us a
 request in-process instead of ~230 us for `log_request`'s Arrow table (100 candidates), and compaction decodes a
@@ -118,6 +118,7 @@ BASE_TYPES = {
 }
 SEGMENTS = "_segments"  # a leading underscore: Parquet dataset readers skip it
 SEGMENT_SUFFIX = ".arrows"
+DAMAGED_PREFIX = "damaged-"  # a segment that cannot be decoded, set aside by its compaction (never retried)
 OPENING_SUFFIX = ".opening"  # a segment being created: hidden (.seg-...) until it is locked and renamed
 COMPACTION_MODES = ("process", "thread")
 COMPACTOR_NICE = 10  # the compactor process yields the CPU to serving; it catches up when requests leave room
@@ -135,9 +136,11 @@ JSON_LENGTH = struct.Struct("<I")
 FAST_KEY = b"ctrflow.fast"  # a layout frame's schema metadata: which columns are per request, per candidate, items
 ITEMS_KEY = b"ctrflow.items"  # an item frame's schema metadata: the generation (the item table) its rows belong to
 ITEM_ROW = "__row"  # an item frame's row index into its item table
+WHOLE_ITEM_TABLE_BYTES = 256 * 1024  # an item table up to this size is written whole, once per segment
+MAX_LAYOUTS = 256  # log_ranked record layouts kept per writer
 COUNTERS = (
     "requests", "rows", "write_errors", "late_requests", "compactions", "compacted_rows", "compaction_errors",
-    "backlog_full", "recovered_segments", "recovered_rows", "torn_records",
+    "backlog_full", "recovered_segments", "recovered_rows", "torn_records", "damaged_segments",
 )  # fmt: skip
 
 
@@ -197,6 +200,8 @@ def _list_array(values: np.ndarray, type_: pa.DataType) -> pa.Array | None:
     try:
         flat = np.concatenate(present) if present and lengths.any() else np.array([])
         child = pa.array(flat, type=type_.value_type, from_pandas=True)
+        if isinstance(child, pa.ChunkedArray):  # what pa.array gives for an empty float array as strings
+            child = child.combine_chunks()
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
         return None
     offsets = np.zeros(n + 1, dtype=np.int32)
@@ -387,8 +392,8 @@ def _read_records(path: Path | int) -> tuple[list[pa.RecordBatch | _Nested], int
 def _fast_scalars(name: str, values: list, type_: pa.DataType) -> pa.Array:
     """One per-request column of `log_ranked` records, as `constant` converts each value (declared type when it
     fits; NaN and None missing; timestamps as microseconds since the epoch, UTC)."""
-    if pa.types.is_timestamp(type_):
-        return pa.array(values, pa.int64()).cast(type_)
+    if pa.types.is_timestamp(type_):  # microseconds, whatever unit the column is declared in
+        return pa.array(values, pa.int64()).cast(pa.timestamp("us", tz=type_.tz)).cast(type_, safe=False)
     if pa.types.is_floating(type_) and any(type(v) is str for v in values):  # +-Infinity (JSON has none)
         values = [float(v) if type(v) is str else v for v in values]
     cells = np.empty(len(values), dtype=object)
@@ -508,8 +513,17 @@ def _nest(records: list[pa.RecordBatch | _Nested]) -> list[tuple[pa.Table, list[
         prepared.append((table, pa.array(offsets), scalars))
     out = []
     for item in prepared:
-        if isinstance(item, _Nested):
-            out.append((item.table, [n for n in item.table.column_names if n in per_candidate]))
+        if isinstance(item, _Nested):  # a column per candidate in another run: its value repeated per candidate
+            table, own = item.table, set(item.candidate_columns)
+            lengths = pc.list_value_length(table.column("item_id")).to_numpy(zero_copy_only=False).astype(np.int64)
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+            np.cumsum(lengths, out=offsets[1:])
+            repeat = pa.array(np.repeat(np.arange(len(lengths)), lengths))
+            for k, name in enumerate(table.column_names):
+                if name in per_candidate and name not in own:
+                    values = table.column(name).combine_chunks().take(repeat)
+                    table = table.set_column(k, name, pa.ListArray.from_arrays(pa.array(offsets), values))
+            out.append((table, [n for n in table.column_names if n in per_candidate]))
             continue
         table, offsets, scalars = item
         columns = []
@@ -698,12 +712,20 @@ def _compact_held(directory: Path, seg: Path, fd: int, counts: Callable[[str, in
     if part.exists():  # compacted before, deleting the segment did not happen: never write it twice
         rows = part_rows(part)
     else:
-        tables, torn = _read_records(fd)
-        if torn:
-            log.warning("request log: %s ends with %d bytes of a record cut short by a crash; dropped", seg, torn)
+        try:
+            tables, torn = _read_records(fd)
+            if torn:
+                log.warning("request log: %s ends with %d bytes of a record cut short by a crash; dropped", seg, torn)
+                if counts is not None:
+                    counts("torn_records", 1)
+            part, rows = _write_part(directory, stem, tables)
+        except (ValueError, TypeError, KeyError, pa.ArrowException) as exc:  # not a full disk: retrying cannot help
+            damaged = seg.with_name(f"{DAMAGED_PREFIX}{seg.name[len('seg-'):]}")
+            os.replace(seg, damaged)  # out of every reader's and compactor's way (they take seg-*), kept to inspect
+            log.error("request log: %s cannot be compacted (%s: %s); moved to %s, its rows are not read", seg, type(exc).__name__, exc, damaged)
             if counts is not None:
-                counts("torn_records", 1)
-        part, rows = _write_part(directory, stem, tables)
+                counts("damaged_segments", 1)
+            return None, 0
     seg.unlink(missing_ok=True)
     if counts is not None:
         counts("compactions", 1)
@@ -882,9 +904,20 @@ def _epoch_us(value: Any) -> int | None:
     """A datetime (naive: UTC) or numpy datetime64 as microseconds since the epoch."""
     if isinstance(value, np.datetime64):
         return None if np.isnat(value) else int(value.astype("datetime64[us]").astype(np.int64))
-    if value.tzinfo is None:
+    if value.tzinfo is None:  # naive: its wall-clock time, as Arrow stores a naive timestamp
         value = value.replace(tzinfo=dt.UTC)
     return (value - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def _json_default(value: Any) -> Any:
+    """What orjson cannot write itself: numpy arrays it does not take (strings, strided), pandas' missing values."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is pd.NA or value is pd.NaT:
+        return None
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -952,6 +985,8 @@ class RequestLogger:
         self._items_table: pa.RecordBatch | None = None
         self._items_gen = 0
         self._items_seen: np.ndarray | None = None  # per row of _items_table: written into the current segment
+        self._items_whole = False  # _items_table is small: written whole, once per segment
+        self._next_sid = 0
         self._wake = threading.Event()
         self._closed = False
         if recover:
@@ -1116,24 +1151,39 @@ class RequestLogger:
         n = len(item_ids)
         if len(predictions) != n:
             raise ValueError(f"request log: {n} candidates but {len(predictions)} predictions")
-        if items is not None and len(items.rows) != n:
-            raise ValueError(f"request log: {n} candidates but {len(items.rows)} item rows")
-        extra = extra or {}
+        rows = None
+        if items is not None:
+            rows = np.asarray(items.rows)
+            if len(rows) != n:
+                raise ValueError(f"request log: {n} candidates but {len(rows)} item rows")
+            if n and (rows.dtype.kind not in "iu" or int(rows.min()) < 0 or int(rows.max()) >= items.table.num_rows):
+                raise ValueError(f"request log: item rows must be integers within the item table's {items.table.num_rows} rows")
+            rows = rows.astype(np.int32)
+        extra = dict(extra or {})
         scalars, arrays = [], []
         for key, value in extra.items():
             if isinstance(value, str) or np.isscalar(value) or value is None:
                 scalars.append(key)
-            elif len(value) != n:
+                continue
+            if len(value) != n:
                 raise ValueError(f"request log: extra column '{key}' has {len(value)} values for {n} candidates")
-            else:
-                arrays.append(key)
+            array = np.asarray(value)
+            if array.dtype.kind == "O":  # numbers and None: None is missing (NaN, as log_request reads it)
+                try:
+                    array = np.asarray(value, dtype=np.float64)
+                except (TypeError, ValueError):
+                    array = None
+            if array is None or array.dtype.kind not in "biuf" or array.ndim != 1:
+                raise ValueError(f"request log: extra column '{key}' must be a scalar or one number per candidate (log_request takes any other)")
+            extra[key] = array
+            arrays.append(key)
+        # a column without a declared type takes its first value's: a value of another Python type is another layout
+        undeclared = tuple(type(v) for k, v in features.items() if k not in self.types)
         shape = (
-            tuple(features), tuple(scalars), tuple((k, getattr(extra[k], "dtype", None)) for k in arrays),
+            tuple(features), tuple(scalars), tuple((k, extra[k].dtype) for k in arrays), undeclared,
+            tuple(type(extra[k]) for k in scalars if k not in self.types),
             None if items is None else items.table.schema, None if columns is None else tuple(columns),
         )  # fmt: skip
-        layout = self._layouts.get(shape)
-        if layout is None:
-            layout = self._fast_layout(shape, features, items, columns, extra, scalars, arrays)
         values: list[Any] = [request_id, time.time_ns() // 1000 if ts_us is None else int(ts_us), int(user_id), scenario, model]
         for value in (*features.values(), *(extra[k] for k in scalars)):
             if isinstance(value, float | np.floating) and value in (np.inf, -np.inf):
@@ -1141,26 +1191,35 @@ class RequestLogger:
             elif _is_timestamp(value):
                 value = _epoch_us(value)
             values.append(value)
-        buffers = [np.asarray(item_ids, dtype=np.int64), np.asarray(predictions, dtype=np.float32)]
-        for (key, dtype), _ in zip(layout.arrays[2:], arrays):
-            buffers.append(np.asarray(extra[key], dtype=dtype))
-        with self._lock:
-            if self._fd is None:
-                self._open_segment_or_fail(request_id)
-            chunks = []
-            if layout.sid not in self._seg_layouts:
-                chunks.append(layout.frame)
+        with self._lock:  # one layout id per shape, and the frames a record names written before it, in one write
+            layout = self._layouts.get(shape)
+            if layout is None:
+                layout = self._fast_layout(shape, features, items, columns, extra, scalars, arrays)
+            buffers = [np.asarray(item_ids, dtype=np.int64), np.asarray(predictions, dtype=np.float32)]
+            buffers += [np.ascontiguousarray(extra[key], dtype=dtype) for key, dtype in layout.arrays[2:]]
             gen = None
             if items is not None:
-                gen, frame, rows = self._item_rows(items)
+                gen = self._item_generation(items)
+                buffers.append(rows)
+            try:
+                record = orjson.dumps([layout.sid, gen, n, values], default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY)
+            except TypeError as exc:  # orjson.JSONEncodeError: a value that has no JSON form
+                raise ValueError(f"request log: request {request_id}: a value cannot be logged ({exc})") from None
+            if self._fd is None:
+                self._open_segment_or_fail(request_id)
+            chunks = [] if layout.sid in self._seg_layouts else [layout.frame]
+            new = None
+            if items is not None:
+                frame, new = self._item_frame(items, rows)
                 if frame is not None:
                     chunks.append(frame)
-                buffers.append(rows)
-            record = orjson.dumps([layout.sid, gen, n, values], option=orjson.OPT_SERIALIZE_NUMPY)
             payload = b"".join([JSON_LENGTH.pack(len(record)), record, *(b.data for b in buffers)])
             chunks.append(HEADER.pack(FAST_MAGIC, len(payload), zlib.crc32(payload)) + payload)
             self._append(b"".join(chunks), n, request_id)
+            # only once written: a failed write closes the segment (the next one starts with nothing written)
             self._seg_layouts.add(layout.sid)
+            if new is not None:
+                self._items_seen[new] = True
 
     def _fast_layout(
         self, shape: tuple, features: Mapping[str, Any], items: ItemRows | None, columns: Sequence[str] | None,
@@ -1180,10 +1239,13 @@ class RequestLogger:
             declared = self.types.get(key)
             if declared is not None:
                 types[key] = declared
-            elif _is_timestamp(value):
-                types[key] = _TIMESTAMP
+            elif _is_timestamp(value):  # an aware datetime as UTC; numpy's and naive ones stay naive, as Arrow reads them
+                types[key] = _TIMESTAMP if isinstance(value, dt.datetime) and value.tzinfo is not None else pa.timestamp("us")
             else:
-                types[key] = pa.null() if value is None else _scalar_array(value, None).type
+                try:
+                    types[key] = pa.null() if value is None else _scalar_array(value, None).type
+                except (pa.ArrowException, TypeError, ValueError) as exc:
+                    raise ValueError(f"request log: column '{key}': its type cannot be told from {value!r} ({exc})") from None
         dtypes = [("item_id", np.dtype(np.int64)), ("prediction", np.dtype(np.float32))]
         for key in arrays:
             declared = self.types.get(key)
@@ -1194,7 +1256,9 @@ class RequestLogger:
             dtypes.append((key, np.dtype(declared.to_pandas_dtype())))
         for key in item_names:
             types[key] = items.table.schema.field(key).type
-        sid = len(self._layouts)
+        sid, self._next_sid = self._next_sid, self._next_sid + 1
+        if len(self._layouts) >= MAX_LAYOUTS:  # shapes that keep changing (tables with other metadata...): bounded
+            self._layouts.clear()
         meta = {"sid": sid, "request": ["request_id", "ts", "user_id", "scenario", "model", *features, *scalars],
                 "candidate": [k for k, _ in dtypes], "items": list(item_names)}  # fmt: skip
         schema = pa.schema([pa.field(name, types[name]) for name in names], metadata={FAST_KEY: json.dumps(meta)})
@@ -1203,32 +1267,31 @@ class RequestLogger:
         self._layouts[shape] = layout
         return layout
 
-    def _item_rows(self, items: ItemRows) -> tuple[int, bytes | None, np.ndarray]:
-        """(generation, an item frame of the rows this segment does not hold yet or None, the rows as int32); under
-        the segment lock."""
-        if items.table is not self._items_table:  # another snapshot: its rows are written anew
+    def _item_generation(self, items: ItemRows) -> int:
+        """The generation of `items.table` (a new table object: its rows are written anew); under the lock."""
+        if items.table is not self._items_table:
             self._items_table, self._items_gen = items.table, self._items_gen + 1
             self._items_seen = np.zeros(items.table.num_rows, dtype=bool)
-        rows = np.asarray(items.rows, dtype=np.int32)
-        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= items.table.num_rows):
-            raise ValueError(f"request log: item rows outside the item table's {items.table.num_rows} rows")
+            self._items_whole = items.table.nbytes <= WHOLE_ITEM_TABLE_BYTES
+        return self._items_gen
+
+    def _item_frame(self, items: ItemRows, rows: np.ndarray) -> tuple[bytes | None, np.ndarray | None]:
+        """(an item frame of the rows the current segment does not hold yet, those rows), or (None, None); under the
+        lock. A small table (`WHOLE_ITEM_TABLE_BYTES`) is written whole, once per segment: one frame in all."""
         seen = self._items_seen
-        if items.table.num_rows <= self.flush_rows:  # a small table: all of it, once per segment (one frame in all)
+        if self._items_whole:
             new = np.arange(items.table.num_rows, dtype=np.int32) if seen.size and not seen[0] else rows[:0]
-        else:  # the rows this segment does not hold yet
-            new = rows[~seen[rows]]
-        frame = None
-        if new.size:
-            new = np.unique(new)
-            batch = items.table.take(pa.array(new)) if len(new) < items.table.num_rows else items.table
-            batch = batch.append_column(ITEM_ROW, pa.array(new)).replace_schema_metadata({ITEMS_KEY: str(self._items_gen)})
-            payload = pa.BufferOutputStream()
-            with pa.ipc.new_stream(payload, batch.schema) as writer:
-                writer.write_batch(batch)
-            body = payload.getvalue().to_pybytes()
-            frame = HEADER.pack(ITEMS_MAGIC, len(body), zlib.crc32(body)) + body
-            seen[new] = True  # a failed write closes the segment, and a new segment starts with none seen
-        return self._items_gen, frame, rows
+        else:
+            new = np.unique(rows[~seen[rows]])
+        if not new.size:
+            return None, None
+        batch = items.table.take(pa.array(new)) if len(new) < items.table.num_rows else items.table
+        batch = batch.append_column(ITEM_ROW, pa.array(new)).replace_schema_metadata({ITEMS_KEY: str(self._items_gen)})
+        payload = pa.BufferOutputStream()
+        with pa.ipc.new_stream(payload, batch.schema) as writer:
+            writer.write_batch(batch)
+        body = payload.getvalue().to_pybytes()
+        return HEADER.pack(ITEMS_MAGIC, len(body), zlib.crc32(body)) + body, new
 
     def _open_segment_or_fail(self, request_id: str) -> None:
         try:

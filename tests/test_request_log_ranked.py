@@ -3,6 +3,7 @@ or not), item features by reference written once per segment, crash safety, and 
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def _request(k: int, n: int = 3) -> dict:
 def _log_ranked(logger: RequestLogger, r: dict, items: pa.RecordBatch = ITEMS) -> None:
     logger.log_ranked(
         request_id=r["rid"], user_id=r["user_id"], scenario="home", model="m:1", item_ids=r["item_ids"], predictions=r["scores"],
-        features={"event_timestamp": np.datetime64(r["ts"], "us"), **r["user"]}, items=ItemRows(items, r["rows"]), columns=ORDER,
+        features={"event_timestamp": pd.Timestamp(r["ts"], unit="us", tz="UTC").to_pydatetime(), **r["user"]}, items=ItemRows(items, r["rows"]), columns=ORDER,
         extra=r["extra"], ts_us=r["ts"],
     )  # fmt: skip
 
@@ -84,8 +85,9 @@ def _item_frames(seg) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("flush_rows", [2, 1000])  # items by rows (a table larger than a segment) / whole table
-def test_log_ranked_reads_back_as_the_same_rows_as_log_request(tmp_path, flush_rows):
+@pytest.mark.parametrize(("flush_rows", "whole_bytes"), [(2, 0), (1000, 1 << 20)])  # items by rows / the table whole
+def test_log_ranked_reads_back_as_the_same_rows_as_log_request(tmp_path, monkeypatch, flush_rows, whole_bytes):
+    monkeypatch.setattr("ctrflow.request_log.WHOLE_ITEM_TABLE_BYTES", whole_bytes)
     requests = [_request(k, n=[3, 0, 1, 4, 2, 3][k % 6]) for k in range(12)]
     a = RequestLogger(tmp_path / "a", column_types=TYPES, flush_rows=flush_rows, flush_seconds=3600)
     b = RequestLogger(tmp_path / "b", column_types=TYPES, flush_rows=flush_rows, flush_seconds=3600)
@@ -114,9 +116,10 @@ def test_log_ranked_reads_back_as_the_same_rows_as_log_request(tmp_path, flush_r
     assert (r5["ts"] == pd.Timestamp(TS + 5, unit="us", tz="UTC")).all()
 
 
-def test_item_rows_are_written_once_per_segment_and_again_for_a_new_table(tmp_path):
+def test_item_rows_are_written_once_per_segment_and_again_for_a_new_table(tmp_path, monkeypatch):
+    monkeypatch.setattr("ctrflow.request_log.WHOLE_ITEM_TABLE_BYTES", 1000)  # "big" (~1.6 KB) by rows, ITEMS whole
     big = pa.record_batch({"genres": pa.array([["g"]] * 100, pa.list_(pa.string())), "year": pa.array([float(i) for i in range(100)])})
-    logger = RequestLogger(tmp_path, column_types=TYPES, flush_rows=50, flush_seconds=3600)  # 100 rows > 50: by rows
+    logger = RequestLogger(tmp_path, column_types=TYPES, flush_rows=50, flush_seconds=3600)
     r = _request(1, n=3)
     for rows in ([0, 1, 2], [1, 2, 3], [2, 3, 3]):  # (two unknown candidates may share the missing row)
         _log_ranked(logger, {**r, "rows": np.array(rows)}, big)
@@ -133,7 +136,7 @@ def test_item_rows_are_written_once_per_segment_and_again_for_a_new_table(tmp_pa
     small = RequestLogger(tmp_path / "small", column_types=TYPES, flush_rows=1000, flush_seconds=3600)
     _log_ranked(small, r)
     _log_ranked(small, {**r, "rows": np.array([0, 0, 3])})
-    assert _item_frames(small._seg) == [4]  # a table within a segment's rows: all of it, once
+    assert _item_frames(small._seg) == [4]  # a small table: all of it, once
     small.flush()
     _log_ranked(small, r)
     assert _item_frames(small._seg) == [4]  # a new segment holds its own copy: each is read alone
@@ -183,7 +186,7 @@ def test_bad_arguments_are_refused_with_the_reason_and_write_nothing(tmp_path):
     cases = [
         ({"scores": r["scores"][:2]}, "3 candidates but 2 predictions"),
         ({"rows": np.array([0, 1])}, "3 candidates but 2 item rows"),
-        ({"rows": np.array([0, 1, 4])}, "item rows outside the item table's 4 rows"),
+        ({"rows": np.array([0, 1, 4])}, "item rows must be integers within the item table's 4 rows"),
         ({"extra": {"rank": np.arange(5)}}, "extra column 'rank' has 5 values for 3 candidates"),
     ]
     for change, message in cases:
@@ -226,3 +229,97 @@ def test_kill_9_of_a_log_ranked_writer_loses_no_request_it_returned_from(tmp_pat
     assert set(answered) <= set(log["request_id"])
     assert log.groupby("request_id").size().eq(3).all()  # every request whole: never a torn one half-read
     assert not list((log_dir / SEGMENTS).glob("seg-*"))  # all compacted
+
+
+def _simple(logger: RequestLogger, rid: str, n: int = 2, **kw) -> None:
+    logger.log_ranked(request_id=rid, user_id=1, scenario="s", model="m", item_ids=list(range(n)),
+                      predictions=np.zeros(n, np.float32), **{"features": {}, **kw})  # fmt: skip
+
+
+def test_a_value_without_a_json_form_is_refused_and_the_next_request_still_reads_back(tmp_path):
+    """Found by review: the refused request had marked its item rows written, so the next record named rows no frame
+    held and the segment could never be read."""
+    logger = RequestLogger(tmp_path, flush_seconds=3600)
+    items = pa.record_batch({"year": pa.array([1.0, 2.0])})
+    with pytest.raises(ValueError, match="request bad: a value cannot be logged"):
+        _simple(logger, "bad", features={"x": dt.timedelta(seconds=1)}, items=ItemRows(items, np.array([0, 1])))
+    with pytest.raises(ValueError, match="column 'x': its type cannot be told"):
+        _simple(logger, "bad", features={"x": object()}, items=ItemRows(items, np.array([0, 1])))
+    _simple(logger, "good", features={"x": np.array(["a", "b"]), "y": np.arange(6.0)[::2]}, items=ItemRows(items, np.array([1, 0])))
+    logger.close()
+    log = read_request_log(tmp_path)
+    assert log["request_id"].tolist() == ["good"] * 2 and log["year"].tolist() == [2.0, 1.0]
+    assert list(log["x"].iloc[0]) == ["a", "b"] and list(log["y"].iloc[0]) == [0.0, 2.0, 4.0]
+
+
+def test_values_whose_type_changes_between_requests_read_back_as_log_request_gives_them(tmp_path):
+    """Found by review: an undeclared column took its first value's type for good (None, then a float, then +inf
+    broke the segment), an extra scalar in one request and an array in another broke the part, and an empty
+    list<string> did not decode."""
+    requests = [
+        ({"f": None, "tags": None}, {"x": 1}),
+        ({"f": 1.5, "tags": []}, {"x": np.array([3, 4])}),
+        ({"f": float("inf"), "tags": ["a"]}, {"x": 2}),
+    ]
+    types = {"tags": pa.list_(pa.string())}
+    a = RequestLogger(tmp_path / "a", column_types=types, flush_seconds=3600)
+    b = RequestLogger(tmp_path / "b", column_types=types, flush_seconds=3600)
+    for k, (features, extra) in enumerate(requests):
+        _simple(b, f"r{k}", features=features, extra=extra)
+        table = pa.table({name: a.constant(name, v, 2) for name, v in features.items()})
+        a.log_request(request_id=f"r{k}", user_id=1, scenario="s", model="m", features=table, predictions=np.zeros(2, np.float32),
+                      item_ids=[0, 1], extra=extra)  # fmt: skip
+    a.close(), b.close()
+    got, want = read_request_log(tmp_path / "b"), read_request_log(tmp_path / "a")
+    pd.testing.assert_frame_equal(got.drop(columns="ts"), want.drop(columns="ts"))
+    assert got["f"].tolist()[2:] == [1.5, 1.5, np.inf, np.inf] and got["x"].tolist() == [1, 1, 3, 4, 2, 2]
+
+
+def test_item_rows_must_be_integers_within_the_table(tmp_path):
+    logger = RequestLogger(tmp_path, flush_seconds=3600)
+    items = pa.record_batch({"year": pa.array([1.0, 2.0])})
+    for rows in (np.array([2**32, 1]), np.array([0.7, 1.0]), np.array([-1, 0])):  # never wrapped or truncated
+        with pytest.raises(ValueError, match="item rows must be integers within the item table's 2 rows"):
+            _simple(logger, "x", items=ItemRows(items, rows))
+    logger.close()
+
+
+def test_two_threads_with_new_layouts_at_once_each_get_their_own(tmp_path):
+    import threading
+
+    logger = RequestLogger(tmp_path, flush_seconds=3600)
+    start = threading.Barrier(2)
+
+    def write(name: str) -> None:
+        start.wait()
+        for k in range(50):
+            _simple(logger, f"{name}{k}", features={name: k if name == "i" else str(k)})
+
+    threads = [threading.Thread(target=write, args=(name,)) for name in ("i", "s")]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    logger.close()
+    log = read_request_log(tmp_path)
+    assert len(log) == 200 and log.loc[log["request_id"] == "s7", "s"].tolist() == ["7", "7"]
+
+
+def test_a_segment_that_cannot_be_decoded_is_set_aside_and_the_rest_is_compacted(tmp_path):
+    import zlib
+
+    from ctrflow.request_log import DAMAGED_PREFIX, FAST_MAGIC, JSON_LENGTH, compact_unheld
+
+    logger = RequestLogger(tmp_path, flush_seconds=3600)
+    _simple(logger, "before")
+    logger.flush()
+    _simple(logger, "damaged")
+    body = b'[99, null, 1, ["x", 0, 1, "s", "m"]]'  # a record naming a layout its segment does not hold
+    payload = JSON_LENGTH.pack(len(body)) + body + np.zeros(1, np.int64).tobytes() + np.zeros(1, np.float32).tobytes()
+    os.write(logger._fd, HEADER.pack(FAST_MAGIC, len(payload), zlib.crc32(payload)) + payload)
+    seg = logger._seg
+    logger._rotate()
+    _simple(logger, "after")
+    logger.flush()
+    compact_unheld(tmp_path)
+    assert not seg.exists() and (seg.parent / f"{DAMAGED_PREFIX}{seg.name[4:]}").exists()
+    logger.close()
+    assert sorted(set(read_request_log(tmp_path)["request_id"])) == ["after", "before"]
