@@ -59,6 +59,7 @@ FILE_LEVELS = {
     "test_registry.py": "component",
     "test_registry_faults.py": "component",  # its tests are also marked slow
     "test_request_log.py": "component",  # a real writer process killed
+    "test_request_log_ranked.py": "component",  # the serving worker's record; a real writer process killed
     "test_scale.py": "component",
     "test_validation.py": "component",
     "test_lifecycle.py": "serving",  # marked so in the file too
