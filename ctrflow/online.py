@@ -91,18 +91,22 @@ class ValueEncoder:
         except TypeError:  # an unhashable value is no vocabulary entry
             return 0
 
+    def scalar(self, v: Any) -> int:
+        """The code of a categorical or numeric field's value (what `__call__` gives as a 0-d array)."""
+        if self.field.kind is FieldKind.CATEGORICAL:
+            return self.code(v)
+        try:
+            x = float(v) if not _missing(v) else math.nan
+        except (TypeError, ValueError):
+            x = math.nan
+        if math.isnan(x):
+            return 0
+        return int(np.searchsorted(self.boundaries, x, side="right")) + 1
+
     def __call__(self, v: Any) -> np.ndarray:
         f = self.field
-        if f.kind is FieldKind.CATEGORICAL:
-            return np.asarray(self.code(v), dtype=np.int64)
-        if f.kind is FieldKind.NUMERIC:
-            try:
-                x = float(v) if not _missing(v) else math.nan
-            except (TypeError, ValueError):
-                x = math.nan
-            if math.isnan(x):
-                return np.asarray(0, dtype=np.int64)
-            return np.asarray(int(np.searchsorted(self.boundaries, x, side="right")) + 1, dtype=np.int64)
+        if f.kind is FieldKind.CATEGORICAL or f.kind is FieldKind.NUMERIC:
+            return np.asarray(self.scalar(v), dtype=np.int64)
         if f.kind is FieldKind.SEQUENCE:
             out = np.zeros(f.max_len, dtype=np.int64)
             values = [] if _missing(v) else list(v)
@@ -282,6 +286,12 @@ class OnlineScorer:
                     f"(item view columns {sorted(item_columns)}, user view columns {sorted(user_columns)})"
                 )
         self._log_columns = columns  # the request log's feature columns, in online_frame's order
+        # batch(): the one-code fields (a [] code per request) in one block, the rest (sequences, vectors) one by one
+        self._scalar_fields = [(f, e) for f, e in self.user_fields if f.kind in (FieldKind.CATEGORICAL, FieldKind.NUMERIC)]
+        self._vector_fields = [(f, e) for f, e in self.user_fields if f.kind not in (FieldKind.CATEGORICAL, FieldKind.NUMERIC)]
+        scenario_names = list(next(iter(self.scenario_codes.values()), {}))
+        self._scenario_ints = {s: [int(codes[name].reshape(-1)[0]) for name in scenario_names] for s, codes in self.scenario_codes.items()}
+        self._scalar_names = [f.name for f, _ in self._scalar_fields] + scenario_names
         self.log_order = ("event_timestamp", *(name for _, name, _ in columns))  # log_ranked's `columns`
         self._user_log_names = tuple(name for view, name, _ in columns if view != ITEM_VIEW)
         self._item_log_names = [name for view, name, _ in columns if view == ITEM_VIEW]
@@ -383,11 +393,20 @@ class OnlineScorer:
                 codes[k] = enc.code(item_ids[k])
             batch[f.name] = torch.from_numpy(codes)
         values = {**user, self.encoder.spec.user_key: int(user_id)}
-        for f, enc in self.user_fields:
+        # the request's one-code fields (the user's categorical / numeric ones, the scenario's) as one [k, n] block:
+        # a row per field, each a contiguous [n] view (one copy instead of four torch calls per field)
+        scalars = self._scalar_fields
+        codes = np.empty(len(self._scalar_names), dtype=np.int64)
+        for j, (f, enc) in enumerate(scalars):
+            codes[j] = enc.scalar(values.get(f.column))
+        for j, code in enumerate(self._scenario_ints[scenario], start=len(scalars)):
+            codes[j] = code
+        block = torch.from_numpy(np.repeat(codes[:, None], n, axis=1))
+        for j, name in enumerate(self._scalar_names):
+            batch[name] = block[j]
+        for f, enc in self._vector_fields:
             one = torch.from_numpy(enc(values.get(f.column))).unsqueeze(0)
             batch[f.name] = one.expand(n, *one.shape[1:]).contiguous()
-        for name, one in self.scenario_codes[scenario].items():
-            batch[name] = one.expand(n).contiguous()
         return batch, rows
 
     def rank_scores(self, user_id: int, scenario: str, item_ids: list[int]) -> Ranked:
