@@ -92,6 +92,25 @@ def test_serving_online_store_is_a_key_and_a_column(tmp_path) -> None:
     assert "**dcnv2**, redis" in md and "**dcnv2**, sqlite" in md  # targets per store
 
 
+def test_serving_targets_are_judged_on_the_median_of_alternated_repeats() -> None:
+    """`--repeats 3`: rank and bare alternated three times in one run; the c=8 ratio pairs each rank repeat with the
+    bare one measured beside it, and the verdicts take the medians (hand-computed: ratios 0.75, 0.85, 0.90 -> 0.85;
+    c=1 p99 9, 12, 8 -> 9)."""
+    base = {"model": "dcnv2", "workers": 2, "candidates": 100, "p50_ms": 1, "requests": 9, "answered": 9, "errors": 0,
+            "bare_model_p50_ms": 2.0, "logged_requests": 9, "online_store": "sqlite", "run": "r1"}  # fmt: skip
+    records = []
+    for k, (rank_rps, bare_rps, p99) in enumerate([(300.0, 400.0, 9.0), (340.0, 400.0, 12.0), (360.0, 400.0, 8.0)]):
+        records += [
+            {**base, "endpoint": "rank", "concurrency": 8, "rps": rank_rps, "p99_ms": 30, "repeat": k},
+            {**base, "endpoint": "bare", "concurrency": 8, "rps": bare_rps, "p99_ms": 30, "repeat": k},
+            {**base, "endpoint": "rank", "concurrency": 1, "rps": 100.0, "p99_ms": p99, "repeat": k},
+        ]
+    line = next(t for t in serving.targets(records) if "**dcnv2**" in t)
+    assert "c=8, 2 workers: rank / bare rps = 0.85x (median of 3 repeats: 0.75, 0.85, 0.90) (target >= 0.8: met)" in line
+    assert "c=1, 2 worker(s): p99 9.00 ms (median of 3 repeats: 9.00, 12.00, 8.00) (target <= 10: met)" in line
+    assert "| r1 #2 |" in serving.render(records) and "| r1 #3 |" in serving.render(records)
+
+
 def test_resume_skips_recorded_runs(tmp_path) -> None:
     calls: list[tuple[str, int]] = []
 
