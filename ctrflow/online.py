@@ -443,8 +443,8 @@ class OnlineScorer:
     def log_features(
         self, ranked: Ranked, user_id: int, item_ids: list[int], scenario: str, *, keys: bool = True
     ) -> pa.Table:
-        """The request's features as served, one row per candidate, in `online_frame`'s column order (for the
-        request log; needs `to_arrow`). A value shared by every candidate (the user's features, user_id, scenario,
+        """The request's features as served, one row per candidate, in `online_frame`'s column order: what a
+        challenger scores (the request log itself takes `log_values` and `log_items`; needs `to_arrow`). A value shared by every candidate (the user's features, user_id, scenario,
         event_timestamp) is a run-end encoded column of one run (`request_log.constant`): converted and written
         once, expanded when the log is read back (`request_log.dense` gives the plain table). `keys`: include the
         user_id, item_id and scenario columns, which the log takes from its own arguments and only a challenger

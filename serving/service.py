@@ -283,7 +283,9 @@ class RankingService:
             shadow = {}
             if challenger is not None:
                 served = self.online.log_features(ranked, user_id, item_ids, scenario)
+                t_shadow = time.perf_counter()
                 shadow = challenger.columns(served)
+                t_log += time.perf_counter() - t_shadow  # its scoring is not the log stage's cost
             rank_of = np.empty(len(item_ids), dtype=np.int32)
             rank_of[order] = np.arange(1, len(item_ids) + 1, dtype=np.int32)
             unknown = set(unknown_items)
