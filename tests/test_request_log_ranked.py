@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pandas as pd
@@ -206,6 +205,7 @@ WRITER = textwrap.dedent(
     sys.path.insert(0, sys.argv[2])
     from tests.test_request_log_ranked import RequestLogger, TYPES, _request, _log_ranked
     logger = RequestLogger(sys.argv[1], column_types=TYPES, flush_rows=40, flush_seconds=0.05, compaction="process")
+    print(logger._compactor.pid, flush=True)
     for i in range(100000):
         r = _request(i)
         _log_ranked(logger, r)
@@ -215,20 +215,26 @@ WRITER = textwrap.dedent(
 
 
 def test_kill_9_of_a_log_ranked_writer_loses_no_request_it_returned_from(tmp_path):
+    import psutil
+
     log_dir = tmp_path / "log"
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(log_dir), str(REPO_ROOT)], stdout=subprocess.PIPE, text=True)
-    answered = []
-    deadline = time.time() + 60
-    while len(answered) < 300 and time.time() < deadline:
-        answered.append(proc.stdout.readline().strip())
+    compactor = psutil.Process(int(proc.stdout.readline()))
+    answered: list[str] = []
+    while len(answered) < 300:
+        line = proc.stdout.readline()
+        assert line, "the writer stopped"
+        answered.append(line.strip())
     proc.kill()
-    proc.wait()
-    time.sleep(0.5)  # the compactor sees its pipe close and makes a last pass
-    recover_request_log(log_dir)
+    answered += [line.strip() for line in proc.stdout.read().splitlines()]
+    proc.wait(timeout=30)
+    compactor.wait(timeout=60)  # end of file on its pipe: its last pass takes the dead writer's segment too
+    assert not list((log_dir / SEGMENTS).glob("seg-*"))  # all compacted, none set aside as damaged
+    assert not list((log_dir / SEGMENTS).glob("damaged-*"))
     log = read_request_log(log_dir)
     assert set(answered) <= set(log["request_id"])
-    assert log.groupby("request_id").size().eq(3).all()  # every request whole: never a torn one half-read
-    assert not list((log_dir / SEGMENTS).glob("seg-*"))  # all compacted
+    sizes = log.groupby("request_id").size()
+    assert (sizes == 3).all()  # every request whole: never a torn one half-read
 
 
 def _simple(logger: RequestLogger, rid: str, n: int = 2, **kw) -> None:
