@@ -41,7 +41,8 @@ from ctrflow.local_services import ONLINE_STORES, redis_server
 
 STAGES = ("feature_read", "encode", "model", "log")
 BARE_SERVICE = "benchmarks.bare_service:BareService"
-KEY = ("model", "endpoint", "workers", "candidates", "concurrency", "online_store")  # serving.json merges by these
+# serving.json merges by these (the family too: gsvr and gsvr-pretrained both serve a model named gsvr)
+KEY = ("model", "family", "endpoint", "workers", "candidates", "concurrency", "online_store")
 
 
 def _requests(training_set: str, candidates: int, n: int = 200) -> list[dict[str, Any]]:
@@ -285,11 +286,11 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
     """Issue 10's targets per model and online store, from the newest run that measured it: c=1 p99 of `rank`
     (<= 10 ms; DMAE <= 25 ms), and `rank` rps at c=8 with 2 workers over the `bare` rps of the same run (>= 0.8)."""
     out = ["## Targets (newest run per model and online store)", ""]
-    by_model: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    by_model: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in records:
         if r.get("endpoint") in ("rank", "bare") and r.get("workers") is not None:
-            by_model.setdefault((r["model"], r.get("online_store", "sqlite")), []).append(r)
-    for (model, store), rs in sorted(by_model.items()):
+            by_model.setdefault((r["model"], r.get("family") or "", r.get("online_store", "sqlite")), []).append(r)
+    for (model, family, store), rs in sorted(by_model.items()):
         newest = max(r.get("run", "") for r in rs)
         rs = [r for r in rs if r.get("run", "") == newest]
         def get(e: str, w: int, c: int, rs: list[dict[str, Any]] = rs) -> list[dict[str, Any]]:
@@ -317,7 +318,8 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
         errors = sum(r["errors"] for r in rs if r["endpoint"] == "rank")
         logged_ok = all(r.get("logged_requests") == r.get("answered") for r in rs if r["endpoint"] == "rank")
         parts.append(f"rank errors {errors}; request-log rows = answered requests: {'yes' if logged_ok else 'NO'}")
-        out.append(f"- **{model}**, {store} (run {newest}): " + "; ".join(parts))
+        named = model if family in ("", model, "standard") else f"{model} ({family} family)"
+        out.append(f"- **{named}**, {store} (run {newest}): " + "; ".join(parts))
     return out
 
 

@@ -264,6 +264,24 @@ def test_train_gsvr_saves_a_servable_artifact_and_reads_pretrained_tables(encode
     assert torch.equal(got[1:], want[1:]) and torch.equal(got[0], torch.zeros(4))
 
 
+def test_train_gsvr_takes_the_width_of_pretrained_tables_wider_than_its_own(encoder, tensors, tmp_path) -> None:
+    """The gsvr-pretrained DAG with defaults failed: DGenCTR pre-trains 32-wide tokens (models.dgenctr.d_model) and
+    GSVR was built 16 wide (train.embedding_dim), so every table was skipped. The pre-trained width now sets GSVR's
+    (here 8 against the configured 4), recorded in the artifact, and the tables are copied."""
+    from ctrflow.training.pretrain import pretrain
+
+    dgen = {"d_model": 8, "heads": 1, "layers": 1, "ffn_mult": 1, "pretrain": {"epochs": 1, "batch_size": 512}}
+    params = _params()
+    assert model_params(params, "gsvr")["embedding_dim"] == 4
+    ckpt = pretrain({**params, "models": {**params["models"], "dgenctr": dgen}}, tensors["train"], encoder, tmp_path / "pre",
+                    resume=False, progress=False)  # fmt: skip
+    train_gsvr(params, tensors["train"], tensors["valid"], encoder, tmp_path / "gsvr", ckpt)
+    loaded = load_model_artifact(tmp_path / "gsvr")
+    assert loaded.extra["init_embeddings"]["embedding_dim"] == {"configured": 4, "used": 8}
+    assert "backbone.embedding.tables.item_id" in loaded.extra["init_embeddings"]["copied"]
+    assert loaded.model.embedding.table("item_id").weight.shape[1] == 8
+
+
 def test_train_gsvr_rejects_an_undeclared_scenario(tiny_dataset, tiny_frame, tmp_path) -> None:
     frame = tiny_frame.iloc[:1500].copy()
     frame.loc[frame.index[:21], "scenario"] = "mars"

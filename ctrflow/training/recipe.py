@@ -34,7 +34,7 @@ from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import FeatureSpec, FieldKind
 from ctrflow.models import MODELS, build_model, discover_models
 from ctrflow.models.base import CTRModel, MultiScenarioModel, to_tensors
-from ctrflow.models.blocks.embedding import load_embedding_init
+from ctrflow.models.blocks.embedding import embedding_widths, load_embedding_init, read_state_dict
 from ctrflow.models.blocks.scenario import check_training_scenarios
 from ctrflow.training import distributed
 from ctrflow.training.artifact import save_model_artifact
@@ -284,11 +284,24 @@ def train_model(
     mparams = model_params(params, name)
     _check_scenarios(name, mparams, data)
     init_report: dict[str, Any] = {}
+    init_state = None
+    if init_embeddings:
+        init_state = read_state_dict(init_embeddings)
+        widths = embedding_widths(init_state)
+        if len(widths) == 1 and mparams.get("embedding_dim") != (width := widths.pop()):
+            # a copy needs equal widths: the pre-trained tables (e.g. DGenCTR's d_model, 32) set the model's width,
+            # instead of every table being skipped and the run failing (the gsvr-pretrained DAG with defaults did)
+            log.warning(
+                "%s: embedding width %s (the pre-trained tables' in %s) instead of the configured %s",
+                name, width, init_embeddings, mparams.get("embedding_dim"),
+            )  # fmt: skip
+            init_report["embedding_dim"] = {"configured": mparams.get("embedding_dim"), "used": width}
+            mparams = {**mparams, "embedding_dim": width}
 
     def build() -> CTRModel:
         model = build_model(name, data.encoder, mparams)
-        if init_embeddings:
-            init_report.update(load_embedding_init(model, init_embeddings))
+        if init_state is not None:
+            init_report.update(load_embedding_init(model, init_state))
         return model
 
     return train_evaluate_save(

@@ -204,6 +204,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def embedding_widths(state: Mapping[str, torch.Tensor]) -> set[int]:
+    """The widths (columns) of the FieldEmbedding tables in a state dict (`load_embedding_init`'s keys)."""
+    return {int(v.shape[1]) for k, v in state.items() if _TABLE_KEY.search(k) and getattr(v, "ndim", 0) == 2}
+
+
 def load_embedding_init(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     """Copy pre-trained `FieldEmbedding` tables (and embedding-field projections) into every `FieldEmbedding` of
     `model`, matched by field name and shape.
