@@ -44,12 +44,11 @@ from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.spec import FieldKind, FieldSpec
 from ctrflow.data.tables import BEHAVIOUR_COUNT_FIELDS, HIST_FIELD
 from ctrflow.features import materialization_marker
-from ctrflow.request_log import ItemRows, constant
+from ctrflow.request_log import EPOCH, ItemRows, constant
 
 log = logging.getLogger(__name__)
 
 ITEM_VIEW = "item_profile"
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 USER_VIEWS = ("user_behaviour", "user_profile")
 ITEM_CHUNK = 5000  # entities per online read while building a snapshot
 
@@ -426,7 +425,7 @@ class OnlineScorer:
     def log_values(self, ranked: Ranked, ts_us: int) -> dict[str, Any]:
         """The request's own feature values as served, for `RequestLogger.log_ranked` (`features`): the event time
         (`ts_us`, microseconds since the epoch) and the user's features, in `log_order`."""
-        values: dict[str, Any] = {"event_timestamp": _EPOCH + dt.timedelta(microseconds=ts_us)}  # aware: UTC
+        values: dict[str, Any] = {"event_timestamp": EPOCH + dt.timedelta(microseconds=ts_us)}  # aware: UTC
         user = ranked.user_values
         for name in self._user_log_names:
             values[name] = user.get(name)
@@ -440,28 +439,22 @@ class OnlineScorer:
             batch = batch.select(self._item_log_names)
         return ItemRows(batch, ranked.rows)
 
-    def log_features(
-        self, ranked: Ranked, user_id: int, item_ids: list[int], scenario: str, *, keys: bool = True
-    ) -> pa.Table:
-        """The request's features as served, one row per candidate, in `online_frame`'s column order: what a
-        challenger scores (the request log itself takes `log_values` and `log_items`; needs `to_arrow`). A value shared by every candidate (the user's features, user_id, scenario,
-        event_timestamp) is a run-end encoded column of one run (`request_log.constant`): converted and written
-        once, expanded when the log is read back (`request_log.dense` gives the plain table). `keys`: include the
-        user_id, item_id and scenario columns, which the log takes from its own arguments and only a challenger
-        reads (False: left out, as the service does without one)."""
+    def log_features(self, ranked: Ranked, user_id: int, item_ids: list[int], scenario: str) -> pa.Table:
+        """The request's features as served, one row per candidate (user_id, item_id, scenario, then
+        `online_frame`'s columns): what a challenger scores. The request log itself takes `log_values` and
+        `log_items`. Needs `to_arrow`. A value shared by every candidate (the user's features, user_id, scenario,
+        event_timestamp) is a run-end encoded column of one run (`request_log.constant`; `request_log.dense` gives
+        the plain table)."""
         assert self.to_arrow is not None, "OnlineScorer: log_features needs to_arrow"
         n = len(item_ids)
         now = pa.array([time.time_ns() // 1000], pa.timestamp("us", tz="UTC"))  # UTC microseconds, no cast per request
-        names = ["event_timestamp"]
-        arrays = [constant(now, None, n)]
-        if keys:
-            names = ["user_id", "item_id", "scenario", *names]
-            arrays = [
-                constant(int(user_id), pa.int64(), n, cache=False),
-                pa.array(np.asarray(item_ids, dtype=np.int64)),
-                constant(scenario, pa.string(), n),
-                *arrays,
-            ]
+        names = ["user_id", "item_id", "scenario", "event_timestamp"]
+        arrays = [
+            constant(int(user_id), pa.int64(), n, cache=False),
+            pa.array(np.asarray(item_ids, dtype=np.int64)),
+            constant(scenario, pa.string(), n),
+            constant(now, None, n),
+        ]
         items = ranked.snapshot.log_batch.take(pa.array(ranked.rows))
         for view, name, _ in self._log_columns:
             if view == ITEM_VIEW:

@@ -298,12 +298,22 @@ def dense(table: pa.Table) -> pa.Table:
 
 
 # ---- segments: framing, reading, compaction -------------------------------------------------------------------
-def _frame(table: pa.Table) -> bytes:
+def _framed(magic: bytes, payload: bytes) -> bytes:
+    """One frame of a segment: `magic | length | crc32 | payload` (a frame cut short by a crash is detected)."""
+    return HEADER.pack(magic, len(payload), zlib.crc32(payload)) + payload
+
+
+def _ipc_stream(data: pa.Table | pa.RecordBatch) -> bytes:
+    """`data` as one Arrow IPC stream (its schema, then its batches)."""
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    payload = sink.getvalue().to_pybytes()
-    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+    with pa.ipc.new_stream(sink, data.schema) as writer:
+        writer.write(data)
+    return sink.getvalue().to_pybytes()
+
+
+def _frame(table: pa.Table) -> bytes:
+    """A `log_request` record: the request's table as one framed IPC stream."""
+    return _framed(MAGIC, _ipc_stream(table))
 
 
 @dataclass(frozen=True)
@@ -906,7 +916,7 @@ def _epoch_us(value: Any) -> int | None:
         return None if np.isnat(value) else int(value.astype("datetime64[us]").astype(np.int64))
     if value.tzinfo is None:  # naive: its wall-clock time, as Arrow stores a naive timestamp
         value = value.replace(tzinfo=dt.UTC)
-    return (value - _EPOCH) // dt.timedelta(microseconds=1)
+    return (value - EPOCH) // dt.timedelta(microseconds=1)
 
 
 def _json_default(value: Any) -> Any:
@@ -920,7 +930,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # log_ranked records a timestamp as microseconds since EPOCH
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 
@@ -1214,7 +1224,7 @@ class RequestLogger:
                 if frame is not None:
                     chunks.append(frame)
             payload = b"".join([JSON_LENGTH.pack(len(record)), record, *(b.data for b in buffers)])
-            chunks.append(HEADER.pack(FAST_MAGIC, len(payload), zlib.crc32(payload)) + payload)
+            chunks.append(_framed(FAST_MAGIC, payload))
             self._append(b"".join(chunks), n, request_id)
             # only once written: a failed write closes the segment (the next one starts with nothing written)
             self._seg_layouts.add(layout.sid)
@@ -1262,8 +1272,8 @@ class RequestLogger:
         meta = {"sid": sid, "request": ["request_id", "ts", "user_id", "scenario", "model", *features, *scalars],
                 "candidate": [k for k, _ in dtypes], "items": list(item_names)}  # fmt: skip
         schema = pa.schema([pa.field(name, types[name]) for name in names], metadata={FAST_KEY: json.dumps(meta)})
-        payload = schema.serialize().to_pybytes()
-        layout = _FastLayout(sid, tuple(meta["request"]), tuple(dtypes), item_names, HEADER.pack(LAYOUT_MAGIC, len(payload), zlib.crc32(payload)) + payload)
+        frame = _framed(LAYOUT_MAGIC, schema.serialize().to_pybytes())
+        layout = _FastLayout(sid, tuple(meta["request"]), tuple(dtypes), item_names, frame)
         self._layouts[shape] = layout
         return layout
 
@@ -1287,11 +1297,7 @@ class RequestLogger:
             return None, None
         batch = items.table.take(pa.array(new)) if len(new) < items.table.num_rows else items.table
         batch = batch.append_column(ITEM_ROW, pa.array(new)).replace_schema_metadata({ITEMS_KEY: str(self._items_gen)})
-        payload = pa.BufferOutputStream()
-        with pa.ipc.new_stream(payload, batch.schema) as writer:
-            writer.write_batch(batch)
-        body = payload.getvalue().to_pybytes()
-        return HEADER.pack(ITEMS_MAGIC, len(body), zlib.crc32(body)) + body, new
+        return _framed(ITEMS_MAGIC, _ipc_stream(batch)), new
 
     def _open_segment_or_fail(self, request_id: str) -> None:
         try:

@@ -268,20 +268,18 @@ def test_a_compactor_that_dies_is_replaced_and_close_compacts_what_it_left(tmp_p
     assert len(read_request_log(tmp_path)) == 25
 
 
-def test_the_compactor_outlives_a_kill_9_of_its_writer_and_compacts_everything_it_answered(tmp_path):
+def kill_9_writer_after(script: str, log_dir, requests: int) -> list[str]:
+    """Run a writer script (it prints its compactor's pid, then each request id once logged), kill -9 it after
+    `requests` answers, wait for the compactor's last pass; the ids it answered."""
     import psutil
 
-    log_dir = tmp_path / "log"
-    writer = WRITER.replace("flush_seconds=0.05)", "flush_seconds=0.05, compaction='process')").replace(
-        "for i in range(100000):", "print(logger._compactor.pid, flush=True)\nfor i in range(100000):"
-    )
     proc = subprocess.Popen(
-        [sys.executable, "-c", writer, str(log_dir), str(REPO_ROOT)], stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", script, str(log_dir), str(REPO_ROOT)], stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )  # fmt: skip
     compactor = psutil.Process(int(proc.stdout.readline()))
     answered: list[str] = []
-    while len(answered) < 300:
+    while len(answered) < requests:
         line = proc.stdout.readline()
         assert line, "the writer stopped"
         answered.append(line.strip())
@@ -289,6 +287,15 @@ def test_the_compactor_outlives_a_kill_9_of_its_writer_and_compacts_everything_i
     answered += [line.strip() for line in proc.stdout.read().splitlines()]
     proc.wait(timeout=30)
     compactor.wait(timeout=60)  # end of file on its pipe: the last pass takes the dead writer's segment too
+    return answered
+
+
+def test_the_compactor_outlives_a_kill_9_of_its_writer_and_compacts_everything_it_answered(tmp_path):
+    log_dir = tmp_path / "log"
+    writer = WRITER.replace("flush_seconds=0.05)", "flush_seconds=0.05, compaction='process')").replace(
+        "for i in range(100000):", "print(logger._compactor.pid, flush=True)\nfor i in range(100000):"
+    )
+    answered = kill_9_writer_after(writer, log_dir, 300)
     assert not list((log_dir / SEGMENTS).glob("seg-*"))
     written = _parquet_requests(log_dir)
     assert set(answered) <= set(written) and written.value_counts().eq(5).all()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,7 +12,6 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from ctrflow.config import REPO_ROOT
 from ctrflow.request_log import (
     HEADER,
     ITEMS_MAGIC,
@@ -215,20 +212,10 @@ WRITER = textwrap.dedent(
 
 
 def test_kill_9_of_a_log_ranked_writer_loses_no_request_it_returned_from(tmp_path):
-    import psutil
+    from tests.test_request_log import kill_9_writer_after
 
     log_dir = tmp_path / "log"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(log_dir), str(REPO_ROOT)], stdout=subprocess.PIPE, text=True)
-    compactor = psutil.Process(int(proc.stdout.readline()))
-    answered: list[str] = []
-    while len(answered) < 300:
-        line = proc.stdout.readline()
-        assert line, "the writer stopped"
-        answered.append(line.strip())
-    proc.kill()
-    answered += [line.strip() for line in proc.stdout.read().splitlines()]
-    proc.wait(timeout=30)
-    compactor.wait(timeout=60)  # end of file on its pipe: its last pass takes the dead writer's segment too
+    answered = kill_9_writer_after(WRITER, log_dir, 300)
     assert not list((log_dir / SEGMENTS).glob("seg-*"))  # all compacted, none set aside as damaged
     assert not list((log_dir / SEGMENTS).glob("damaged-*"))
     log = read_request_log(log_dir)
