@@ -212,7 +212,7 @@ WRITER = textwrap.dedent(
 
 
 def test_kill_9_of_a_log_ranked_writer_loses_no_request_it_returned_from(tmp_path):
-    from tests.test_request_log import kill_9_writer_after
+    from test_request_log import kill_9_writer_after  # tests/ is on sys.path (pytest prepends it)
 
     log_dir = tmp_path / "log"
     answered = kill_9_writer_after(WRITER, log_dir, 300)
