@@ -11,7 +11,7 @@ from ctrflow.data.encoding import FeatureEncoder
 from ctrflow.data.splits import make_split
 from ctrflow.models import build_model, to_tensors
 from ctrflow.models.dcnv2 import DCNv2
-from ctrflow.training import TrainConfig, Trainer, evaluate, seed_everything
+from ctrflow.training import TrainConfig, Trainer, allocator, evaluate, seed_everything
 from ctrflow.training.metrics import auc, predict
 from ctrflow.training.trainer import CHECKPOINT_NAME
 
@@ -258,3 +258,48 @@ def test_grad_clip_bounds_the_dense_gradient_norm(data) -> None:
     assert norm <= 1e-3 * (1 + 1e-4)
     with pytest.raises(ValueError, match="grad_clip must be >= 0"):
         TrainConfig(grad_clip=-1.0)
+
+
+# ---- the allocator setting (ctrflow.training.allocator) ------------------------------------------------------------
+def _faults_touching_a_fresh_block(mib: int = 64) -> int:
+    """Minor page faults of this process while it allocates and fills a tensor of `mib` MiB, after one of the same
+    size was freed (a training step's pattern)."""
+    import resource
+
+    n = mib * 1024 * 1024 // 4
+    x = torch.ones(n)
+    del x
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = torch.ones(n)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del y
+    return faults
+
+
+@pytest.mark.skipif(not allocator.available(), reason="glibc's malloc options only")
+def test_keep_freed_memory_reuses_pages_and_restores_the_defaults() -> None:
+    pages = 64 * 1024 * 1024 // 4096  # 16,384 pages of 4 KiB
+    assert _faults_touching_a_fresh_block() > pages // 2  # glibc's default: a block this big is mapped afresh
+    with allocator.keep_freed_memory() as kept:
+        assert kept
+        with allocator.keep_freed_memory() as inner:  # nested: the outer block keeps the setting
+            assert inner
+        assert _faults_touching_a_fresh_block() < pages // 20
+    assert _faults_touching_a_fresh_block() > pages // 2  # defaults back on exit
+    with allocator.keep_freed_memory(enabled=False) as kept:
+        assert not kept
+        assert _faults_touching_a_fresh_block() > pages // 2
+
+
+def test_keep_freed_memory_trains_the_same_weights(data) -> None:
+    """Only where memory comes from changes: the same seed gives bit-identical weights and history both ways."""
+    enc, t = data
+    runs = []
+    for keep in (True, False):
+        model = _model(enc)
+        result = Trainer(model, _cfg(keep_freed_memory=keep)).fit(t["train"], t["valid"])
+        runs.append((model, result))
+    (m1, r1), (m2, r2) = runs
+    assert _history(r1) == _history(r2)
+    assert _same_weights(m1, m2)
+    assert TrainConfig().keep_freed_memory is True  # params.yaml's default (train.keep_freed_memory)

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from ctrflow.config import TrainParams
 from ctrflow.training import distributed
+from ctrflow.training.allocator import keep_freed_memory
 from ctrflow.training.metrics import format_metrics, one_class_note
 from ctrflow.training.objectives import CTR, Objective
 
@@ -98,6 +99,7 @@ class TrainConfig:
     stream_order: str = _TRAIN["stream_order"]
     stream_block_rows: int = _TRAIN["stream_block_rows"]
     stream_window_blocks: int = _TRAIN["stream_window_blocks"]
+    keep_freed_memory: bool = _TRAIN["keep_freed_memory"]  # glibc keeps freed memory for reuse during fit
 
     def __post_init__(self) -> None:
         if self.stream_order not in STREAM_ORDERS:
@@ -385,8 +387,13 @@ class Trainer:
 
         `train`/`valid`: field name -> array/tensor [n, ...] with a `label` [n]. With `resume=True`, continue from
         the checkpoint in `checkpoint_dir` when there is one (raises ValueError when it was made with other
-        settings); a finished run is not trained again.
+        settings); a finished run is not trained again. With `keep_freed_memory`, freed memory stays in the C heap
+        while this runs (ctrflow.training.allocator: no page faults on every step's large tensors).
         """
+        with keep_freed_memory(self.config.keep_freed_memory):
+            return self._fit(train, valid, resume)
+
+    def _fit(self, train: Mapping[str, object], valid: Mapping[str, object] | None, resume: bool) -> TrainResult:
         cfg = self.config
         torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
