@@ -9,9 +9,11 @@ key) and re-renders quality.md as mean ± std over seeds.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -134,11 +136,17 @@ def _clean(x: Any) -> Any:
 def merge_records(new: list[dict[str, Any]], path: Path, key: tuple[str, ...] = KEY) -> list[dict[str, Any]]:
     """Replace the records of `path` with the same `key` fields, keep the rest: every benchmark (quality, speed,
     serving, generation) can be re-run a piece at a time."""
-    old = json.loads(path.read_text()) if path.exists() else []
-    keys = {tuple(r.get(k) for k in key) for r in new}
-    merged = [r for r in old if tuple(r.get(k) for k in key) not in keys] + new
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(merged, indent=1))
+    # two benchmark processes often share a results file (grids run side by side): the read-modify-write holds an
+    # exclusive lock, and the new file replaces the old in one rename, so a reader never sees half a file
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(path.read_text()) if path.exists() else []
+        keys = {tuple(r.get(k) for k in key) for r in new}
+        merged = [r for r in old if tuple(r.get(k) for k in key) not in keys] + new
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=1))
+        os.replace(tmp, path)
     return merged
 
 

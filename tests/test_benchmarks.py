@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -41,6 +42,30 @@ def test_speed_merge_replaces_only_the_same_key(tmp_path) -> None:
     merge_records([a, b], path, train_speed.KEY)
     merged = merge_records([{**a, "samples_per_s": 2}], path, train_speed.KEY)
     assert sorted((r["model"], r["samples_per_s"]) for r in merged) == [("deepfm", 2), ("lr", 1)]
+
+
+def _merge_many(path: str, worker: int, n: int) -> None:
+    for i in range(n):
+        merge_records([{"dataset": "d", "model": f"m{worker}-{i}", "impl": "x", "sparse": False, "phase": "train"}],
+                      Path(path), train_speed.KEY)  # fmt: skip
+
+
+def test_merges_from_processes_side_by_side_lose_no_record(tmp_path) -> None:
+    """Grids run side by side merge into one results file: every record of every process is kept, and the file
+    is whole JSON at the end (it was read-modify-written unlocked, and written in place)."""
+    import multiprocessing
+
+    path = tmp_path / "quality.json"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_merge_many, args=(str(path), w, 30)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    models = sorted(r["model"] for r in json.loads(path.read_text()))
+    assert models == sorted(f"m{w}-{i}" for w in range(4) for i in range(30))
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 
 
 def test_serving_merge_keeps_other_models(tmp_path) -> None:
