@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     records = guard_cost(args.candidates)
     for lim in (limit, NO_LIMIT):
         records += bodies(deployment, work / f"log-{lim}", args.sizes, lim)
-    merged = merge_records(records, RESULTS / "guards.json", KEY)
-    (RESULTS / "guards.md").write_text(render(merged))
+    merged = merge_records(records, RESULTS / "guards.json", KEY, render=render)
     print(render(merged))
 
 

@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -133,21 +135,53 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def merge_records(new: list[dict[str, Any]], path: Path, key: tuple[str, ...] = KEY) -> list[dict[str, Any]]:
+def merge_records(
+    new: list[dict[str, Any]],
+    path: Path,
+    key: tuple[str, ...] = KEY,
+    render: Callable[[list[dict[str, Any]]], str] | None = None,
+) -> list[dict[str, Any]]:
     """Replace the records of `path` with the same `key` fields, keep the rest: every benchmark (quality, speed,
-    serving, generation) can be re-run a piece at a time."""
+    serving, generation) can be re-run a piece at a time. With `render`, its text of the merged records is written
+    beside as `<path stem>.md` under the same lock, so the table always shows what the JSON holds.
+
+    Two benchmark processes often share a results file (grids run side by side): the read-modify-write holds an
+    exclusive lock, and each file is replaced in one rename, so a reader never sees half a file. A results file that
+    is not valid JSON is moved aside as `<name>.corrupt-<time>` (logged) and the merge starts from its new records,
+    so a finished run's records are never lost to an old file's damage.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # two benchmark processes often share a results file (grids run side by side): the read-modify-write holds an
-    # exclusive lock, and the new file replaces the old in one rename, so a reader never sees half a file
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        old = json.loads(path.read_text()) if path.exists() else []
+        old: list[dict[str, Any]] = []
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+                if not isinstance(old, list):
+                    raise ValueError(f"a JSON {type(old).__name__}, not a list of records")
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+                os.replace(path, aside)
+                log.error("results: %s is not a list of records (%s); moved to %s, starting from the new records", path, e, aside)
+                old = []
         keys = {tuple(r.get(k) for k in key) for r in new}
         merged = [r for r in old if tuple(r.get(k) for k in key) not in keys] + new
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(merged, indent=1))
-        os.replace(tmp, path)
+        _replace(path, json.dumps(merged, indent=1))
+        if render is not None:
+            _replace(path.with_suffix(".md"), render(merged))
     return merged
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path` and rename it over `path` (atomic on one filesystem)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def mean_std(values: list[float | None], digits: int = 4) -> str:
@@ -255,6 +289,5 @@ def run_experiments(
         record.update(metrics)
         record = _clean(record)
         records.append(record)
-        merged = merge_records([record], out_dir / "quality.json")
-        (out_dir / "quality.md").write_text(render_markdown(merged))
+        merge_records([record], out_dir / "quality.json", render=render_markdown)
     return records

@@ -408,8 +408,7 @@ def main(argv: list[str] | None = None) -> None:
                         for endpoint in args.endpoints:  # rank and its floor back to back, likewise
                             records += measure(target, endpoint, workers, args.concurrency, args.duration, args.candidates, run_id, store, repeat)
     args.out.mkdir(parents=True, exist_ok=True)
-    merged = merge_records(records, args.out / "serving.json", KEY)
-    (args.out / "serving.md").write_text(render(merged))
+    merge_records(records, args.out / "serving.json", KEY, render=render)
     print(f"results: {args.out / 'serving.json'} and {args.out / 'serving.md'}")
 
 

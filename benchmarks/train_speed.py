@@ -663,8 +663,8 @@ def main(argv: list[str] | None = None) -> None:
                     runs[i].append(results)
                     if rep == args.repeats - 1 and runs[i]:
                         load = f"{load_before}-{_load()}"
-                        records = merge_records(_records(job, runs[i], args, run_id, load), out_json, KEY)
-                        (args.out / "train_speed.md").write_text(render_markdown(records, notes))
+                        merge_records(_records(job, runs[i], args, run_id, load), out_json, KEY,
+                                      render=lambda merged: render_markdown(merged, notes))  # fmt: skip
             for reference in references:
                 ratio = ratios(json.loads(out_json.read_text()), dataset, reference) if out_json.exists() else None
                 if ratio:

@@ -44,10 +44,14 @@ def test_speed_merge_replaces_only_the_same_key(tmp_path) -> None:
     assert sorted((r["model"], r["samples_per_s"]) for r in merged) == [("deepfm", 2), ("lr", 1)]
 
 
+def _models_md(records: list[dict]) -> str:
+    return "\n".join(sorted(r["model"] for r in records))
+
+
 def _merge_many(path: str, worker: int, n: int) -> None:
     for i in range(n):
         merge_records([{"dataset": "d", "model": f"m{worker}-{i}", "impl": "x", "sparse": False, "phase": "train"}],
-                      Path(path), train_speed.KEY)  # fmt: skip
+                      Path(path), train_speed.KEY, render=_models_md)  # fmt: skip
 
 
 def test_merges_from_processes_side_by_side_lose_no_record(tmp_path) -> None:
@@ -65,7 +69,20 @@ def test_merges_from_processes_side_by_side_lose_no_record(tmp_path) -> None:
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     models = sorted(r["model"] for r in json.loads(path.read_text()))
     assert models == sorted(f"m{w}-{i}" for w in range(4) for i in range(30))
+    # the table is rendered under the same lock: the last one written shows every record, not a stale subset
+    assert (tmp_path / "quality.md").read_text() == "\n".join(models)
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage", ['[{"model": "a"', '{"model": "a"}'])
+def test_a_damaged_results_file_is_set_aside_and_the_new_records_kept(tmp_path, damage: str) -> None:
+    path = tmp_path / "quality.json"
+    path.write_text(damage)
+    merged = merge_records([{"model": "new"}], path, ("model",), render=_models_md)
+    assert merged == [{"model": "new"}] and json.loads(path.read_text()) == merged
+    assert (tmp_path / "quality.md").read_text() == "new"
+    aside = list(tmp_path.glob("quality.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text() == damage  # the old bytes are kept for a person to look at
 
 
 def test_serving_merge_keeps_other_models(tmp_path) -> None:

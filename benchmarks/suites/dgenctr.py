@@ -219,8 +219,7 @@ def experiments(args: Namespace) -> list[Experiment]:
 # ---- generation report ----------------------------------------------------------------------------------
 def write_generation(record: dict[str, Any], out: Path = RESULTS) -> None:
     """Merge one generation report (keyed by dataset, split, seed) into generation.json; re-render generation.md."""
-    records = merge_records([record], out / "generation.json", key=("dataset", "split", "seed"))
-    (out / "generation.md").write_text(render_generation(records))
+    merge_records([record], out / "generation.json", key=("dataset", "split", "seed"), render=render_generation)
 
 
 def _ms(values: list[float | None]) -> str:

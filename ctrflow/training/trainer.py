@@ -51,8 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctrflow.config import TrainParams
-from ctrflow.training import distributed
-from ctrflow.training.allocator import keep_freed_memory
+from ctrflow.training import allocator, distributed
 from ctrflow.training.metrics import format_metrics, one_class_note
 from ctrflow.training.objectives import CTR, Objective
 
@@ -390,7 +389,7 @@ class Trainer:
         settings); a finished run is not trained again. With `keep_freed_memory`, freed memory stays in the C heap
         while this runs (ctrflow.training.allocator: no page faults on every step's large tensors).
         """
-        with keep_freed_memory(self.config.keep_freed_memory):
+        with allocator.keep_freed_memory(self.config.keep_freed_memory):
             return self._fit(train, valid, resume)
 
     def _fit(self, train: Mapping[str, object], valid: Mapping[str, object] | None, resume: bool) -> TrainResult:
@@ -449,6 +448,8 @@ class Trainer:
                 )
             )  # fmt: skip
             self._save(state)
+            if cfg.keep_freed_memory:  # blocks freed by validation (other sizes than a step's) go back once an epoch
+                allocator.release()
             if self.on_epoch_end is not None and self.world.is_main:
                 self.on_epoch_end(record)
 
