@@ -313,6 +313,21 @@ def test_every_gsvr_suite_variant_is_a_valid_params_override() -> None:
             assert all(mparams[k] == v for k, v in overrides.items()) and set(overrides) <= set(params["models"]["gsvr"])
 
 
+def test_every_dmae_suite_variant_is_a_valid_params_override() -> None:
+    """The DMAE suite's variants, the two changes tried on ML-1M included, each set keys of models.dmae (or of the
+    baseline's own section) to a value different from the default, so no variant silently trains the default."""
+    from benchmarks.suites.dmae import VARIANTS
+    from ctrflow.config import load_params
+
+    params = load_params()["models"]
+    names = {variant for _, variant, _, _ in VARIANTS}
+    assert {"no-calibration", "dist-weight-1", "no-decoder", "no-mifu", "full"} <= names
+    for _, variant, registry_name, overrides in VARIANTS:
+        section = params.get(registry_name) or {}
+        assert set(overrides) <= set(section), (variant, set(overrides) - set(section))
+        assert all(section[k] != v for k, v in overrides.items()), variant
+
+
 def test_an_experiment_that_does_not_apply_to_the_data_is_skipped_not_fatal(tmp_path, caplog) -> None:
     """The baselines suite on ml-1m-swr (fields without a behaviour sequence) ran LR, DeepFM and DCNv2, then died on
     DIN with a ValueError. DIN now says why it cannot run there; the harness skips it and runs the rest."""
