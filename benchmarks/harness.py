@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from ctrflow.data.frames import point_in_time_frame
 from ctrflow.data.splits import make_split
 from ctrflow.data.tables import Dataset
 from ctrflow.models.base import CTRModel
+from ctrflow.registry import atomic_write
 from ctrflow.training.recipe import SplitData, train_evaluate_save
 from ctrflow.training.trainer import TrainConfig
 
@@ -146,9 +146,9 @@ def merge_records(
     beside as `<path stem>.md` under the same lock, so the table always shows what the JSON holds.
 
     Two benchmark processes often share a results file (grids run side by side): the read-modify-write holds an
-    exclusive lock, and each file is replaced in one rename, so a reader never sees half a file. A results file that
-    is not valid JSON is moved aside as `<name>.corrupt-<time>` (logged) and the merge starts from its new records,
-    so a finished run's records are never lost to an old file's damage.
+    exclusive lock, and each file is replaced in one rename (`ctrflow.registry.atomic_write`), so a reader never
+    sees half a file. A results file that is not valid JSON is moved aside as `<name>.corrupt-<time>` (logged) and
+    the merge starts from its new records, so a finished run's records are never lost to an old file's damage.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
@@ -166,22 +166,10 @@ def merge_records(
                 old = []
         keys = {tuple(r.get(k) for k in key) for r in new}
         merged = [r for r in old if tuple(r.get(k) for k in key) not in keys] + new
-        _replace(path, json.dumps(merged, indent=1))
+        atomic_write(path, json.dumps(merged, indent=1))
         if render is not None:
-            _replace(path.with_suffix(".md"), render(merged))
+            atomic_write(path.with_suffix(".md"), render(merged))
     return merged
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path` and rename it over `path` (atomic on one filesystem)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def mean_std(values: list[float | None], digits: int = 4) -> str:

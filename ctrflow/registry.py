@@ -233,14 +233,19 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, fsync, rename: a reader sees the old or the new file."""
+def atomic_write(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder, fsync, rename: a reader sees the old or the new file, and
+    a failed write leaves neither a half-written file nor the temporary one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _ledger_path() -> Path:
@@ -270,7 +275,7 @@ def _ledger() -> Iterator[dict[str, Any]]:
     with _locked():
         ledger = _read_ledger()
         yield ledger
-        _atomic_write(_ledger_path(), json.dumps(ledger, indent=2, sort_keys=True, default=_json_default))
+        atomic_write(_ledger_path(), json.dumps(ledger, indent=2, sort_keys=True, default=_json_default))
 
 
 def _entry(ledger: dict[str, Any], name: str) -> dict[str, Any]:
@@ -332,7 +337,7 @@ def _write_latest(name: str) -> None:
             latest.unlink()
         return
     newest = max(models, key=lambda m: m.info.creation_time)
-    _atomic_write(latest, str(newest.tag.version))
+    atomic_write(latest, str(newest.tag.version))
 
 
 def _load_models(name: str | None = None) -> list[Any]:
