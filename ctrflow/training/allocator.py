@@ -95,7 +95,7 @@ def _set(mmap_threshold: int, trim_threshold: int) -> bool:
 
 def release() -> None:
     """Give the heap's free memory back to the kernel (malloc_trim(0)); a no-op outside glibc."""
-    if _LIBC is not None and available():
+    if available():
         _LIBC.malloc_trim(0)
 
 
@@ -130,4 +130,4 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
             if _depth == 0:
                 _set(AFTER_MMAP, AFTER_TRIM)
                 _active = False
-                _LIBC.malloc_trim(0)
+                release()
